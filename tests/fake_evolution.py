@@ -1,0 +1,637 @@
+"""A fake Evolution API: a real aiohttp server speaking the contract in shared/evolution-api.md.
+
+In pytest:
+
+    async with FakeEvolution(api_key="k", instances=["main"]) as fake:
+        fake.script(number="5511000000001", responses=[Fault.RATE_LIMIT, Fault.OK])
+        ...  # point the code under test at fake.url
+        await fake.wait_for_sends(2)
+        assert [r.fault for r in fake.received] == [Fault.RATE_LIMIT, Fault.OK]
+
+As a process, for end-to-end runs (prints `READY <port>` once listening, stops on SIGTERM):
+
+    python tests/fake_evolution.py --port 0 --api-key k --instances a,b --state b=close
+
+and is driven over HTTP on the same port: `GET /_fake/received`, `POST /_fake/script`
+`{"number": "...", "responses": ["rate_limit", "ok"]}`, `POST /_fake/state {"instance", "state"}`,
+`POST /_fake/down {"seconds": 2}`, `POST /_fake/release`, `POST /_fake/reset`.
+
+What answers a send: a fault scripted for that number, else one scripted for any number, else
+what the real server would do (schema and blank-text checks, numbers marked not on WhatsApp,
+the instance's state), else `default_fault` (OK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import re
+import secrets
+import signal
+import sys
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from aiohttp import web
+
+
+class Fault(enum.StrEnum):
+    """One row of the contract's answer table, forced on a send."""
+
+    OK = "ok"  # 201, full v2 body (v1 body on a v1 fake)
+    OK_MINIMAL = "ok_minimal"  # 201 like an EVOLUTION-integration instance: UUID id, raw jid
+    OK_NO_KEY = "ok_no_key"  # 201 without `key`: delivered, but unprovable
+    UNAUTHORIZED = "unauthorized"  # 401 "Unauthorized"
+    UNKNOWN_INSTANCE = "unknown_instance"  # 404 ['The "X" instance does not exist']
+    WRONG_PATH = "wrong_path"  # 404 ["Cannot POST /..."]
+    LICENSE = "license"  # 503 top-level code LICENSE_REQUIRED (2.4 rc)
+    CORS = "cors"  # 500 "Not allowed by CORS"
+    SCHEMA = "schema"  # 400 [['instance requires property "text"']]
+    V1_SCHEMA = "v1_schema"  # 400 'instance requires property "textMessage"' (a v1 server)
+    BLANK_TEXT = "blank_text"  # 400 ["Text is required"]
+    MALFORMED_JSON = "malformed_json"  # 400 string message, error "Internal Server Error"
+    NOT_ON_WHATSAPP = "not_on_whatsapp"  # 400 [{"jid", "exists": false, "number"}]
+    CONNECTION_CLOSED = "connection_closed"  # 400 ["Error: Connection Closed"]
+    TIMED_OUT = "timed_out"  # 400 ["Error: Timed Out"]
+    SESSION_ERROR = "session_error"  # 400 ["SessionError: No sessions"]
+    RATE_LIMIT = "rate_limit"  # 400 ["Error: rate-overlimit"]
+    PRISMA = "prisma"  # 400 "PrismaClient..." - the message WAS delivered
+    NOT_PAIRED = "not_paired"  # 500 reading 'onWhatsApp'
+    LOADING = "loading"  # 500 reading 'textMessage'
+    CONNECTION_CLOSED_500 = "connection_closed_500"  # 500 "Connection Closed"
+    TIMED_OUT_500 = "timed_out_500"  # 500 "Timed Out"
+    SERVER_ERROR = "server_error"  # 500, unrecognised message
+    BAD_GATEWAY = "bad_gateway"  # 502 from a proxy (HTML)
+    UNAVAILABLE = "unavailable"  # 503 from a proxy (HTML)
+    GATEWAY_TIMEOUT = "gateway_timeout"  # 504 from a proxy (HTML)
+    HANG = "hang"  # delivered, then no answer until release() or hang_seconds; then 201
+    DROP = "drop"  # delivered, then the connection is closed without an answer
+
+
+# Faults after which WhatsApp has the message, whatever the client was told.
+DELIVERS = frozenset(
+    {Fault.OK, Fault.OK_MINIMAL, Fault.OK_NO_KEY, Fault.PRISMA, Fault.HANG, Fault.DROP}
+)
+
+_PROXY_PAGES = {
+    Fault.BAD_GATEWAY: (502, "502 Bad Gateway"),
+    Fault.UNAVAILABLE: (503, "503 Service Temporarily Unavailable"),
+    Fault.GATEWAY_TIMEOUT: (504, "504 Gateway Time-out"),
+}
+_LICENSE_BODY = {
+    "status": 503,
+    "error": "Service Unavailable",
+    "code": "LICENSE_REQUIRED",
+    "message": "This instance requires license activation. Open the manager to activate it.",
+}
+STATES = ("open", "connecting", "close")
+
+
+@dataclass
+class Instance:
+    name: str
+    state: str = "open"
+    token: str | None = None  # the instance's own key, accepted besides the global one
+    integration: str = "WHATSAPP-BAILEYS"  # "EVOLUTION" answers the minimal 201 body
+    instance_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An arbitrary answer to script, for shapes no Fault row covers."""
+
+    status: int
+    body: Any = None  # bytes or str go out as-is (text/plain), anything else as JSON
+    delivered: bool = False
+
+
+@dataclass
+class ReceivedSend:
+    """One POST /message/sendText the fake received, and how it answered."""
+
+    at: float  # time.monotonic() on arrival
+    instance: str
+    number: str | None
+    text: str | None
+    headers: dict[str, str]  # lower-case names
+    body: Any  # parsed JSON, None when malformed
+    fault: Fault | Reply  # what was answered (natural checks included)
+    status: int | None = None  # HTTP status answered; None when dropped
+    delivered: bool = False
+    key_id: str | None = None
+
+
+def _envelope(status: int, message: Any, error: str | None = None) -> web.Response:
+    labels = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}
+    error = error or labels.get(status, "Internal Server Error")
+    body = {"status": status, "error": error, "response": {"message": message}}
+    return web.json_response(body, status=status)
+
+
+def _reply(reply: Reply) -> web.Response:
+    if isinstance(reply.body, bytes | str):
+        body = reply.body.encode() if isinstance(reply.body, str) else reply.body
+        return web.Response(status=reply.status, body=body, content_type="text/plain")
+    return web.json_response(reply.body, status=reply.status)
+
+
+def _jid(number: str) -> str:
+    return number if "@" in number else re.sub(r"\D", "", number) + "@s.whatsapp.net"
+
+
+def _norm(number: str) -> str:
+    return number if "@" in number else re.sub(r"\D", "", number)
+
+
+class FakeEvolution:
+    """A real Evolution-like HTTP server on 127.0.0.1 with scriptable faults."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str = "test-api-key",
+        instances: Iterable[str] = ("main",),
+        api_version: int = 2,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency: float = 0.0,
+        not_on_whatsapp: Iterable[str] = (),
+        hang_seconds: float = 60.0,
+    ) -> None:
+        self.api_key = api_key
+        self.instances: dict[str, Instance] = {n: Instance(n) for n in instances}
+        self.api_version = api_version
+        self.host = host
+        self.port = port
+        self.latency = latency  # seconds added before answering each send
+        self.not_on_whatsapp = {_norm(n) for n in not_on_whatsapp}
+        self.hang_seconds = hang_seconds
+        self.license_required = False  # every route answers 503 LICENSE_REQUIRED
+        self.default_fault = Fault.OK
+        self.received: list[ReceivedSend] = []
+        self.state_probes: list[tuple[float, str]] = []
+        self._scripts: dict[str | None, deque[Fault | Reply]] = defaultdict(deque)
+        self._released = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._up_again: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on host:port (port 0 picks a free one, kept across go_down/go_up)."""
+        app = web.Application()
+        for method, path, handler in (
+            ("GET", "/", self._root),
+            ("POST", "/message/sendText/{instance}", self._send_text),
+            ("GET", "/instance/connectionState/{instance}", self._connection_state),
+            ("GET", "/_fake/received", self._ctl_received),
+            ("POST", "/_fake/script", self._ctl_script),
+            ("POST", "/_fake/state", self._ctl_state),
+            ("POST", "/_fake/down", self._ctl_down),
+            ("POST", "/_fake/release", self._ctl_release),
+            ("POST", "/_fake/reset", self._ctl_reset),
+        ):
+            app.router.add_route(method, path, handler)
+        app.router.add_route("*", "/{tail:.*}", self._no_route)
+        # handler_cancellation: a hanging handler ends when its client gives up, as in node.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
+        )
+        await self._runner.setup()
+        await self.go_up()
+
+    async def close(self) -> None:
+        self.release()
+        if self._up_again is not None:
+            self._up_again.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = self._site = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def is_down(self) -> bool:
+        return self._site is None
+
+    async def go_down(self) -> None:
+        """Stop listening and cut open connections: clients get "connection refused"."""
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        if self._runner is not None and self._runner.server is not None:
+            for conn in self._runner.server.connections:
+                conn.force_close()
+
+    async def go_up(self) -> None:
+        """Listen again on the same port."""
+        assert self._runner is not None, "start() first"
+        if self._site is None:
+            site = web.TCPSite(self._runner, self.host, self.port)
+            await site.start()
+            self._site = site
+            if self.port == 0:
+                self.port = self._runner.addresses[0][1]
+
+    # --- scripting ----------------------------------------------------------------------
+
+    def script(
+        self, responses: Iterable[Fault | Reply | str], *, number: str | None = None
+    ) -> None:
+        """Queue answers for the next sends to `number` (or to any number when None)."""
+        queue = self._scripts[_norm(number) if number else None]
+        queue.extend(r if isinstance(r, Reply) else Fault(r) for r in responses)
+
+    def set_state(self, instance: str, state: str) -> None:
+        """Set an instance's connectionState; creates the instance if needed."""
+        if state not in STATES:
+            raise ValueError(f"state must be one of {STATES}, got {state!r}")
+        self.instances.setdefault(instance, Instance(instance)).state = state
+
+    def add_instance(
+        self, name: str, *, state: str = "open", token: str | None = None, integration: str = ""
+    ) -> Instance:
+        inst = Instance(name, state, token, integration or "WHATSAPP-BAILEYS")
+        self.instances[name] = inst
+        return inst
+
+    def release(self) -> None:
+        """Let every request hanging on Fault.HANG answer now."""
+        self._released.set()
+        self._released = asyncio.Event()
+
+    def reset(self) -> None:
+        """Forget received sends and scripts; keep instances and switches."""
+        self.received.clear()
+        self.state_probes.clear()
+        self._scripts.clear()
+
+    @property
+    def delivered(self) -> list[ReceivedSend]:
+        """Sends WhatsApp got (including ones the client may not know about)."""
+        return [r for r in self.received if r.delivered]
+
+    async def wait_for_sends(self, count: int, timeout: float = 5.0) -> list[ReceivedSend]:
+        """Wait until at least `count` sends have been received (and answered or dropped)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(
+                lambda: (
+                    sum(r.status is not None or r.fault is Fault.DROP for r in self.received)
+                    >= count
+                )
+            )
+        return list(self.received)
+
+    async def wait_for_arrivals(self, count: int, timeout: float = 5.0) -> list[ReceivedSend]:
+        """Wait until at least `count` sends have arrived, answered or not (e.g. hanging)."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.received) >= count)
+        return list(self.received)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # --- the Evolution routes -----------------------------------------------------------
+
+    def _gate(self, request: web.Request) -> tuple[Instance | None, web.Response | None]:
+        """Licence, then instance, then key - the order the real server checks them in."""
+        if self.license_required:
+            return None, web.json_response(_LICENSE_BODY, status=503)
+        name = request.match_info["instance"]
+        inst = self.instances.get(name)
+        if inst is None:
+            return None, _envelope(404, [f'The "{name}" instance does not exist'])
+        key = request.headers.get("apikey")
+        if key is None or key not in (self.api_key, inst.token):
+            return None, _envelope(401, "Unauthorized")
+        return inst, None
+
+    async def _root(self, request: web.Request) -> web.Response:
+        if self.license_required:
+            return web.json_response(_LICENSE_BODY, status=503)
+        return web.json_response(
+            {
+                "status": 200,
+                "message": "Welcome to the Evolution API, it is working!",
+                "version": "1.8.2" if self.api_version == 1 else "2.3.7",
+                "clientName": "evolution_exchange",
+                "manager": f"{self.url}/manager",
+                "documentation": "https://doc.evolution-api.com",
+            }
+        )
+
+    async def _connection_state(self, request: web.Request) -> web.Response:
+        self.state_probes.append((time.monotonic(), request.match_info["instance"]))
+        inst, refusal = self._gate(request)
+        if refusal is not None:
+            return refusal
+        assert inst is not None
+        return web.json_response({"instance": {"instanceName": inst.name, "state": inst.state}})
+
+    async def _no_route(self, request: web.Request) -> web.Response:
+        if self.license_required:
+            return web.json_response(_LICENSE_BODY, status=503)
+        return _envelope(404, [f"Cannot {request.method} {request.path}"])
+
+    async def _send_text(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
+        raw = await request.read()
+        body: Any = None
+        malformed: str | None = None
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            malformed = str(exc)
+        number, text = self._fields(body)
+        record = ReceivedSend(
+            at=arrived,
+            instance=request.match_info["instance"],
+            number=number,
+            text=text,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+            fault=Fault.OK,
+        )
+        self.received.append(record)
+        try:
+            return await self._answer(request, record, malformed)
+        finally:
+            await self._notify()
+
+    def _fields(self, body: Any) -> tuple[str | None, str | None]:
+        if not isinstance(body, dict):
+            return None, None
+        number, text = body.get("number"), body.get("text")
+        if isinstance(body.get("textMessage"), dict):  # the v1 body
+            text = body["textMessage"].get("text")
+        return (
+            number if isinstance(number, str) else None,
+            text if isinstance(text, str) else None,
+        )
+
+    async def _answer(
+        self, request: web.Request, record: ReceivedSend, malformed: str | None
+    ) -> web.StreamResponse:
+        if malformed is not None:
+            # body-parser runs before routing in the real server, so this precedes every check.
+            record.fault, record.status = Fault.MALFORMED_JSON, 400
+            return _envelope(400, malformed, "Internal Server Error")
+        inst, refusal = self._gate(request)
+        if refusal is not None:
+            record.status = refusal.status
+            record.fault = {401: Fault.UNAUTHORIZED, 404: Fault.UNKNOWN_INSTANCE}.get(
+                refusal.status, Fault.LICENSE
+            )
+            return refusal
+        assert inst is not None
+        record.fault = fault = self._choose(inst, record)
+        if isinstance(fault, Reply):
+            record.delivered, record.status = fault.delivered, fault.status
+            return _reply(fault)
+        record.delivered = fault in DELIVERS
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if fault is Fault.DROP:
+            await self._notify()
+            if request.transport is not None:
+                request.transport.close()
+            await asyncio.Event().wait()  # cancelled as the connection goes away
+        if fault is Fault.HANG:
+            await self._notify()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.hang_seconds):
+                    await self._released.wait()
+        response = self._response(fault, inst, record)
+        record.status = response.status
+        return response
+
+    def _choose(self, inst: Instance, record: ReceivedSend) -> Fault | Reply:
+        for queue_key in (_norm(record.number) if record.number else "", None):
+            queue = self._scripts.get(queue_key)
+            if queue:
+                return queue.popleft()
+        body, number, text = record.body, record.number, record.text
+        if not isinstance(body, dict):
+            return Fault.V1_SCHEMA if self.api_version == 1 else Fault.SCHEMA
+        if self.api_version == 1 and not isinstance(body.get("textMessage"), dict):
+            return Fault.V1_SCHEMA
+        if number is None or text is None or (self.api_version == 2 and "text" not in body):
+            return Fault.SCHEMA
+        if not text.strip():
+            return Fault.BLANK_TEXT
+        if inst.state == "close":
+            return Fault.NOT_PAIRED
+        if inst.state == "connecting":
+            return Fault.CONNECTION_CLOSED_500
+        if _norm(number) in self.not_on_whatsapp:
+            return Fault.NOT_ON_WHATSAPP
+        if self.default_fault is Fault.OK and inst.integration == "EVOLUTION":
+            return Fault.OK_MINIMAL
+        return self.default_fault
+
+    def _response(self, fault: Fault, inst: Instance, record: ReceivedSend) -> web.Response:
+        number = record.number or ""
+        if fault in (Fault.OK, Fault.HANG, Fault.OK_MINIMAL):
+            return web.json_response(self._sent_body(fault, inst, record), status=201)
+        if fault is Fault.OK_NO_KEY:
+            return web.json_response(
+                {"status": "PENDING", "messageType": "conversation"}, status=201
+            )
+        if fault is Fault.LICENSE:
+            return web.json_response(_LICENSE_BODY, status=503)
+        if fault in _PROXY_PAGES:
+            status, title = _PROXY_PAGES[fault]
+            page = f"<html><head><title>{title}</title></head><body><h1>{title}</h1></body></html>"
+            return web.Response(status=status, text=page, content_type="text/html")
+        if fault is Fault.NOT_ON_WHATSAPP:
+            jid = _jid(number)
+            return _envelope(400, [{"jid": jid, "exists": False, "number": number}])
+        if fault is Fault.WRONG_PATH:
+            return _envelope(404, [f"Cannot POST /message/sendText/{inst.name}"])
+        if fault is Fault.UNKNOWN_INSTANCE:
+            return _envelope(404, [f'The "{inst.name}" instance does not exist'])
+        if fault is Fault.SCHEMA:
+            body = record.body if isinstance(record.body, dict) else {}
+            missing = [p for p in ("number", "text") if not isinstance(body.get(p), str)]
+            messages = [f'instance requires property "{p}"' for p in missing or ["text"]]
+            return _envelope(400, [messages])
+        status, message, label = _FAULT_BODIES[fault]
+        return _envelope(status, message, label)
+
+    def _sent_body(self, fault: Fault, inst: Instance, record: ReceivedSend) -> dict[str, Any]:
+        number, text = record.number or "", record.text or ""
+        now = int(time.time())
+        if fault is Fault.OK_MINIMAL:
+            record.key_id = str(uuid.uuid4())
+            return {
+                "key": {"remoteJid": number, "fromMe": True, "id": record.key_id},
+                "message": {"conversation": text},
+                "messageType": "conversation",
+                "messageTimestamp": now,
+                "instanceId": inst.instance_id,
+            }
+        record.key_id = "3EB0" + secrets.token_hex(9).upper()
+        key = {"remoteJid": _jid(number), "fromMe": True, "id": record.key_id}
+        if self.api_version == 1:
+            return {
+                "key": key,
+                "message": {"extendedTextMessage": {"text": text}},
+                "messageTimestamp": str(now),
+                "status": "PENDING",
+            }
+        return {
+            "key": key,
+            "pushName": "Você",
+            "status": "PENDING",
+            "message": {"conversation": text},
+            "contextInfo": None,
+            "messageType": "conversation",
+            "messageTimestamp": now,
+            "instanceId": inst.instance_id,
+            "source": "web",
+        }
+
+    # --- control routes for a fake run as a separate process ----------------------------
+
+    async def _ctl_received(self, request: web.Request) -> web.Response:
+        return web.json_response([dataclasses.asdict(r) for r in self.received], dumps=_dumps)
+
+    async def _ctl_script(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        self.script(data["responses"], number=data.get("number"))
+        return web.json_response({"ok": True})
+
+    async def _ctl_state(self, request: web.Request) -> web.Response:
+        data = await request.json()
+        self.set_state(data["instance"], data["state"])
+        return web.json_response({"ok": True})
+
+    async def _ctl_down(self, request: web.Request) -> web.StreamResponse:
+        seconds = float((await request.json()).get("seconds", 1.0))
+        # Answer before going down: going down cuts this very connection.
+        response = web.json_response({"ok": True, "down_for": seconds})
+        await response.prepare(request)
+        await response.write_eof()
+        await self.go_down()
+        loop = asyncio.get_running_loop()
+        self._up_again = loop.call_later(seconds, self._schedule_up)
+        return response
+
+    def _schedule_up(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.go_up())
+        self._tasks.add(task)  # keep a reference until done
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ctl_release(self, request: web.Request) -> web.Response:
+        self.release()
+        return web.json_response({"ok": True})
+
+    async def _ctl_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, default=repr)
+
+
+# status, response.message, error label
+_FAULT_BODIES: dict[Fault, tuple[int, Any, str | None]] = {
+    Fault.UNAUTHORIZED: (401, "Unauthorized", None),
+    Fault.CORS: (500, "Not allowed by CORS", None),
+    Fault.SCHEMA: (400, [['instance requires property "text"']], None),
+    Fault.V1_SCHEMA: (400, [['instance requires property "textMessage"']], None),
+    Fault.BLANK_TEXT: (400, ["Text is required"], None),
+    Fault.MALFORMED_JSON: (
+        400,
+        "Unexpected token } in JSON at position 42",
+        "Internal Server Error",
+    ),
+    Fault.CONNECTION_CLOSED: (400, ["Error: Connection Closed"], None),
+    Fault.TIMED_OUT: (400, ["Error: Timed Out"], None),
+    Fault.SESSION_ERROR: (400, ["SessionError: No sessions"], None),
+    Fault.RATE_LIMIT: (400, ["Error: rate-overlimit"], None),
+    Fault.PRISMA: (
+        400,
+        "PrismaClientKnownRequestError: \nInvalid `this.prismaRepository.message.create()` "
+        "invocation: Unique constraint failed on the fields: (`id`)",
+        None,
+    ),
+    Fault.NOT_PAIRED: (500, "Cannot read properties of undefined (reading 'onWhatsApp')", None),
+    Fault.LOADING: (500, "Cannot read properties of undefined (reading 'textMessage')", None),
+    Fault.CONNECTION_CLOSED_500: (500, "Connection Closed", None),
+    Fault.TIMED_OUT_500: (500, "Timed Out", None),
+    Fault.SERVER_ERROR: (500, "Something went wrong", None),
+}
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Run the fake Evolution API server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--api-key", default="test-api-key")
+    parser.add_argument("--instances", default="main", help="comma-separated names")
+    parser.add_argument(
+        "--state", action="append", default=[], help="instance=open|connecting|close"
+    )
+    parser.add_argument("--token", action="append", default=[], help="instance=own-key")
+    parser.add_argument("--api-version", type=int, choices=(1, 2), default=2)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per send")
+    parser.add_argument("--not-on-whatsapp", default="", help="comma-separated numbers")
+    parser.add_argument("--license-required", action="store_true")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = FakeEvolution(
+        api_key=args.api_key,
+        instances=[n for n in args.instances.split(",") if n],
+        api_version=args.api_version,
+        host=args.host,
+        port=args.port,
+        latency=args.latency,
+        not_on_whatsapp=[n for n in args.not_on_whatsapp.split(",") if n],
+    )
+    fake.license_required = args.license_required
+    for item in args.state:
+        name, _, state = item.partition("=")
+        fake.set_state(name, state)
+    for item in args.token:
+        name, _, token = item.partition("=")
+        fake.instances.setdefault(name, Instance(name)).token = token
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with fake:
+        print(f"READY {fake.port}", flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(_serve(_parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,5 @@
+"""`python -m evomsgd` runs the CLI."""
+
+from evomsgd.cli import main
+
+main()

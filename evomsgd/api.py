@@ -1,0 +1,290 @@
+"""HTTP handlers: parse, call the Service, render. One middleware turns every error into one shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from evomsgd import __version__, clock
+from evomsgd.errors import ApiError, StoreUnavailable
+from evomsgd.models import Accepted, ErrorBody, ErrorDetail, ErrorInfo, Root, SendRequest, Status
+from evomsgd.service import Service
+from evomsgd.store import ListFilter
+
+log = logging.getLogger("evomsgd.api")
+
+SERVICE = web.AppKey("service", Service)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_LIST = 500
+
+
+def error_body(
+    status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+) -> web.Response:
+    """The one error shape: {"success": false, "error": {"code", "message", "details"}}."""
+    body = ErrorBody(
+        error=ErrorInfo(
+            code=code, message=message, details=[ErrorDetail(**d) for d in details or []]
+        )
+    )
+    return web.Response(status=status, body=body.model_dump_json(), content_type="application/json")
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Translate every failure to the one JSON error shape; never leak internals or secrets."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = error_body(exc.status, exc.code, exc.message, exc.details)
+        response.headers.update(exc.headers)
+        return response
+    except StoreUnavailable as exc:
+        return error_body(503, "store_unavailable", f"{exc} - retry later")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = {
+            404: f"no route {request.method} {request.path} - see GET /docs for the API",
+            405: f"{request.method} is not allowed on {request.path}",
+            413: "request body is too large",
+        }.get(exc.status, exc.reason)
+        response = error_body(exc.status, code, message)
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_body(500, "internal_error", "internal error - see the daemon's log")
+
+
+def _json(
+    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=model.model_dump_json(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(
+            400, "invalid_json", f"request body is not valid JSON ({exc}) - send a JSON object"
+        ) from None
+
+
+def _validation(exc: ValidationError) -> ApiError:
+    details = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"]) or None
+        details.append({"field": field, "message": err["msg"]})
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return ApiError(422, "validation_error", summary, details=details)
+
+
+# -- handlers -------------------------------------------------------------------------------
+
+
+async def root(request: web.Request) -> web.Response:
+    """Liveness."""
+    service = request.app[SERVICE]
+    return _json(Root(version=__version__, sandbox=service.settings.sandbox))
+
+
+async def health(request: web.Request) -> web.Response:
+    """Detailed state; 503 when the daemon cannot do its job."""
+    view = await request.app[SERVICE].health()
+    return _json(view, status=503 if view.status == "down" else 200)
+
+
+async def send_message(request: web.Request) -> web.Response:
+    """Queue one message; 202 once it is on disk."""
+    service = request.app[SERVICE]
+    payload = await _read_json(request)
+    if not isinstance(payload, dict):
+        raise ApiError(
+            422,
+            "validation_error",
+            "body must be a JSON object with phone and message",
+            details=[{"field": None, "message": "expected a JSON object"}],
+        )
+    try:
+        req = SendRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _validation(exc) from None
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= 200 and key.isprintable()):
+        raise ApiError(
+            400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters"
+        )
+    new = service.build(req, idempotency_key=key, token_name=request.get("token_name"))
+    result = await service.accept(new)
+    if result.outcome == "conflict":
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            f"Idempotency-Key {key!r} was already used with a different "
+            f"request (task {result.message_id}) - use a new key for a new message",
+        )
+    if result.outcome == "replayed":
+        body = Accepted(
+            message="Already accepted with this Idempotency-Key; nothing new was queued",
+            task_id=result.message_id,
+            status=result.status,
+        )
+        return _json(body, 200, {"Idempotent-Replayed": "true"})
+    log.info(
+        "task %s instance %s: accepted (%s)", new.id, new.instance, result.status.value.lower()
+    )
+    text = (
+        "Message scheduled" if result.status == Status.SCHEDULED else "Message queued for delivery"
+    )
+    return _json(Accepted(message=text, task_id=new.id, status=result.status), 202)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """One task with its status, result and history."""
+    return _json(await request.app[SERVICE].task(request.match_info["task_id"]))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    """Messages newest first, filtered by status, instance, phone and time."""
+    query = request.query
+    statuses: list[Status] = []
+    for raw in query.getall("status", []):
+        for part in raw.split(","):
+            if part.strip():
+                try:
+                    statuses.append(Status(part.strip().upper()))
+                except ValueError:
+                    raise ApiError(
+                        422,
+                        "validation_error",
+                        f"status {part!r} is unknown; use one of "
+                        f"{', '.join(s.value for s in Status)}",
+                        details=[{"field": "status", "message": "unknown status"}],
+                    ) from None
+    try:
+        limit = int(query.get("limit", "50"))
+        before = int(query["before"]) if "before" in query else None
+    except ValueError:
+        raise ApiError(
+            422,
+            "validation_error",
+            "limit and before must be integers",
+            details=[{"field": "limit", "message": "must be an integer"}],
+        ) from None
+    if not 1 <= limit <= MAX_LIST:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"limit must be between 1 and {MAX_LIST}",
+            details=[{"field": "limit", "message": f"must be 1-{MAX_LIST}"}],
+        )
+    flt = ListFilter(
+        statuses=tuple(statuses),
+        instance=query.get("instance"),
+        phone=query.get("phone"),
+        since=_time_param(query.get("since"), "since"),
+        until=_time_param(query.get("until"), "until"),
+        before_seq=before,
+        limit=limit,
+    )
+    return _json(await request.app[SERVICE].tasks(flt))
+
+
+def _time_param(value: str | None, name: str) -> float | None:
+    """RFC 3339, or a duration back from now: 90s, 30m, 1h, 7d."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    if value[-1:] in units and value[:-1].isdigit():
+        return clock.now() - int(value[:-1]) * units[value[-1]]
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{name} must be RFC 3339 with a zone (2026-11-27T10:00:00Z) or a "
+            "duration like 30m, 1h, 7d",
+            details=[{"field": name, "message": "invalid time"}],
+        )
+    return parsed.timestamp()
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    """Cancel a message that has not been sent; 409 when too late."""
+    return _json(await request.app[SERVICE].cancel(request.match_info["task_id"]))
+
+
+async def retry_task(request: web.Request) -> web.Response:
+    """Queue a failed, expired or canceled message again."""
+    return _json(await request.app[SERVICE].retry(request.match_info["task_id"]), 202)
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    """Each instance's lane."""
+    return web.json_response({"instances": request.app[SERVICE].dispatcher.lanes_view()})
+
+
+async def pause_instance(request: web.Request) -> web.Response:
+    """Stop sending on one instance until resumed (messages keep waiting)."""
+    instance = request.match_info["instance"]
+    reason = "paused by an operator"
+    if request.can_read_body:
+        payload = await _read_json(request)
+        if isinstance(payload, dict) and isinstance(payload.get("reason"), str):
+            reason = payload["reason"][:200]
+    await request.app[SERVICE].set_paused(instance, True, reason)
+    log.warning("instance %s paused: %s", instance, reason)
+    return web.json_response({"instance": instance, "paused": True, "reason": reason})
+
+
+async def resume_instance(request: web.Request) -> web.Response:
+    """Resume sending on one instance."""
+    instance = request.match_info["instance"]
+    await request.app[SERVICE].set_paused(instance, False, None)
+    log.info("instance %s resumed by an operator", instance)
+    return web.json_response({"instance": instance, "paused": False})
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the JSON API."""
+    app.router.add_get("/", root)
+    app.router.add_get("/health", health)
+    app.router.add_post("/messages", send_message)
+    app.router.add_get("/tasks", list_tasks)
+    app.router.add_get("/tasks/{task_id}", get_task)
+    app.router.add_delete("/tasks/{task_id}", cancel_task)
+    app.router.add_post("/tasks/{task_id}/retry", retry_task)
+    app.router.add_get("/instances", list_instances)
+    app.router.add_post("/instances/{instance}/pause", pause_instance)
+    app.router.add_post("/instances/{instance}/resume", resume_instance)

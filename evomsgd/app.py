@@ -1,0 +1,141 @@
+"""create_app: the only composition root. Resources start in dependency order, stop in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from evomsgd import api, clock, openapi
+from evomsgd.commit import GroupCommitter
+from evomsgd.config import Settings
+from evomsgd.delivery import Delivery
+from evomsgd.dispatcher import Dispatcher
+from evomsgd.evolution import EvolutionClient, SandboxClient, Sender, StateProbe
+from evomsgd.queue import TaskQueue
+from evomsgd.service import Service, created_per_instance
+from evomsgd.store import Store
+
+log = logging.getLogger("evomsgd.app")
+
+STORE = web.AppKey("store", Store)
+SENDER = web.AppKey("sender", Sender)
+QUEUE = web.AppKey("queue", TaskQueue)
+HEALTH_CHECK_EVERY = 10.0
+
+# The body limit doubles as a guard: a request larger than this is refused with 413 unread.
+MAX_BODY = 64 * 1024
+
+
+def create_app(
+    settings: Settings,
+    data_dir: Path,
+    *,
+    sender_factory: Callable[[aiohttp.ClientSession], Sender] | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> web.Application:
+    """The aiohttp application with the ledger, the Evolution client, the dispatcher and Huey."""
+    app = web.Application(middlewares=[api.errors_middleware], client_max_size=MAX_BODY)
+
+    async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+        store = await asyncio.to_thread(Store, data_dir, durability=settings.durability)
+        app[STORE] = store
+        yield
+        await asyncio.to_thread(store.close)
+
+    async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession() as session:
+            if sender_factory is not None:
+                app[SENDER] = sender_factory(session)
+            elif settings.sandbox:
+                app[SENDER] = SandboxClient()
+            else:
+                assert settings.evolution_url and settings.evolution_key
+                app[SENDER] = EvolutionClient(
+                    session,
+                    settings.evolution_url,
+                    settings.evolution_key.get_secret_value(),
+                    timeout=settings.evolution_timeout,
+                    api_version=settings.evolution_api_version,
+                )
+            yield
+
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        store, sender = app[STORE], app[SENDER]
+        recovered = await asyncio.to_thread(store.recover, clock.now(), only_expired_leases=False)
+        if recovered:
+            log.warning(
+                "recovered %s message(s) that were being sent when the daemon stopped; "
+                "they will be sent again and are marked as possibly duplicated",
+                len(recovered),
+            )
+
+        def probe(instance: str) -> concurrent.futures.Future[StateProbe]:
+            return asyncio.run_coroutine_threadsafe(sender.connection_state(instance), loop)
+
+        queue = TaskQueue(data_dir, settings.workers)
+        dispatcher = Dispatcher(store, settings, queue.submit, probe)
+        queue.register(Delivery(store, dispatcher, sender, loop, settings).run)
+        committer = GroupCommitter(
+            store,
+            loop,
+            idempotency_ttl=settings.idempotency_ttl,
+            on_commit=lambda news, results: dispatcher.accepted(
+                created_per_instance(news, results)
+            ),
+        )
+        service = Service(
+            settings, store, committer, dispatcher, data_dir, alive_workers=queue.alive_workers
+        )
+        app[api.SERVICE] = service
+        app[QUEUE] = queue
+        committer.start()
+        queue.start()
+        await asyncio.to_thread(dispatcher.start)
+        health_task = asyncio.create_task(_check_workers(queue))
+        if on_ready is not None:
+            on_ready()
+        yield
+        health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health_task
+        await drain(dispatcher, queue, committer, settings.drain_timeout)
+
+    app.cleanup_ctx.extend([store_ctx, sender_ctx, engine_ctx])
+    api.add_routes(app)
+    openapi.add_routes(app)
+    return app
+
+
+async def drain(
+    dispatcher: Dispatcher, queue: TaskQueue, committer: GroupCommitter, timeout: float
+) -> None:
+    """Stop dispatching, let in-flight sends finish (bounded), stop the workers and the writer."""
+    dispatcher.drain()
+    in_flight = dispatcher.in_flight()
+    if in_flight:
+        log.info("draining: waiting up to %gs for %s in-flight send(s)", timeout, in_flight)
+    finished = await asyncio.to_thread(dispatcher.wait_idle, timeout)
+    if not finished:
+        log.warning(
+            "drain timeout: %s send(s) still in flight; they will be recovered at the next start",
+            dispatcher.in_flight(),
+        )
+    await asyncio.to_thread(queue.stop)
+    await asyncio.to_thread(committer.stop)
+    await asyncio.to_thread(dispatcher.stop)
+    log.info("drained: workers stopped, queued messages wait on disk for the next start")
+
+
+async def _check_workers(queue: TaskQueue) -> None:
+    """Huey restarts dead workers only inside Consumer.run, which an embedded consumer skips."""
+    while True:
+        await asyncio.sleep(HEALTH_CHECK_EVERY)
+        await asyncio.to_thread(queue.check_health)

@@ -1,0 +1,411 @@
+"""The `evomsgd` command: parse, call one library function, render."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from evomsgd import __version__
+from evomsgd.client import DaemonClient, Reply, error_text
+from evomsgd.config import Settings, load_settings, resolve_data_dir
+from evomsgd.errors import EvomsgdError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """The CLI's one error wrapper: an EvomsgdError becomes one line on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EvomsgdError as exc:
+            _fail(str(exc), exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def common_options(func: F) -> F:
+    """Options every command shares: where the config and the daemon are."""
+    func = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="TOML config file [env: EVOMSGD_CONFIG].",
+    )(func)
+    func = click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Data directory [env: EVOMSGD_DATA_DIR].",
+    )(func)
+    return func
+
+
+def client_options(func: F) -> F:
+    """How the CLI reaches a running daemon."""
+    func = click.option(
+        "--url",
+        envvar="EVOMSGD_URL",
+        help="Daemon URL [env: EVOMSGD_URL; default http://EVOMSGD_HOST:EVOMSGD_PORT].",
+    )(func)
+    func = click.option(
+        "--token",
+        envvar="EVOMSGD_TOKEN",
+        help="API token, when tokens are enabled [env: EVOMSGD_TOKEN].",
+    )(func)
+    return common_options(func)
+
+
+def _settings(**flags: Any) -> Settings:
+    return load_settings(flags)
+
+
+def _client(url: str | None, token: str | None, settings: Settings) -> DaemonClient:
+    if url is None:
+        host = settings.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
+    return DaemonClient(url, token)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _expect(reply: Reply, *ok: int) -> Any:
+    if reply.status not in ok:
+        _fail(error_text(reply))
+    return reply.body
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="evomsgd")
+def cli() -> None:
+    """evomsgd: queue and deliver transactional WhatsApp messages through Evolution API.
+
+    One process and one SQLite file replace FastAPI + Celery + Redis + Flower.
+
+    Example:
+
+        evomsgd serve --sandbox
+    """
+
+
+@cli.command()
+@common_options
+@click.option("--host", help="Address to listen on [env: EVOMSGD_HOST; default 127.0.0.1].")
+@click.option("--port", type=int, help="TCP port [env: EVOMSGD_PORT; default 8001].")
+@click.option("--workers", type=int, help="Huey worker threads [env: EVOMSGD_WORKERS; default 4].")
+@click.option(
+    "--sandbox",
+    is_flag=True,
+    default=None,
+    help="Record messages in the ledger, send nothing [env: EVOMSGD_SANDBOX].",
+)
+@click.option("--evolution-url", help="Evolution API base URL [env: EVOLUTION_API_URL].")
+@click.option(
+    "--evolution-key", help="Evolution API key [env: EVOLUTION_API_KEY]; prefer the env file."
+)
+@click.option(
+    "--instance", "default_instance", help="Default instance [env: EVOLUTION_INSTANCE_NAME]."
+)
+@click.option(
+    "--durability",
+    type=click.Choice(["full", "normal"]),
+    help="full: fsync before 202; normal: faster, may lose the last messages on power loss.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="[env: EVOMSGD_LOG_LEVEL; default INFO].",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    help="[env: EVOMSGD_LOG_FORMAT; default text].",
+)
+@handle_errors
+def serve(**flags: Any) -> None:
+    """Run the daemon: HTTP API, dispatcher and Huey workers in one process.
+
+    Example:
+
+        EVOLUTION_API_URL=http://localhost:8080 EVOLUTION_API_KEY=... evomsgd serve
+    """
+    from evomsgd import log
+    from evomsgd.daemon import serve as run
+
+    if flags.get("log_level"):
+        flags["log_level"] = flags["log_level"].upper()
+    settings = _settings(**flags)
+    settings.require_evolution()
+    log.configure(settings.log_level, settings.log_format)
+    sys.exit(run(settings, resolve_data_dir(settings)))
+
+
+@cli.command()
+@client_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def status(url: str | None, token: str | None, as_json: bool, **flags: Any) -> None:
+    """Is the daemon up and healthy? Reads the ledger directly when it is down.
+
+    Exit code: 0 healthy, 1 degraded, 2 down.
+
+    Example:
+
+        evomsgd status --json | jq .counts
+    """
+    from evomsgd.status import gather, render
+
+    settings = _settings(**flags)
+    report = gather(settings, _client(url, token, settings))
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(
+            render(report, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ), color=True
+        )
+    sys.exit({"ok": EXIT_OK, "degraded": EXIT_DEGRADED}.get(report["status"], EXIT_DOWN))
+
+
+@cli.command()
+@client_options
+@click.option("--phone", required=True, help="Recipient: +5215512345678, or a JID.")
+@click.option("--message", required=True, help="Text to send.")
+@click.option(
+    "--instance", help="Evolution instance (default: the daemon's EVOLUTION_INSTANCE_NAME)."
+)
+@click.option(
+    "--priority", type=click.Choice(["normal", "high"]), default="normal", show_default=True
+)
+@click.option("--send-at", help="RFC 3339 time to send at (SCHEDULED until then).")
+@click.option("--idempotency-key", help="Retry-safe key: the same key and body queue only once.")
+@handle_errors
+def send(
+    url: str | None,
+    token: str | None,
+    phone: str,
+    message: str,
+    instance: str | None,
+    priority: str,
+    send_at: str | None,
+    idempotency_key: str | None,
+    **flags: Any,
+) -> None:
+    """Queue a message through the running daemon and print its task id.
+
+    Example:
+
+        evomsgd send --phone +5215512345678 --message "Your code is 123456" --priority high
+    """
+    body: dict[str, Any] = {"phone": phone, "message": message, "priority": priority}
+    if instance:
+        body["instance_name"] = instance
+    if send_at:
+        body["send_at"] = send_at
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    settings = _settings(**flags)
+    reply = _client(url, token, settings).request("POST", "/messages", body, headers)
+    data = _expect(reply, 200, 202)
+    click.echo(data["task_id"])
+
+
+@cli.group()
+def tasks() -> None:
+    """Look at tasks (messages) in the ledger."""
+
+
+@tasks.command("show")
+@client_options
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def tasks_show(
+    url: str | None, token: str | None, task_id: str, as_json: bool, **flags: Any
+) -> None:
+    """Show one task's status, result and history.
+
+    Example:
+
+        evomsgd tasks show 0b6f1c9e-7c1a-4c55-9d49-8f1b7a0f2d11
+    """
+    from evomsgd.status import render_task
+
+    settings = _settings(**flags)
+    data = _expect(_client(url, token, settings).request("GET", f"/tasks/{task_id}"), 200)
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False) if as_json else render_task(data))
+
+
+@tasks.command("list")
+@client_options
+@click.option(
+    "--status", "statuses", multiple=True, help="Filter by status (repeatable), e.g. FAILURE."
+)
+@click.option("--instance", help="Filter by instance.")
+@click.option("--phone", help="Filter by normalised phone (digits) or JID.")
+@click.option("--since", help="RFC 3339 time or a duration: 30m, 1h, 7d.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def tasks_list(
+    url: str | None,
+    token: str | None,
+    statuses: tuple[str, ...],
+    instance: str | None,
+    phone: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """List tasks, newest first.
+
+    Example:
+
+        evomsgd tasks list --status FAILURE --since 1h
+    """
+    from urllib.parse import urlencode
+
+    from evomsgd.status import render_list
+
+    query: list[tuple[str, str]] = [("status", s) for s in statuses]
+    query += [(k, v) for k, v in (("instance", instance), ("phone", phone), ("since", since)) if v]
+    query.append(("limit", str(limit)))
+    settings = _settings(**flags)
+    data = _expect(_client(url, token, settings).request("GET", "/tasks?" + urlencode(query)), 200)
+    click.echo(
+        json.dumps(data, indent=2, ensure_ascii=False) if as_json else render_list(data["tasks"])
+    )
+
+
+@cli.command()
+@client_options
+@click.argument("task_id")
+@handle_errors
+def cancel(url: str | None, token: str | None, task_id: str, **flags: Any) -> None:
+    """Cancel a message that has not been sent yet.
+
+    Example:
+
+        evomsgd cancel 0b6f1c9e-7c1a-4c55-9d49-8f1b7a0f2d11
+    """
+    settings = _settings(**flags)
+    data = _expect(_client(url, token, settings).request("DELETE", f"/tasks/{task_id}"), 200)
+    click.echo(f"{data['task_id']} {data['status']}")
+
+
+@cli.command()
+@client_options
+@click.argument("task_id", required=False)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    help="Bulk: retry every task with this status (FAILURE, EXPIRED, CANCELED).",
+)
+@click.option("--since", help="Bulk: only tasks created since (RFC 3339 or 30m, 1h, 7d).")
+@click.option("--instance", help="Bulk: only this instance.")
+@handle_errors
+def retry(
+    url: str | None,
+    token: str | None,
+    task_id: str | None,
+    statuses: tuple[str, ...],
+    since: str | None,
+    instance: str | None,
+    **flags: Any,
+) -> None:
+    """Send a failed, expired or canceled message again (its history is kept).
+
+    Examples:
+
+        evomsgd retry 0b6f1c9e-7c1a-4c55-9d49-8f1b7a0f2d11
+
+        evomsgd retry --status FAILURE --since 1h --instance shop
+    """
+    from urllib.parse import urlencode
+
+    settings = _settings(**flags)
+    client = _client(url, token, settings)
+    if task_id:
+        if statuses or since or instance:
+            _fail("give a task id or bulk filters (--status/--since/--instance), not both", 2)
+        data = _expect(client.request("POST", f"/tasks/{task_id}/retry"), 202)
+        click.echo(f"{data['task_id']} {data['status']}")
+        return
+    if not statuses:
+        _fail("give a task id, or --status FAILURE (with --since/--instance) for a bulk retry", 2)
+    requeued = failed = 0
+    before: str | None = None
+    seen: set[str] = set()
+    while True:
+        query = [("status", ",".join(statuses)), ("limit", "500")]
+        query += [
+            (k, v) for k, v in (("instance", instance), ("since", since), ("before", before)) if v
+        ]
+        page = _expect(client.request("GET", "/tasks?" + urlencode(query)), 200)
+        for task in page["tasks"]:
+            if task["task_id"] in seen:
+                continue
+            seen.add(task["task_id"])
+            reply = client.request("POST", f"/tasks/{task['task_id']}/retry")
+            if reply.status == 202:
+                requeued += 1
+            else:
+                failed += 1
+                click.echo(f"{task['task_id']}: {error_text(reply)}", err=True)
+        before = page.get("next_before")
+        if not before:
+            break
+    click.echo(
+        f"requeued {requeued} task(s)" + (f", {failed} could not be retried" if failed else "")
+    )
+    if failed:
+        sys.exit(1)
+
+
+def _pause_command(paused: bool) -> Callable[..., None]:
+    @client_options
+    @click.argument("instance")
+    @handle_errors
+    def command(url: str | None, token: str | None, instance: str, **flags: Any) -> None:
+        settings = _settings(**flags)
+        action = "pause" if paused else "resume"
+        data = _expect(
+            _client(url, token, settings).request("POST", f"/instances/{instance}/{action}", {}),
+            200,
+        )
+        click.echo(f"{data['instance']} {'paused' if data['paused'] else 'resumed'}")
+
+    return command
+
+
+cli.command(
+    "pause",
+    help="Stop sending on an instance; its messages keep waiting.\n\nExample:\n\n    evomsgd pause shop",
+)(_pause_command(True))
+cli.command(
+    "resume", help="Resume sending on a paused instance.\n\nExample:\n\n    evomsgd resume shop"
+)(_pause_command(False))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="evomsgd")

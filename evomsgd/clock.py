@@ -1,0 +1,41 @@
+"""Time in the ledger: UTC text 'YYYY-MM-DD HH:MM:SS.fff' that sorts and compares in sqlite3."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+# The same shape as sqlite's strftime('%Y-%m-%d %H:%M:%f', 'now'), so an operator can write
+# `WHERE created_at > datetime('now', '-1 hour')` and get the right rows.
+_DB_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def now() -> float:
+    """Wall-clock seconds since the epoch (the one place the daemon reads the time of day)."""
+    return time.time()
+
+
+def to_db(ts: float) -> str:
+    """Format epoch seconds for the ledger."""
+    whole = int(ts)
+    ms = round((ts - whole) * 1000)
+    if ms == 1000:
+        whole, ms = whole + 1, 0
+    return f"{datetime.fromtimestamp(whole, UTC).strftime(_DB_FORMAT)}.{ms:03d}"
+
+
+def from_db(text: str) -> float:
+    """Parse a ledger timestamp back to epoch seconds."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def db_to_rfc3339(text: str | None) -> str | None:
+    """Ledger timestamp to RFC 3339 for API responses."""
+    if text is None:
+        return None
+    return text.replace(" ", "T") + "Z"
+
+
+def from_datetime(value: datetime) -> float:
+    """An aware datetime to epoch seconds (naive ones are rejected by the models)."""
+    return value.timestamp()

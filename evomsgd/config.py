@@ -1,0 +1,335 @@
+"""Settings: one pydantic model; precedence flag > environment > config file > default."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from evomsgd.errors import ConfigError
+
+APP_NAME = "evomsgd"
+
+
+def _env(name: str, **kwargs: Any) -> Any:
+    """A Field whose environment variable is recorded in its schema (and checked against README)."""
+    extra = kwargs.pop("json_schema_extra", {}) or {}
+    return Field(json_schema_extra={"env": name, **extra}, **kwargs)
+
+
+class LaneSettings(BaseModel):
+    """Pacing for one Evolution instance; a `[instances.NAME]` section of the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    send_interval: float | None = Field(
+        None, ge=0, description="Seconds between two sends on this instance (0 = no pacing)."
+    )
+    send_jitter: float | None = Field(
+        None, ge=0, description="Largest random extra gap in seconds, added to send_interval."
+    )
+    per_minute: int | None = Field(None, ge=1, description="At most this many sends a minute.")
+    per_hour: int | None = Field(None, ge=1, description="At most this many sends an hour.")
+    per_day: int | None = Field(None, ge=1, description="At most this many sends a day.")
+    max_waiting: int | None = Field(
+        None, ge=1, description="Waiting messages beyond which POST /messages answers 429."
+    )
+
+
+class Settings(BaseModel):
+    """Everything the daemon and the CLI can be told; see README's configuration table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    evolution_url: str | None = _env(
+        "EVOLUTION_API_URL", default=None, description="Base URL of the Evolution API server."
+    )
+    evolution_key: SecretStr | None = _env(
+        "EVOLUTION_API_KEY",
+        default=None,
+        description="Evolution API key (global key or the instance token). Never logged.",
+    )
+    default_instance: str | None = _env(
+        "EVOLUTION_INSTANCE_NAME",
+        default=None,
+        description="Instance used when a request has no instance_name.",
+    )
+    evolution_api_version: Literal[1, 2] = _env(
+        "EVOMSGD_EVOLUTION_API_VERSION",
+        default=2,
+        description="Evolution API major version: 2 (2.x, current) or 1 (1.8.x body shape).",
+    )
+    evolution_timeout: float = _env(
+        "EVOMSGD_EVOLUTION_TIMEOUT",
+        default=90.0,
+        gt=0,
+        description="Seconds to wait for Evolution to answer one send (its number lookup can take 60 s).",
+    )
+    host: str = _env("EVOMSGD_HOST", default="127.0.0.1", description="Address to listen on.")
+    port: int = _env("EVOMSGD_PORT", default=8001, ge=0, le=65535, description="TCP port.")
+    data_dir: Path | None = _env(
+        "EVOMSGD_DATA_DIR",
+        default=None,
+        description="Where the ledger lives (default: $STATE_DIRECTORY, then the platform's data dir).",
+    )
+    config_file: Path | None = _env(
+        "EVOMSGD_CONFIG",
+        default=None,
+        description="Optional TOML file with settings and [instances.NAME] sections.",
+    )
+    workers: int = _env(
+        "EVOMSGD_WORKERS", default=4, ge=1, le=64, description="Huey worker threads."
+    )
+    sandbox: bool = _env(
+        "EVOMSGD_SANDBOX",
+        default=False,
+        description="Deliver into the ledger only; nothing leaves the machine.",
+    )
+    durability: Literal["full", "normal"] = _env(
+        "EVOMSGD_DURABILITY",
+        default="full",
+        description="full: fsync before 202 (survives power loss); normal: survives a crash of the daemon only.",
+    )
+    max_retries: int = _env(
+        "EVOMSGD_MAX_RETRIES", default=3, ge=0, le=100, description="Retries after a failed send."
+    )
+    retry_delay: float = _env(
+        "EVOMSGD_RETRY_DELAY", default=5.0, ge=0, description="Seconds before the first retry."
+    )
+    retry_backoff: float = _env(
+        "EVOMSGD_RETRY_BACKOFF",
+        default=1.0,
+        ge=1.0,
+        description="Multiplier per retry (1 = fixed delay, 2 = exponential).",
+    )
+    retry_jitter: float = _env(
+        "EVOMSGD_RETRY_JITTER",
+        default=0.0,
+        ge=0,
+        description="Largest random extra retry delay, seconds.",
+    )
+    ambiguous_retries: int = _env(
+        "EVOMSGD_AMBIGUOUS_RETRIES",
+        default=1,
+        ge=0,
+        le=5,
+        description="Resends after an outcome that may have been delivered (timeout, reset, 502/504).",
+    )
+    ambiguous_delay: float = _env(
+        "EVOMSGD_AMBIGUOUS_DELAY",
+        default=30.0,
+        ge=0,
+        description="Seconds to wait before resending after an ambiguous outcome.",
+    )
+    send_interval: float = _env(
+        "EVOMSGD_SEND_INTERVAL",
+        default=1.0,
+        ge=0,
+        description="Default seconds between two sends on one instance (0 turns pacing off).",
+    )
+    send_jitter: float = _env(
+        "EVOMSGD_SEND_JITTER",
+        default=0.5,
+        ge=0,
+        description="Default largest random extra gap between sends, seconds.",
+    )
+    max_waiting: int = _env(
+        "EVOMSGD_MAX_WAITING",
+        default=10_000,
+        ge=1,
+        description="Default cap on waiting messages per instance before 429.",
+    )
+    probe_interval: float = _env(
+        "EVOMSGD_PROBE_INTERVAL",
+        default=30.0,
+        gt=0,
+        description="Seconds between connection-state probes of an instance with waiting messages.",
+    )
+    rate_limit_pause: float = _env(
+        "EVOMSGD_RATE_LIMIT_PAUSE",
+        default=60.0,
+        ge=0,
+        description="Seconds an instance rests after WhatsApp answers rate-overlimit.",
+    )
+    default_expiry: float = _env(
+        "EVOMSGD_DEFAULT_EXPIRY",
+        default=86_400.0,
+        gt=0,
+        description="Seconds after which an unsent message becomes EXPIRED.",
+    )
+    drain_timeout: float = _env(
+        "EVOMSGD_DRAIN_TIMEOUT",
+        default=30.0,
+        ge=0,
+        description="Seconds to let in-flight sends finish on SIGTERM.",
+    )
+    default_region: str | None = _env(
+        "EVOMSGD_DEFAULT_REGION",
+        default=None,
+        description="Region (e.g. MX, BR) for phone numbers written without a country code.",
+    )
+    max_text_length: int = _env(
+        "EVOMSGD_MAX_TEXT_LENGTH", default=4096, ge=1, description="Longest message text accepted."
+    )
+    idempotency_ttl: float = _env(
+        "EVOMSGD_IDEMPOTENCY_TTL",
+        default=86_400.0,
+        gt=0,
+        description="Seconds an Idempotency-Key is remembered.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
+        "EVOMSGD_LOG_LEVEL", default="INFO", description="Log level."
+    )
+    log_format: Literal["text", "json"] = _env(
+        "EVOMSGD_LOG_FORMAT", default="text", description="text (journald-friendly) or json."
+    )
+    instances: dict[str, LaneSettings] = Field(
+        default_factory=dict, description="Per-instance pacing, from the config file only."
+    )
+
+    @field_validator("evolution_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https:// (got {value!r})")
+        return value.rstrip("/")
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        from evomsgd.phone import validate_region
+
+        return validate_region(value)
+
+    def lane(self, instance: str) -> LaneSettings:
+        """The effective pacing of one instance: its config section over the global defaults."""
+        own = self.instances.get(instance) or LaneSettings()
+        return LaneSettings(
+            send_interval=self.send_interval if own.send_interval is None else own.send_interval,
+            send_jitter=self.send_jitter if own.send_jitter is None else own.send_jitter,
+            per_minute=own.per_minute,
+            per_hour=own.per_hour,
+            per_day=own.per_day,
+            max_waiting=self.max_waiting if own.max_waiting is None else own.max_waiting,
+        )
+
+    def require_evolution(self) -> None:
+        """Raise ConfigError naming what is missing unless sends can leave the machine or sandbox."""
+        if self.sandbox:
+            return
+        missing = [
+            name
+            for name, value in (
+                ("EVOLUTION_API_URL", self.evolution_url),
+                ("EVOLUTION_API_KEY", self.evolution_key),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set - "
+                "export it (or put it in the env file) or pass --evolution-url/--evolution-key; "
+                "use --sandbox to try evomsgd without an Evolution server"
+            )
+
+    @property
+    def instance_fallback(self) -> str | None:
+        """The instance for requests without instance_name."""
+        return self.default_instance or ("sandbox" if self.sandbox else None)
+
+
+ENV_VARS: dict[str, str] = {
+    name: str(field.json_schema_extra["env"])
+    for name, field in Settings.model_fields.items()
+    if isinstance(field.json_schema_extra, dict) and "env" in field.json_schema_extra
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, var in ENV_VARS.items():
+        if var in env:
+            raw = env[var]
+            if Settings.model_fields[name].annotation is bool:
+                lowered = raw.strip().lower()
+                if lowered not in _TRUE | _FALSE:
+                    raise ConfigError(f"{var}={raw!r} is not a boolean - use 1/0, true/false")
+                values[name] = lowered in _TRUE
+            elif raw != "" or name in ("evolution_url",):
+                values[name] = raw
+    return values
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist - create it or unset EVOMSGD_CONFIG"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if "evolution_key" in data:
+        raise ConfigError(
+            f"config file {path} holds evolution_key - keep the key in EVOLUTION_API_KEY "
+            "(an env file with mode 0600), not in the config file"
+        )
+    return data
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build Settings from flags (None values ignored), the environment and the config file."""
+    env = os.environ if env is None else env
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    from_env = _from_env(env)
+    config_path = given.get("config_file") or from_env.get("config_file")
+    merged: dict[str, Any] = _from_file(Path(config_path)) if config_path else {}
+    merged.update(from_env)
+    merged.update(given)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation(exc)) from None
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """One line per bad setting, naming its environment variable."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        field = loc[0] if loc else "?"
+        name = ENV_VARS.get(field, ".".join(loc))
+        lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration - " + "; ".join(lines)
+
+
+def resolve_data_dir(settings: Settings, env: Mapping[str, str] | None = None) -> Path:
+    """Flag/EVOMSGD_DATA_DIR, then systemd's $STATE_DIRECTORY, then the platform data dir."""
+    env = os.environ if env is None else env
+    if settings.data_dir is not None:
+        return settings.data_dir.expanduser()
+    state = env.get("STATE_DIRECTORY")
+    if state:
+        # systemd may pass several colon-separated directories; ours is the first.
+        return Path(state.split(":")[0])
+    try:
+        return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+    except Exception as exc:  # no $HOME (DynamicUser) and no passwd entry
+        raise ConfigError(
+            f"cannot find a data directory ({exc}) - set EVOMSGD_DATA_DIR or pass --data-dir"
+        ) from None

@@ -1,0 +1,141 @@
+"""`evomsgd serve`: prepare the data directory, run the app, drain once on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from aiohttp import web
+
+from evomsgd import __version__
+from evomsgd.api import SERVICE
+from evomsgd.app import create_app
+from evomsgd.config import Settings
+from evomsgd.errors import DataDirError
+
+log = logging.getLogger("evomsgd.daemon")
+
+LOCK_FILE = "evomsgd.lock"
+
+
+def prepare_data_dir(path: Path) -> Path:
+    """Create the data directory owner-only (0700); refuse one we cannot write."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.stat().st_uid == os.getuid():
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise DataDirError(
+            f"cannot create data directory {path}: {exc.strerror} - "
+            "set EVOMSGD_DATA_DIR or --data-dir to a writable directory"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataDirError(
+            f"data directory {path} is not writable by this user - fix its owner "
+            "or set EVOMSGD_DATA_DIR"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def exclusive(data_dir: Path) -> Iterator[None]:
+    """Hold the data directory's lock: a second daemon on the same ledger would double-send."""
+    lock_path = data_dir / LOCK_FILE
+    handle: IO[str] = open(lock_path, "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise DataDirError(
+                f"another evomsgd (pid {holder}) is already serving {data_dir} - stop it first, "
+                "or give this one its own --data-dir"
+            ) from None
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def serve(settings: Settings, data_dir: Path) -> int:
+    """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
+    os.umask(0o077)  # every file we create (ledger, WAL, queue) is owner-only
+    prepare_data_dir(data_dir)
+    with exclusive(data_dir):
+        return asyncio.run(_serve(settings, data_dir))
+
+
+async def _serve(settings: Settings, data_dir: Path) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            log.info(
+                "received %s: draining (at most %gs)",
+                signal.Signals(signum).name,
+                settings.drain_timeout,
+            )
+            stop.set()
+        else:
+            # aiohttp's run_app would abort its cleanup here and cancel in-flight sends; we don't.
+            log.warning(
+                "received %s again: already draining, in-flight sends are finishing",
+                signal.Signals(signum).name,
+            )
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    app = create_app(settings, data_dir)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.drain_timeout
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=512)
+        try:
+            await site.start()
+        except OSError as exc:
+            log.error(
+                "cannot listen on %s:%s: %s - is another program using the port? set EVOMSGD_PORT",
+                settings.host,
+                settings.port,
+                exc.strerror,
+            )
+            return 2
+        if settings.sandbox:
+            log.warning(
+                "SANDBOX MODE: messages are recorded in the ledger and never sent to Evolution"
+            )
+        log.info(
+            "evomsgd %s listening on http://%s:%s (data %s, %s workers)",
+            __version__,
+            settings.host,
+            settings.port,
+            data_dir,
+            settings.workers,
+        )
+        await stop.wait()
+        app[SERVICE].dispatcher.drain()
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,372 @@
+"""The dispatcher: hands due messages to the workers, one lane at a time, and keeps house.
+
+It is the only thread that decides *when* a message is sent. It wakes when the API accepts a
+message, when a worker finishes, when a probe answers, or when the next timer is due (a paced
+send, a scheduled message, a retry, an expiry); it never polls on a fixed beat for work.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from evomsgd import clock
+from evomsgd.config import Settings
+from evomsgd.errors import StoreUnavailable
+from evomsgd.evolution import InstanceState, OutcomeKind, StateProbe
+from evomsgd.lanes import Health, Lane
+from evomsgd.store import Store
+
+log = logging.getLogger("evomsgd.dispatcher")
+
+Submit = Callable[[str, str], None]
+Probe = Callable[[str], "concurrent.futures.Future[StateProbe]"]
+
+HOUSEKEEPING_EVERY = 1.0
+_MAX_WAIT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class LaneEffect:
+    """What one send outcome means for its lane."""
+
+    health: Health | None = None  # new health, None to keep
+    hold_for: float = 0.0  # seconds of rest (rate limit)
+    reason: str | None = None
+
+
+class Dispatcher:
+    """Per-instance lanes over the ledger; thread-safe entry points, one loop thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        submit: Submit,
+        probe: Probe | None = None,
+        *,
+        time_source: Callable[[], float] = clock.now,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self._submit = submit
+        self._probe = probe
+        self._time = time_source
+        self._rng = rng or random.Random()
+        self._cond = threading.Condition()
+        self._lanes: dict[str, Lane] = {}
+        self._stopping = False
+        self._draining = False
+        self._next_housekeeping = 0.0
+        self._thread: threading.Thread | None = None
+        self.last_loop_at = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load lanes from the ledger and start the loop thread."""
+        self.reload_lanes()
+        self._thread = threading.Thread(target=self._run, name="evomsgd-dispatcher", daemon=True)
+        self._thread.start()
+
+    def reload_lanes(self) -> None:
+        """Rebuild lane state from the ledger (waiting counts, operator pauses, recent sends)."""
+        now = self._time()
+        waiting = self.store.waiting_by_instance()
+        paused = self.store.paused_lanes()
+        with self._cond:
+            for instance in set(waiting) | set(paused) | set(self.settings.instances):
+                lane = self._lane(instance)
+                lane.waiting = waiting.get(instance, (0, None))[0]
+                lane.operator_paused = instance in paused
+                lane.operator_reason = paused.get(instance)
+                lane.idle = False
+                if any(
+                    getattr(lane.settings, cap) for cap in ("per_minute", "per_hour", "per_day")
+                ):
+                    lane.sends.extend(self.store.attempt_times(instance, now - 86_400.0))
+            self._cond.notify()
+
+    def drain(self) -> None:
+        """Stop handing out work; in-flight sends continue."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no send is in flight; False if the timeout ran out first."""
+        deadline = self._time() + timeout
+        with self._cond:
+            while any(lane.in_flight for lane in self._lanes.values()):
+                left = deadline - self._time()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def in_flight(self) -> int:
+        with self._cond:
+            return sum(len(lane.in_flight) for lane in self._lanes.values())
+
+    # -- events from the API and the workers ----------------------------------------------
+
+    def accepted(self, instances: dict[str, int]) -> None:
+        """New messages were committed: wake their lanes."""
+        with self._cond:
+            for instance, count in instances.items():
+                lane = self._lane(instance)
+                lane.waiting += count
+                lane.idle = False
+            self._cond.notify()
+
+    def poke(self, instance: str | None = None) -> None:
+        """Something changed in the ledger (retry, requeue, cancel): look again."""
+        with self._cond:
+            for lane in [self._lane(instance)] if instance else list(self._lanes.values()):
+                lane.idle = False
+            self._cond.notify()
+
+    def finished(
+        self, instance: str, message_id: str, final: bool, effect: LaneEffect | None
+    ) -> None:
+        """A worker is done with a message (sent, failed, rescheduled, or not claimed)."""
+        now = self._time()
+        with self._cond:
+            lane = self._lane(instance)
+            lane.in_flight.discard(message_id)
+            if final:
+                lane.waiting = max(0, lane.waiting - 1)
+            lane.idle = False
+            if effect is not None:
+                self._apply(lane, effect, now)
+            self._cond.notify_all()
+
+    def set_operator_pause(self, instance: str, paused: bool, reason: str | None) -> None:
+        """Pause or resume a lane (the caller has written it to the ledger)."""
+        with self._cond:
+            lane = self._lane(instance)
+            lane.operator_paused = paused
+            lane.operator_reason = reason
+            lane.idle = False
+            self._cond.notify()
+
+    def _apply(self, lane: Lane, effect: LaneEffect, now: float) -> None:
+        if effect.reason:
+            lane.last_error, lane.last_error_at = effect.reason, now
+        if effect.hold_for:
+            lane.held_until = max(lane.held_until, now + effect.hold_for)
+            lane.hold_reason = effect.reason
+            log.warning(
+                "instance %s rests %.0fs: %s", lane.instance, effect.hold_for, effect.reason
+            )
+        if effect.health is None or effect.health == lane.health:
+            return
+        if effect.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+            lane.probe_backoff = 1.0
+            lane.next_probe_at = now + lane.probe_backoff
+            log.warning("instance %s paused (%s): %s", lane.instance, effect.health, effect.reason)
+        elif lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+            log.info("instance %s resumed (%s)", lane.instance, effect.health)
+        lane.health = effect.health
+
+    def _lane(self, instance: str) -> Lane:
+        lane = self._lanes.get(instance)
+        if lane is None:
+            settings = self.settings.lane(instance)
+            concurrency = 1 if (settings.send_interval or 0) > 0 else self.settings.workers
+            lane = Lane(instance=instance, settings=settings, concurrency=concurrency)
+            self._lanes[instance] = lane
+        return lane
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+            try:
+                wake_at = self.step()
+            except StoreUnavailable as exc:
+                log.warning("dispatcher: %s; trying again in 1s", exc)
+                wake_at = self._time() + 1.0
+            except Exception:
+                log.exception("dispatcher step failed; trying again in 1s")
+                wake_at = self._time() + 1.0
+            with self._cond:
+                if self._stopping:
+                    return
+                delay = wake_at - self._time()
+                if delay > 0 and not self._has_work_now():
+                    self._cond.wait(min(delay, _MAX_WAIT))
+
+    def _has_work_now(self) -> bool:
+        now = self._time()
+        return any(
+            not lane.idle and lane.blocked_until(now) is None for lane in self._lanes.values()
+        )
+
+    def step(self) -> float:
+        """One pass: housekeeping if due, then dispatch every lane that may send; returns next wake."""
+        now = self._time()
+        self.last_loop_at = now
+        wake_at = now + _MAX_WAIT
+        if now >= self._next_housekeeping:
+            self._housekeeping(now)
+            self._next_housekeeping = now + HOUSEKEEPING_EVERY
+        wake_at = min(wake_at, self._next_housekeeping)
+        if self._draining:
+            return wake_at
+        with self._cond:
+            lanes = [lane for lane in self._lanes.values() if not lane.idle]
+        for lane in lanes:
+            lane_wake = self._dispatch_lane(lane, now)
+            if lane_wake is not None:
+                wake_at = min(wake_at, lane_wake)
+        return wake_at
+
+    def _dispatch_lane(self, lane: Lane, now: float) -> float | None:
+        with self._cond:
+            self._maybe_probe(lane, now)
+            blocked = lane.blocked_until(now)
+            if blocked is not None:
+                return blocked
+            room = lane.concurrency - len(lane.in_flight)
+            exclude = list(lane.in_flight)
+        ids = self.store.ready(lane.instance, now, room, exclude)
+        if not ids:
+            due = self.store.next_due(lane.instance, exclude)
+            with self._cond:
+                if due is None and not lane.in_flight:
+                    lane.idle = True
+                    lane.waiting = 0
+            return due
+        for message_id in ids:
+            with self._cond:
+                if lane.blocked_until(now) is not None:
+                    break
+                lane.in_flight.add(message_id)
+                lane.record_send(now, self._rng)
+            try:
+                self._submit(message_id, lane.instance)
+            except Exception:
+                log.exception(
+                    "task %s instance %s: could not hand to a worker", message_id, lane.instance
+                )
+                with self._cond:
+                    lane.in_flight.discard(message_id)
+                return now + 1.0
+        return None if lane.concurrency > len(lane.in_flight) else lane.next_send_at
+
+    def _maybe_probe(self, lane: Lane, now: float) -> None:
+        """Probe instances with waiting messages every probe_interval, or sooner while paused."""
+        if self._probe is None or lane.probing or now < lane.next_probe_at:
+            return
+        if lane.health not in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+            lane.next_probe_at = now + self.settings.probe_interval
+            if lane.health != Health.UNKNOWN and not lane.waiting:
+                return
+        lane.probing = True
+        future = self._probe(lane.instance)
+        future.add_done_callback(functools.partial(self._probed, lane))
+
+    def _probed(self, lane: Lane, fut: concurrent.futures.Future[StateProbe]) -> None:
+        now = self._time()
+        try:
+            probe = fut.result()
+        except Exception as exc:  # the probe itself broke: keep the state, try later
+            log.warning("instance %s: probe failed: %s", lane.instance, exc)
+            probe = None
+        with self._cond:
+            lane.probing = False
+            paused = lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE)
+            effect = _probe_effect(probe) if probe is not None else None
+            if effect is not None:
+                self._apply(lane, effect, now)
+            if lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+                if paused:
+                    lane.probe_backoff = min(lane.probe_backoff * 2, self.settings.probe_interval)
+                lane.next_probe_at = now + lane.probe_backoff
+            else:
+                lane.next_probe_at = now + self.settings.probe_interval
+            lane.idle = False
+            self._cond.notify_all()
+
+    def _housekeeping(self, now: float) -> None:
+        for message_id, instance in self.store.recover(now, only_expired_leases=True):
+            log.warning(
+                "task %s instance %s: lease expired while sending; re-queued", message_id, instance
+            )
+            with self._cond:
+                lane = self._lane(instance)
+                lane.in_flight.discard(message_id)
+                lane.idle = False
+        for message_id, instance in self.store.expire_due(now):
+            log.info("task %s instance %s: expired", message_id, instance)
+            with self._cond:
+                lane = self._lane(instance)
+                lane.waiting = max(0, lane.waiting - 1)
+
+    # -- views ----------------------------------------------------------------------------
+
+    def lanes_view(self) -> list[dict[str, object]]:
+        """Each lane for /health and `evomsgd status`."""
+        now = self._time()
+        with self._cond:
+            lanes = sorted(self._lanes.values(), key=lambda lane: lane.instance)
+            return [
+                {
+                    "instance": lane.instance,
+                    "state": lane.state(now),
+                    "health": lane.health.value,
+                    "waiting": lane.waiting,
+                    "in_flight": len(lane.in_flight),
+                    "next_send_at": _rfc3339(lane.next_send_at)
+                    if lane.next_send_at > now
+                    else None,
+                    "held_until": _rfc3339(lane.held_until) if lane.held_until > now else None,
+                    "paused_reason": lane.operator_reason if lane.operator_paused else None,
+                    "last_error": lane.last_error,
+                    "last_error_at": _rfc3339(lane.last_error_at) if lane.last_error_at else None,
+                    "send_interval": lane.settings.send_interval,
+                    "send_jitter": lane.settings.send_jitter,
+                }
+                for lane in lanes
+            ]
+
+
+def _probe_effect(probe: StateProbe) -> LaneEffect | None:
+    if probe.kind is None:
+        if probe.state == InstanceState.OPEN:
+            return LaneEffect(health=Health.OPEN)
+        if probe.state in (InstanceState.CLOSE, InstanceState.CONNECTING):
+            return LaneEffect(health=Health.CLOSE, reason=probe.reason)
+        return None
+    if probe.kind == OutcomeKind.UPSTREAM_DOWN:
+        return LaneEffect(health=Health.DOWN, reason=probe.reason)
+    if probe.kind == OutcomeKind.CONFIG_ERROR:
+        return LaneEffect(health=Health.CONFIG_ERROR, reason=probe.reason)
+    # An unknown instance is not paused: each send fails at once with a clear reason.
+    return LaneEffect(reason=probe.reason) if probe.kind == OutcomeKind.UNKNOWN_INSTANCE else None
+
+
+def _rfc3339(ts: float) -> str:
+    return (clock.db_to_rfc3339(clock.to_db(ts))) or ""

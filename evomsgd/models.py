@@ -1,0 +1,181 @@
+"""Pydantic models of the HTTP API: they validate requests and generate /openapi.json."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+
+class Status(StrEnum):
+    """A message's state in the ledger; the first five are the old Celery stack's names."""
+
+    PENDING = "PENDING"
+    STARTED = "STARTED"
+    RETRY = "RETRY"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    SCHEDULED = "SCHEDULED"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+
+
+WAITING = (Status.PENDING, Status.SCHEDULED, Status.RETRY)
+FINAL = (Status.SUCCESS, Status.FAILURE, Status.CANCELED, Status.EXPIRED)
+
+
+class SendRequest(BaseModel):
+    """Body of POST /messages; unknown fields are ignored so old clients keep working."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "phone": "+5215512345678",
+                    "message": "Hola Carlos",
+                    "instance_name": "mi_instancia",
+                }
+            ]
+        },
+    )
+
+    phone: str = Field(
+        min_length=1,
+        max_length=64,
+        description="International number (+5215512345678), a local number when EVOMSGD_DEFAULT_REGION "
+        "is set, or a WhatsApp JID (...@s.whatsapp.net, ...@g.us, ...@lid).",
+    )
+    message: str = Field(
+        min_length=1, description="Text to send (at most EVOMSGD_MAX_TEXT_LENGTH characters)."
+    )
+    instance_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[^\x00-\x1f/\\?#%]+$",
+        description="Evolution instance; defaults to EVOLUTION_INSTANCE_NAME.",
+    )
+    priority: Literal["normal", "high"] = Field(
+        "normal", description="high (one-time codes) goes ahead of normal messages on its instance."
+    )
+    send_at: AwareDatetime | None = Field(
+        None, description="RFC 3339 time; the message stays SCHEDULED until then."
+    )
+    expires_in: float | None = Field(
+        None,
+        gt=0,
+        le=30 * 86_400,
+        description="Seconds after which an unsent message EXPIRES, counted from send_at (or now).",
+    )
+    expires_at: AwareDatetime | None = Field(
+        None, description="RFC 3339 time after which an unsent message EXPIRES."
+    )
+
+
+class Accepted(BaseModel):
+    """202 answer to POST /messages (and 200 for an idempotent replay)."""
+
+    success: bool = True
+    message: str = Field(description="What happened, in words.")
+    task_id: str = Field(description="Use it with GET /tasks/{task_id}.")
+    status: Status = Field(description="The message's status now.")
+
+
+class Attempt(BaseModel):
+    """One entry of a message's history."""
+
+    at: str = Field(description="RFC 3339 time.")
+    event: str = Field(description="attempt, retry, recovered, canceled, requeued, expired ...")
+    attempt: int | None = Field(None, description="Attempt number for calls to Evolution.")
+    outcome: str | None = Field(None, description="sent, transient, permanent, ambiguous, ...")
+    http_status: int | None = None
+    detail: str | None = Field(None, description="Reason in words.")
+
+
+class TaskView(BaseModel):
+    """GET /tasks/{task_id}: the Celery-compatible trio plus the ledger's columns."""
+
+    task_id: str
+    status: Status
+    result: dict[str, Any] | None = Field(
+        description="SUCCESS: {success, phone, evolution_key, remote_jid, ...}; "
+        "FAILURE/EXPIRED/CANCELED: {success: false, error, ...}; waiting: last error if any, else null."
+    )
+    instance: str
+    phone: str = Field(description="Normalised number or JID sent to Evolution.")
+    phone_input: str = Field(description="The phone as the client sent it.")
+    priority: Literal["normal", "high"]
+    attempts: int = Field(description="Calls made to Evolution for this message.")
+    created_at: str
+    send_at: str | None
+    next_attempt_at: str | None
+    expires_at: str
+    finished_at: str | None
+    last_error: str | None
+    sandbox: bool
+    history: list[Attempt]
+
+
+class TaskList(BaseModel):
+    """GET /tasks: newest first, paginated with `before`."""
+
+    tasks: list[TaskView]
+    next_before: str | None = Field(
+        description="Pass as ?before= to get the next page; null at the end."
+    )
+
+
+class ErrorDetail(BaseModel):
+    field: str | None = Field(None, description="The offending field, when there is one.")
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. validation_error, not_found.")
+    message: str = Field(description="What failed and what to do next.")
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error response."""
+
+    success: Literal[False] = False
+    error: ErrorInfo
+
+
+class Root(BaseModel):
+    """GET /: liveness."""
+
+    status: Literal["ok"] = "ok"
+    service: str = "evomsgd"
+    version: str
+    sandbox: bool
+
+
+class HealthView(BaseModel):
+    """GET /health: 200 when the daemon can do its job, 503 otherwise."""
+
+    status: Literal["ok", "degraded", "down"]
+    version: str
+    uptime_seconds: float
+    sandbox: bool
+    draining: bool
+    evolution_url: str | None = Field(description="Never the key.")
+    data_dir: str
+    database_writable: bool
+    workers_alive: int
+    workers_configured: int
+    counts: dict[str, int] = Field(description="Messages by status.")
+    oldest_waiting_seconds: float | None
+    instances: list[dict[str, Any]] = Field(
+        description="Each instance lane: state, waiting, next send, last error."
+    )
+    problems: list[str]
+
+
+def as_rfc3339(value: datetime) -> str:
+    """Serialise an aware datetime as RFC 3339 UTC."""
+    return value.isoformat().replace("+00:00", "Z")

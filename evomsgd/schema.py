@@ -1,0 +1,81 @@
+"""The ledger's schema as numbered migrations; each runs once and is recorded."""
+
+from __future__ import annotations
+
+# Statuses in which a message still waits to be sent; partial indexes below use this list.
+_WAITING_SQL = "('PENDING', 'SCHEDULED', 'RETRY')"
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "messages, events, lanes, idempotency",
+        f"""
+CREATE TABLE messages (
+    seq             INTEGER PRIMARY KEY,          -- arrival order
+    id              TEXT NOT NULL UNIQUE,         -- the task_id given to the client
+    status          TEXT NOT NULL CHECK (status IN ('PENDING', 'SCHEDULED', 'STARTED', 'RETRY',
+                                                    'SUCCESS', 'FAILURE', 'CANCELED', 'EXPIRED')),
+    instance        TEXT NOT NULL,                -- Evolution instance (its pacing lane)
+    phone           TEXT NOT NULL,                -- normalised: E.164 digits without '+', or a JID
+    phone_input     TEXT NOT NULL,                -- exactly what the client sent
+    text            TEXT,                         -- NULL once erased by retention
+    priority        INTEGER NOT NULL DEFAULT 0,   -- 1 = high (one-time codes)
+    created_at      TEXT NOT NULL,                -- UTC 'YYYY-MM-DD HH:MM:SS.fff', like sqlite's datetime()
+    send_at         TEXT,                         -- requested by the client (SCHEDULED until then)
+    next_attempt_at TEXT,                         -- earliest next send; NULL while STARTED or final
+    expires_at      TEXT NOT NULL,                -- unsent by then -> EXPIRED
+    attempts        INTEGER NOT NULL DEFAULT 0,   -- calls made to Evolution
+    retries_used    INTEGER NOT NULL DEFAULT 0,   -- failed attempts that spent the retry budget
+    ambiguous       INTEGER NOT NULL DEFAULT 0,   -- outcomes that may have been delivered anyway
+    recovered       INTEGER NOT NULL DEFAULT 0,   -- times re-queued after a crash or a lost lease
+    lease_until     TEXT,                         -- a worker owns the send until then (STARTED)
+    started_at      TEXT,                         -- start of the latest attempt
+    finished_at     TEXT,                         -- when it reached a final status
+    last_error      TEXT,                         -- latest failure, in words
+    error_kind      TEXT,                         -- latest failure's class: transient, permanent, ...
+    evolution_key   TEXT,                         -- Evolution's key.id (WhatsApp message id)
+    remote_jid      TEXT,                         -- JID Evolution actually used
+    sandbox         INTEGER NOT NULL DEFAULT 0,   -- 1 = delivered into the ledger only
+    idempotency_key TEXT,
+    token_name      TEXT                          -- API token that queued it (NULL without tokens)
+);
+CREATE INDEX messages_waiting ON messages (instance, priority DESC, next_attempt_at, seq)
+    WHERE status IN {_WAITING_SQL};
+CREATE INDEX messages_expiry ON messages (expires_at) WHERE status IN {_WAITING_SQL};
+CREATE INDEX messages_lease ON messages (lease_until) WHERE status = 'STARTED';
+CREATE INDEX messages_status ON messages (status, seq);
+CREATE INDEX messages_phone ON messages (phone, seq);
+CREATE INDEX messages_finished ON messages (finished_at) WHERE finished_at IS NOT NULL;
+
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY,
+    message_id  TEXT NOT NULL,                    -- messages.id
+    at          TEXT NOT NULL,
+    instance    TEXT NOT NULL,
+    event       TEXT NOT NULL,                    -- attempt, recovered, canceled, requeued, expired
+    attempt     INTEGER,                          -- attempt number, for event = 'attempt'
+    outcome     TEXT,                             -- sent, transient, permanent, ambiguous, ...
+    http_status INTEGER,
+    detail      TEXT
+);
+CREATE INDEX events_message ON events (message_id, id);
+CREATE INDEX events_attempts ON events (instance, at) WHERE event = 'attempt';
+
+CREATE TABLE lanes (
+    instance      TEXT PRIMARY KEY,
+    paused        INTEGER NOT NULL DEFAULT 0,     -- 1 = paused by an operator (evomsgd pause)
+    paused_at     TEXT,
+    paused_reason TEXT
+);
+
+CREATE TABLE idempotency (
+    key          TEXT PRIMARY KEY,                -- token name + ':' + Idempotency-Key header
+    request_hash TEXT NOT NULL,                   -- sha256 of the normalised request
+    message_id   TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL
+);
+CREATE INDEX idempotency_expiry ON idempotency (expires_at);
+""",
+    ),
+]

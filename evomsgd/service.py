@@ -1,0 +1,359 @@
+"""What the daemon can be asked to do, independent of HTTP: accept, look up, cancel, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomsgd import __version__, clock
+from evomsgd.commit import GroupCommitter
+from evomsgd.config import Settings
+from evomsgd.dispatcher import Dispatcher
+from evomsgd.errors import ApiError, StoreUnavailable
+from evomsgd.models import (
+    FINAL,
+    WAITING,
+    Attempt,
+    HealthView,
+    SendRequest,
+    Status,
+    TaskList,
+    TaskView,
+)
+from evomsgd.phone import PhoneError, normalize
+from evomsgd.store import InsertResult, ListFilter, Message, NewMessage, Store
+
+
+@dataclass
+class Service:
+    """The daemon's operations; every blocking ledger call runs in a thread, never on the loop."""
+
+    settings: Settings
+    store: Store
+    committer: GroupCommitter
+    dispatcher: Dispatcher
+    data_dir: Path
+    alive_workers: Callable[[], int] = lambda: 0
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    # -- accepting ------------------------------------------------------------------------
+
+    def build(
+        self, req: SendRequest, *, idempotency_key: str | None = None, token_name: str | None = None
+    ) -> NewMessage:
+        """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row."""
+        problems: list[dict[str, Any]] = []
+        if len(req.message) > self.settings.max_text_length:
+            problems.append(
+                {
+                    "field": "message",
+                    "message": f"is {len(req.message)} characters; at most {self.settings.max_text_length} "
+                    "are accepted (EVOMSGD_MAX_TEXT_LENGTH)",
+                }
+            )
+        if not req.message.strip():
+            problems.append(
+                {"field": "message", "message": "is blank; WhatsApp cannot send an empty text"}
+            )
+        instance = req.instance_name or self.settings.instance_fallback
+        if not instance:
+            problems.append(
+                {
+                    "field": "instance_name",
+                    "message": "is required: no default instance is configured (set EVOLUTION_INSTANCE_NAME)",
+                }
+            )
+        try:
+            recipient = normalize(req.phone, self.settings.default_region)
+        except PhoneError as exc:
+            problems.append({"field": "phone", "message": str(exc)})
+            recipient = None
+        now = clock.now()
+        send_at = clock.from_datetime(req.send_at) if req.send_at else None
+        due = max(now, send_at or now)  # expiry counts from when the message may first be sent
+        expires_at = due + self.settings.default_expiry
+        if req.expires_in is not None:
+            expires_at = due + req.expires_in
+        if req.expires_at is not None:
+            expires_at = clock.from_datetime(req.expires_at)
+        if expires_at <= due:
+            problems.append(
+                {
+                    "field": "expires_at",
+                    "message": "is not after the time the message would be sent (now or send_at)",
+                }
+            )
+        if problems:
+            raise ApiError(422, "validation_error", _summary(problems), details=problems)
+        assert recipient is not None and instance is not None
+        request_hash = None
+        if idempotency_key is not None:
+            canonical = req.model_dump(mode="json", exclude_none=True)
+            canonical["instance_name"] = instance
+            canonical["phone"] = recipient.number
+            canonical.pop(
+                "expires_in", None
+            )  # relative: the same retry a second later is the same request
+            request_hash = hashlib.sha256(
+                json.dumps(canonical, sort_keys=True).encode()
+            ).hexdigest()
+        return NewMessage(
+            id=str(uuid.uuid4()),
+            instance=instance,
+            phone=recipient.number,
+            phone_input=req.phone,
+            text=req.message,
+            priority=1 if req.priority == "high" else 0,
+            created_at=now,
+            send_at=send_at,
+            expires_at=expires_at,
+            sandbox=self.settings.sandbox,
+            idempotency_key=None
+            if idempotency_key is None
+            else f"{token_name or ''}:{idempotency_key}",
+            request_hash=request_hash,
+            token_name=token_name,
+        )
+
+    async def accept(self, new: NewMessage) -> InsertResult:
+        """Write one message durably (group commit); the caller answers 202 after this returns."""
+        if self.dispatcher.draining:
+            raise ApiError(
+                503,
+                "shutting_down",
+                "evomsgd is shutting down - retry in a few seconds",
+                headers={"Retry-After": "5"},
+            )
+        try:
+            return await self.committer.submit(new)
+        except StoreUnavailable as exc:
+            raise ApiError(
+                503,
+                "store_unavailable",
+                f"message not accepted: {exc} - retry later",
+                headers={"Retry-After": "5"},
+            ) from exc
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def task(self, message_id: str) -> TaskView:
+        """One message with its history; 404 when unknown."""
+        return await asyncio.to_thread(self._task_sync, message_id)
+
+    def _task_sync(self, message_id: str) -> TaskView:
+        msg = self.store.get(message_id)
+        if msg is None:
+            raise ApiError(
+                404,
+                "not_found",
+                f"no task with id {message_id!r} - check the task_id returned by POST /messages",
+            )
+        return task_view(msg, self.store.history(message_id))
+
+    async def tasks(self, flt: ListFilter) -> TaskList:
+        """A page of messages, newest first."""
+
+        def run() -> TaskList:
+            rows = self.store.list_messages(flt)
+            views = [task_view(msg, None) for msg in rows]
+            more = len(rows) == flt.limit
+            return TaskList(tasks=views, next_before=str(rows[-1].seq) if more and rows else None)
+
+        return await asyncio.to_thread(run)
+
+    # -- operators ------------------------------------------------------------------------
+
+    async def cancel(self, message_id: str) -> TaskView:
+        """Cancel an unsent message; 409 once it is being sent or is final."""
+
+        def run() -> TaskView:
+            msg = self.store.cancel(message_id, clock.now())
+            if msg is None:
+                raise ApiError(404, "not_found", f"no task with id {message_id!r}")
+            if msg.status != Status.CANCELED:
+                raise ApiError(
+                    409,
+                    "too_late",
+                    f"task {message_id} is {msg.status.value}; only a message that waits "
+                    "(PENDING, SCHEDULED, RETRY) can be canceled",
+                )
+            self.dispatcher.finished(msg.instance, msg.id, True, None)
+            return task_view(msg, self.store.history(message_id))
+
+        return await asyncio.to_thread(run)
+
+    async def retry(self, message_id: str) -> TaskView:
+        """Queue a FAILURE/EXPIRED/CANCELED message again, keeping its history."""
+
+        def run() -> TaskView:
+            now = clock.now()
+            msg = self.store.requeue(message_id, now, now + self.settings.default_expiry)
+            if msg is None:
+                raise ApiError(404, "not_found", f"no task with id {message_id!r}")
+            if msg.status != Status.PENDING:
+                raise ApiError(
+                    409,
+                    "not_retryable",
+                    f"task {message_id} is {msg.status.value}; only FAILURE, EXPIRED "
+                    "or CANCELED messages whose text was not erased can be retried",
+                )
+            self.dispatcher.accepted({msg.instance: 1})
+            return task_view(msg, self.store.history(message_id))
+
+        return await asyncio.to_thread(run)
+
+    async def set_paused(self, instance: str, paused: bool, reason: str | None) -> None:
+        """Pause or resume one instance's sending; survives restarts."""
+        await asyncio.to_thread(self.store.set_paused, instance, paused, reason, clock.now())
+        self.dispatcher.set_operator_pause(instance, paused, reason)
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def health(self) -> HealthView:
+        """Everything /health reports; status 'down' when the daemon cannot do its job."""
+
+        def run() -> tuple[dict[str, int], float | None, bool]:
+            return (
+                self.store.counts(),
+                self.store.oldest_waiting(clock.now()),
+                self.store.writable(),
+            )
+
+        problems: list[str] = []
+        try:
+            counts, oldest, writable = await asyncio.to_thread(run)
+        except StoreUnavailable as exc:
+            counts, oldest, writable = {}, None, False
+            problems.append(str(exc))
+        alive = self.alive_workers()
+        if not writable:
+            problems.append(f"database not writable ({self.store.path})")
+        if alive < self.settings.workers:
+            problems.append(
+                f"{self.settings.workers - alive} of {self.settings.workers} worker threads are dead"
+            )
+        lanes = self.dispatcher.lanes_view()
+        degraded = [
+            f"instance {lane['instance']} is {lane['state']}: {lane['last_error']}"
+            for lane in lanes
+            if lane["state"] in ("close", "down", "config_error")
+        ]
+        status = (
+            "down"
+            if (not writable or alive == 0)
+            else ("degraded" if problems or degraded else "ok")
+        )
+        if self.settings.sandbox:
+            problems.insert(0, "SANDBOX MODE: messages are recorded, never sent to Evolution")
+        return HealthView(
+            status=status,
+            version=__version__,
+            uptime_seconds=round(time.monotonic() - self.started_monotonic, 3),
+            sandbox=self.settings.sandbox,
+            draining=self.dispatcher.draining,
+            evolution_url=None if self.settings.sandbox else self.settings.evolution_url,
+            data_dir=str(self.data_dir),
+            database_writable=writable,
+            workers_alive=alive,
+            workers_configured=self.settings.workers,
+            counts=counts,
+            oldest_waiting_seconds=None if oldest is None else round(oldest, 3),
+            instances=lanes,
+            problems=problems + degraded,
+        )
+
+
+def created_per_instance(
+    news: Sequence[NewMessage], results: Sequence[InsertResult]
+) -> dict[str, int]:
+    """How many new messages each instance got from one committed batch (replays excluded)."""
+    counts: dict[str, int] = {}
+    for new, result in zip(news, results, strict=True):
+        if result.outcome == "created":
+            counts[new.instance] = counts.get(new.instance, 0) + 1
+    return counts
+
+
+def task_view(msg: Message, history: list[Any] | None) -> TaskView:
+    """The API's view of a ledger row (history omitted in lists)."""
+    return TaskView(
+        task_id=msg.id,
+        status=msg.status,
+        result=_result(msg),
+        instance=msg.instance,
+        phone=msg.phone,
+        phone_input=msg.phone_input,
+        priority="high" if msg.priority else "normal",
+        attempts=msg.attempts,
+        created_at=clock.db_to_rfc3339(msg.created_at) or "",
+        send_at=clock.db_to_rfc3339(msg.send_at),
+        next_attempt_at=clock.db_to_rfc3339(msg.next_attempt_at),
+        expires_at=clock.db_to_rfc3339(msg.expires_at) or "",
+        finished_at=clock.db_to_rfc3339(msg.finished_at),
+        last_error=msg.last_error,
+        sandbox=msg.sandbox,
+        history=[
+            Attempt(
+                at=clock.db_to_rfc3339(ev.at) or "",
+                event=ev.event,
+                attempt=ev.attempt,
+                outcome=ev.outcome,
+                http_status=ev.http_status,
+                detail=ev.detail,
+            )
+            for ev in history or []
+        ],
+    )
+
+
+def _result(msg: Message) -> dict[str, Any] | None:
+    common: dict[str, Any] = {
+        "phone": msg.phone,
+        "instance": msg.instance,
+        "attempts": msg.attempts,
+    }
+    if msg.recovered:
+        common["recovered_after_crash"] = msg.recovered
+    if msg.ambiguous:
+        common["possibly_duplicated"] = True
+    if msg.status == Status.SUCCESS:
+        result = {
+            "success": True,
+            **common,
+            "evolution_key": msg.evolution_key,
+            "remote_jid": msg.remote_jid,
+            "sent_at": clock.db_to_rfc3339(msg.finished_at),
+        }
+        if msg.sandbox:
+            result["sandbox"] = True
+        if msg.error_kind == "sent_unconfirmed":
+            result["unconfirmed"] = True
+            result["note"] = msg.last_error
+        return result
+    if msg.status in FINAL:
+        return {
+            "success": False,
+            **common,
+            "error": msg.last_error or msg.status.value.lower(),
+            "error_kind": msg.error_kind,
+        }
+    if msg.status in WAITING and msg.last_error:
+        return {
+            "success": False,
+            **common,
+            "error": msg.last_error,
+            "error_kind": msg.error_kind,
+            "next_attempt_at": clock.db_to_rfc3339(msg.next_attempt_at),
+        }
+    return None
+
+
+def _summary(problems: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{p['field']}: {p['message']}" for p in problems)

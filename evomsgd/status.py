@@ -1,0 +1,208 @@
+"""`evomsgd status`: ask the daemon, or read the ledger directly when it is down; render it."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+import click
+
+from evomsgd import __version__, clock
+from evomsgd.client import DaemonClient
+from evomsgd.config import Settings, resolve_data_dir
+from evomsgd.errors import ConfigError, DaemonUnreachable
+from evomsgd.models import Status
+from evomsgd.store import LEDGER_FILE
+
+
+def gather(settings: Settings, client: DaemonClient) -> dict[str, Any]:
+    """The daemon's /health with `daemon: up`, or the ledger's contents with `daemon: down`."""
+    try:
+        reply = client.request("GET", "/health")
+    except DaemonUnreachable as exc:
+        return read_ledger(settings, str(exc))
+    body = reply.body if isinstance(reply.body, dict) else {}
+    if reply.status in (200, 503) and "status" in body:
+        return {"daemon": "up", "url": client.base_url, **body}
+    return {
+        "daemon": "up",
+        "url": client.base_url,
+        "status": "down",
+        "problems": [f"/health answered {reply.status}"],
+        "version": None,
+    }
+
+
+def read_ledger(settings: Settings, why: str) -> dict[str, Any]:
+    """What the SQLite file says, opened read-only (works while the daemon is down)."""
+    report: dict[str, Any] = {
+        "daemon": "down",
+        "status": "down",
+        "problems": [why],
+        "version": __version__,
+    }
+    try:
+        data_dir = resolve_data_dir(settings)
+    except ConfigError as exc:
+        report["problems"].append(str(exc))
+        return report
+    path = data_dir / LEDGER_FILE
+    report["data_dir"] = str(data_dir)
+    report["sandbox"] = settings.sandbox
+    if not path.exists():
+        report["problems"].append(f"no ledger at {path} yet")
+        return report
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
+        try:
+            counts = {s.value: 0 for s in Status}
+            for status, count in conn.execute(
+                "SELECT status, count(*) FROM messages GROUP BY status"
+            ):
+                counts[status] = count
+            oldest = conn.execute(
+                "SELECT min(next_attempt_at) FROM messages WHERE status IN ('PENDING', 'SCHEDULED', 'RETRY')"
+                " AND next_attempt_at <= ?",
+                (clock.to_db(clock.now()),),
+            ).fetchone()[0]
+            lanes = []
+            for instance, waiting in conn.execute(
+                "SELECT instance, sum(status IN ('PENDING', 'SCHEDULED', 'RETRY', 'STARTED')) FROM messages"
+                " GROUP BY instance ORDER BY instance"
+            ):
+                last = conn.execute(
+                    "SELECT last_error FROM messages WHERE instance = ? AND last_error IS NOT NULL"
+                    " ORDER BY seq DESC LIMIT 1",
+                    (instance,),
+                ).fetchone()
+                lanes.append(
+                    {
+                        "instance": instance,
+                        "state": "stopped",
+                        "waiting": waiting,
+                        "last_error": last[0] if last else None,
+                    }
+                )
+            for instance, reason in conn.execute(
+                "SELECT instance, paused_reason FROM lanes WHERE paused = 1"
+            ):
+                for lane in lanes:
+                    if lane["instance"] == instance:
+                        lane["state"], lane["paused_reason"] = "paused", reason
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        report["problems"].append(f"cannot read {path}: {exc}")
+        return report
+    report["counts"] = counts
+    report["oldest_waiting_seconds"] = (
+        None if oldest is None else round(time.time() - clock.from_db(oldest), 3)
+    )
+    report["instances"] = lanes
+    return report
+
+
+_COLORS = {"ok": "green", "degraded": "yellow", "down": "red"}
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 86_400:
+        return f"{s // 86_400}d{s % 86_400 // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
+
+
+def render(report: dict[str, Any], *, color: bool) -> str:
+    """Human-readable status; colours only on a terminal."""
+
+    def style(text: str, fg: str | None = None, bold: bool = False) -> str:
+        return click.style(text, fg=fg, bold=bold) if color else text
+
+    status = report.get("status", "down")
+    head = f"evomsgd is {'UP' if report['daemon'] == 'up' else 'DOWN'} ({status})"
+    lines = [style(head, _COLORS.get(status), bold=True)]
+    if report.get("sandbox"):
+        lines.append(style("SANDBOX MODE: messages are recorded, never sent", "yellow", bold=True))
+    facts = [
+        ("version", report.get("version")),
+        (
+            "uptime",
+            _duration(report.get("uptime_seconds"))
+            if report.get("uptime_seconds") is not None
+            else None,
+        ),
+        ("url", report.get("url")),
+        ("data dir", report.get("data_dir")),
+        ("evolution", report.get("evolution_url")),
+    ]
+    if report.get("workers_configured"):
+        facts.append(
+            ("workers", f"{report.get('workers_alive')}/{report['workers_configured']} alive")
+        )
+    lines += [f"  {name:<10} {value}" for name, value in facts if value]
+    counts = report.get("counts") or {}
+    if counts:
+        lines.append(
+            "  messages   " + "  ".join(f"{name} {count}" for name, count in counts.items())
+        )
+        lines.append(f"  oldest waiting {_duration(report.get('oldest_waiting_seconds'))}")
+    for lane in report.get("instances") or []:
+        state = lane.get("state", "?")
+        fg = {
+            "down": "red",
+            "config_error": "red",
+            "close": "red",
+            "paused": "yellow",
+            "held": "yellow",
+        }.get(state)
+        parts = [
+            f"  instance {lane['instance']:<16}",
+            style(f"{state:<12}", fg),
+            f"waiting {lane.get('waiting', 0)}",
+        ]
+        if lane.get("next_send_at"):
+            parts.append(f"next send {lane['next_send_at']}")
+        if lane.get("last_error"):
+            parts.append(f"last error: {lane['last_error']}")
+        lines.append(" ".join(parts))
+    for problem in report.get("problems") or []:
+        lines.append(style(f"  ! {problem}", "red" if status == "down" else "yellow"))
+    return "\n".join(lines)
+
+
+def render_task(task: dict[str, Any]) -> str:
+    """One task for `evomsgd tasks show`."""
+    lines = [
+        f"{task['task_id']}  {task['status']}  instance {task['instance']}  phone {task['phone']}",
+        f"  created {task['created_at']}  attempts {task['attempts']}  expires {task['expires_at']}",
+    ]
+    result = task.get("result") or {}
+    if result.get("evolution_key"):
+        lines.append(f"  evolution key {result['evolution_key']}  jid {result.get('remote_jid')}")
+    if task.get("last_error"):
+        lines.append(f"  last error: {task['last_error']}")
+    for event in task.get("history") or []:
+        outcome = f" {event['outcome']}" if event.get("outcome") else ""
+        status = f" HTTP {event['http_status']}" if event.get("http_status") else ""
+        lines.append(
+            f"  {event['at']}  {event['event']}{outcome}{status}  {event.get('detail') or ''}".rstrip()
+        )
+    return "\n".join(lines)
+
+
+def render_list(tasks: list[dict[str, Any]]) -> str:
+    """A table for `evomsgd tasks list`."""
+    if not tasks:
+        return "no tasks"
+    rows = [f"{'TASK ID':<36}  {'STATUS':<9}  {'INSTANCE':<14}  {'PHONE':<16}  CREATED"]
+    for t in tasks:
+        rows.append(
+            f"{t['task_id']:<36}  {t['status']:<9}  {t['instance'][:14]:<14}  {t['phone'][:16]:<16}  "
+            f"{t['created_at']}"
+        )
+    return "\n".join(rows)

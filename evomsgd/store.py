@@ -1,0 +1,638 @@
+"""The SQLite ledger: the source of truth for every message the daemon has accepted."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from evomsgd import clock
+from evomsgd.errors import StoreUnavailable
+from evomsgd.models import FINAL, WAITING, Status
+from evomsgd.schema import MIGRATIONS
+
+log = logging.getLogger("evomsgd.store")
+
+LEDGER_FILE = "evomsgd.db"
+_WAITING = tuple(s.value for s in WAITING)
+_FINAL = tuple(s.value for s in FINAL)
+_IN_WAITING = "status IN ('PENDING', 'SCHEDULED', 'RETRY')"
+
+Durability = Literal["full", "normal"]
+
+
+@dataclass(slots=True)
+class NewMessage:
+    """A validated request, ready to be written."""
+
+    id: str
+    instance: str
+    phone: str
+    phone_input: str
+    text: str
+    priority: int
+    created_at: float
+    send_at: float | None
+    expires_at: float
+    sandbox: bool
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    token_name: str | None = None
+
+    @property
+    def status(self) -> Status:
+        return (
+            Status.SCHEDULED if self.send_at and self.send_at > self.created_at else Status.PENDING
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    """What happened to one NewMessage: created, replayed (same key and body) or conflict."""
+
+    outcome: Literal["created", "replayed", "conflict"]
+    message_id: str
+    status: Status
+
+
+@dataclass(slots=True)
+class Message:
+    """One row of `messages`."""
+
+    seq: int
+    id: str
+    status: Status
+    instance: str
+    phone: str
+    phone_input: str
+    text: str | None
+    priority: int
+    created_at: str
+    send_at: str | None
+    next_attempt_at: str | None
+    expires_at: str
+    attempts: int
+    retries_used: int
+    ambiguous: int
+    recovered: int
+    lease_until: str | None
+    started_at: str | None
+    finished_at: str | None
+    last_error: str | None
+    error_kind: str | None
+    evolution_key: str | None
+    remote_jid: str | None
+    sandbox: bool
+    idempotency_key: str | None
+    token_name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One row of `events`: a message's history."""
+
+    at: str
+    event: str
+    attempt: int | None
+    outcome: str | None
+    http_status: int | None
+    detail: str | None
+
+
+@dataclass(slots=True)
+class Transition:
+    """The result of one attempt, written with its history event in one transaction."""
+
+    status: Status
+    outcome: str
+    detail: str | None
+    http_status: int | None = None
+    next_attempt_at: float | None = None
+    spend_retry: bool = False
+    ambiguous: bool = False
+    evolution_key: str | None = None
+    remote_jid: str | None = None
+    error_kind: str | None = None
+    extra_events: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """Filters of GET /tasks and `evomsgd tasks list`."""
+
+    statuses: tuple[Status, ...] = ()
+    instance: str | None = None
+    phone: str | None = None
+    since: float | None = None
+    until: float | None = None
+    before_seq: int | None = None
+    limit: int = 50
+
+
+_COLUMNS = ", ".join(Message.__slots__)
+
+
+def _message(row: Sequence[Any]) -> Message:
+    msg = Message(*row)
+    msg.status = Status(msg.status)
+    msg.sandbox = bool(msg.sandbox)
+    return msg
+
+
+class Store:
+    """One write connection behind a lock, BEGIN IMMEDIATE transactions, one read connection per thread."""
+
+    def __init__(
+        self, data_dir: Path, *, durability: Durability = "full", busy_timeout: float = 5.0
+    ):
+        self.data_dir = data_dir
+        self.path = data_dir / LEDGER_FILE
+        self.durability = durability
+        self.busy_timeout = busy_timeout
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._conn = self._connect()
+        self._migrate()
+        _restrict(self.path)
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+        # FULL fsyncs the WAL on every commit: a 202 survives power loss. NORMAL survives a
+        # crash of the process but may lose the last commits on power loss. Set explicitly:
+        # the compiled-in default differs between distributions (and a frozen binary's build host).
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        if readonly:
+            conn.execute("PRAGMA query_only=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(readonly=True)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        """A BEGIN IMMEDIATE transaction on the write connection; errors become StoreUnavailable."""
+        with self._lock:
+            cur = self._conn.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+                yield cur
+                cur.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                raise StoreUnavailable(
+                    f"the ledger cannot be written: {exc} ({self.path})"
+                ) from exc
+            except BaseException:
+                self._rollback()
+                raise
+            finally:
+                cur.close()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._reader().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"the ledger cannot be read: {exc} ({self.path})") from exc
+
+    def close(self) -> None:
+        """Close every connection (readers of other threads included)."""
+        with self._readers_lock:
+            for conn in self._readers:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._readers.clear()
+        with self._lock:
+            self._conn.close()
+
+    def _migrate(self) -> None:
+        with self._write() as cur:
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL, description TEXT NOT NULL)"
+            )
+            done = {row[0] for row in cur.execute("SELECT version FROM schema_migrations")}
+            for version, description, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in _statements(sql):
+                    cur.execute(statement)
+                cur.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (version, clock.to_db(clock.now()), description),
+                )
+                log.info("ledger migrated to schema version %s (%s)", version, description)
+
+    def schema_version(self) -> int:
+        """The newest migration applied."""
+        return int(self._read("SELECT max(version) FROM schema_migrations")[0][0])
+
+    # -- accepting ------------------------------------------------------------------------
+
+    def insert_messages(
+        self, batch: Sequence[NewMessage], *, idempotency_ttl: float = 86_400.0
+    ) -> list[InsertResult]:
+        """Write a batch in one transaction (group commit); one result per message, in order."""
+        results: list[InsertResult] = []
+        with self._write() as cur:
+            for new in batch:
+                if new.idempotency_key is not None:
+                    replay = self._idempotent(cur, new, idempotency_ttl)
+                    if replay is not None:
+                        results.append(replay)
+                        continue
+                status = new.status
+                created = clock.to_db(new.created_at)
+                cur.execute(
+                    "INSERT INTO messages (id, status, instance, phone, phone_input, text, priority,"
+                    " created_at, send_at, next_attempt_at, expires_at, sandbox, idempotency_key,"
+                    " token_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        new.id,
+                        status.value,
+                        new.instance,
+                        new.phone,
+                        new.phone_input,
+                        new.text,
+                        new.priority,
+                        created,
+                        clock.to_db(new.send_at) if new.send_at else None,
+                        clock.to_db(max(new.send_at or new.created_at, new.created_at)),
+                        clock.to_db(new.expires_at),
+                        int(new.sandbox),
+                        new.idempotency_key,
+                        new.token_name,
+                    ),
+                )
+                results.append(InsertResult("created", new.id, status))
+        return results
+
+    def _idempotent(self, cur: sqlite3.Cursor, new: NewMessage, ttl: float) -> InsertResult | None:
+        key = new.idempotency_key
+        now_db = clock.to_db(new.created_at)
+        row = cur.execute(
+            "SELECT i.request_hash, i.message_id, m.status FROM idempotency i "
+            "JOIN messages m ON m.id = i.message_id WHERE i.key = ? AND i.expires_at > ?",
+            (key, now_db),
+        ).fetchone()
+        if row is not None:
+            outcome: Literal["replayed", "conflict"] = (
+                "replayed" if row[0] == new.request_hash else "conflict"
+            )
+            return InsertResult(outcome, row[1], Status(row[2]))
+        cur.execute(
+            "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+            (key, new.request_hash, new.id, now_db, clock.to_db(new.created_at + ttl)),
+        )
+        return None
+
+    # -- reading --------------------------------------------------------------------------
+
+    def get(self, message_id: str) -> Message | None:
+        """One message by task id."""
+        rows = self._read(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        return _message(rows[0]) if rows else None
+
+    def history(self, message_id: str) -> list[Event]:
+        """Every event of one message, oldest first."""
+        rows = self._read(
+            "SELECT at, event, attempt, outcome, http_status, detail FROM events "
+            "WHERE message_id = ? ORDER BY id",
+            (message_id,),
+        )
+        return [Event(*row) for row in rows]
+
+    def list_messages(self, flt: ListFilter) -> list[Message]:
+        """Newest first, filtered; page with `before_seq`."""
+        where: list[str] = []
+        params: list[Any] = []
+        if flt.statuses:
+            where.append(f"status IN ({', '.join('?' * len(flt.statuses))})")
+            params.extend(s.value for s in flt.statuses)
+        for column, value in (("instance", flt.instance), ("phone", flt.phone)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if flt.since is not None:
+            where.append("created_at >= ?")
+            params.append(clock.to_db(flt.since))
+        if flt.until is not None:
+            where.append("created_at < ?")
+            params.append(clock.to_db(flt.until))
+        if flt.before_seq is not None:
+            where.append("seq < ?")
+            params.append(flt.before_seq)
+        sql = f"SELECT {_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(flt.limit)
+        return [_message(row) for row in self._read(sql, params)]
+
+    def counts(self) -> dict[str, int]:
+        """Messages by status (every status present, zero included)."""
+        counts = {s.value: 0 for s in Status}
+        # One index probe per status instead of a full scan for GROUP BY.
+        for status in Status:
+            counts[status.value] = self._read(
+                "SELECT count(*) FROM messages WHERE status = ?", (status.value,)
+            )[0][0]
+        return counts
+
+    def oldest_waiting(self, now: float) -> float | None:
+        """Seconds the oldest due waiting message has waited (None when nothing waits)."""
+        rows = self._read(
+            f"SELECT min(next_attempt_at) FROM messages WHERE {_IN_WAITING} AND next_attempt_at <= ?",
+            (clock.to_db(now),),
+        )
+        oldest = rows[0][0]
+        return None if oldest is None else max(0.0, now - clock.from_db(oldest))
+
+    def waiting_by_instance(self) -> dict[str, tuple[int, str | None]]:
+        """instance -> (waiting count, earliest next_attempt_at)."""
+        rows = self._read(
+            f"SELECT instance, count(*), min(next_attempt_at) FROM messages WHERE {_IN_WAITING} "
+            "GROUP BY instance"
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    def ready(
+        self, instance: str, now: float, limit: int, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        """Ids due on one instance, best first: high priority, then the longest waiting."""
+        excluded = list(exclude)
+        sql = (
+            f"SELECT id FROM messages WHERE instance = ? AND {_IN_WAITING} AND next_attempt_at <= ?"
+        )
+        if excluded:
+            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
+        sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
+        rows = self._read(sql, [instance, clock.to_db(now), *excluded, limit])
+        return [row[0] for row in rows]
+
+    def next_due(self, instance: str, exclude: Iterable[str] = ()) -> float | None:
+        """When the next waiting message of an instance becomes due."""
+        excluded = list(exclude)
+        sql = f"SELECT min(next_attempt_at) FROM messages WHERE instance = ? AND {_IN_WAITING}"
+        if excluded:
+            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
+        value = self._read(sql, [instance, *excluded])[0][0]
+        return None if value is None else clock.from_db(value)
+
+    def next_expiry(self) -> float | None:
+        """The earliest expiry among waiting messages."""
+        value = self._read(f"SELECT min(expires_at) FROM messages WHERE {_IN_WAITING}")[0][0]
+        return None if value is None else clock.from_db(value)
+
+    def attempt_times(self, instance: str, since: float) -> list[float]:
+        """Start times of calls to Evolution on one instance since a time (for send caps)."""
+        rows = self._read(
+            "SELECT at FROM events WHERE event = 'attempt' AND instance = ? AND at >= ? ORDER BY at",
+            (instance, clock.to_db(since)),
+        )
+        return [clock.from_db(row[0]) for row in rows]
+
+    def paused_lanes(self) -> dict[str, str | None]:
+        """Instances an operator paused, with the reason given."""
+        return {
+            row[0]: row[1]
+            for row in self._read("SELECT instance, paused_reason FROM lanes WHERE paused = 1")
+        }
+
+    def writable(self) -> bool:
+        """True when a write transaction can be taken right now (for /health)."""
+        try:
+            with self._write() as cur:
+                cur.execute("SELECT 1")
+            return os.access(self.path, os.W_OK)
+        except StoreUnavailable:
+            return False
+
+    # -- delivering -----------------------------------------------------------------------
+
+    def claim(self, message_id: str, now: float, lease: float) -> Message | None:
+        """Compare-and-set a waiting message to STARTED under a lease; None if someone else has it."""
+        now_db = clock.to_db(now)
+        with self._write() as cur:
+            cur.execute(
+                f"UPDATE messages SET status = 'STARTED', attempts = attempts + 1, started_at = ?,"
+                f" lease_until = ?, next_attempt_at = NULL WHERE id = ? AND {_IN_WAITING}"
+                " AND expires_at > ?",
+                (now_db, clock.to_db(now + lease), message_id, now_db),
+            )
+            if cur.rowcount != 1:
+                return None
+            row = cur.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+        return _message(row)
+
+    def finish_attempt(self, msg: Message, started: float, now: float, tr: Transition) -> bool:
+        """Record an attempt's outcome and the message's new status; False if the lease was lost."""
+        now_db = clock.to_db(now)
+        final = tr.status.value in _FINAL
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE messages SET status = ?, next_attempt_at = ?, lease_until = NULL,"
+                " finished_at = ?, retries_used = retries_used + ?, ambiguous = ambiguous + ?,"
+                " last_error = coalesce(?, last_error), error_kind = coalesce(?, error_kind),"
+                " evolution_key = coalesce(?, evolution_key), remote_jid = coalesce(?, remote_jid)"
+                " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
+                (
+                    tr.status.value,
+                    None if final else clock.to_db(tr.next_attempt_at or now),
+                    now_db if final else None,
+                    int(tr.spend_retry),
+                    int(tr.ambiguous),
+                    None if tr.status is Status.SUCCESS else tr.detail,
+                    tr.error_kind,
+                    tr.evolution_key,
+                    tr.remote_jid,
+                    msg.id,
+                    msg.started_at,
+                ),
+            )
+            if cur.rowcount != 1:
+                return False
+            cur.execute(
+                "INSERT INTO events (message_id, at, instance, event, attempt, outcome, http_status,"
+                " detail) VALUES (?, ?, ?, 'attempt', ?, ?, ?, ?)",
+                (
+                    msg.id,
+                    clock.to_db(started),
+                    msg.instance,
+                    msg.attempts,
+                    tr.outcome,
+                    tr.http_status,
+                    tr.detail,
+                ),
+            )
+            for event, detail in tr.extra_events:
+                self._event(cur, msg.id, msg.instance, now_db, event, detail)
+        return True
+
+    def release(self, msg: Message, now: float, reason: str) -> None:
+        """Give back a claimed message that was not sent (draining, lane paused meanwhile)."""
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE messages SET status = CASE WHEN attempts > 1 THEN 'RETRY' ELSE 'PENDING' END,"
+                " attempts = attempts - 1, lease_until = NULL, next_attempt_at = ?"
+                " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
+                (clock.to_db(now), msg.id, msg.started_at),
+            )
+            log.debug("task %s released: %s", msg.id, reason)
+
+    @staticmethod
+    def _event(
+        cur: sqlite3.Cursor, message_id: str, instance: str, at: str, event: str, detail: str | None
+    ) -> None:
+        cur.execute(
+            "INSERT INTO events (message_id, at, instance, event, detail) VALUES (?, ?, ?, ?, ?)",
+            (message_id, at, instance, event, detail),
+        )
+
+    def recover(self, now: float, *, only_expired_leases: bool) -> list[tuple[str, str]]:
+        """Put STARTED messages back to RETRY: all of them at start-up, or those whose lease ran out.
+
+        Such a message may have reached Evolution before the crash, so it is counted as ambiguous
+        and recovered; the next send may duplicate it, and the ledger says so.
+        """
+        now_db = clock.to_db(now)
+        sql = "SELECT id, instance FROM messages WHERE status = 'STARTED'"
+        params: tuple[Any, ...] = ()
+        if only_expired_leases:
+            sql += " AND lease_until < ?"
+            params = (now_db,)
+        with self._write() as cur:
+            rows = cur.execute(sql, params).fetchall()
+            detail = (
+                "lease expired while sending; it may have been delivered"
+                if only_expired_leases
+                else "daemon stopped while sending; it may have been delivered"
+            )
+            for message_id, instance in rows:
+                cur.execute(
+                    "UPDATE messages SET status = 'RETRY', lease_until = NULL, next_attempt_at = ?,"
+                    " recovered = recovered + 1, ambiguous = ambiguous + 1, last_error = ?,"
+                    " error_kind = 'ambiguous' WHERE id = ?",
+                    (now_db, detail, message_id),
+                )
+                self._event(cur, message_id, instance, now_db, "recovered", detail)
+        return [(row[0], row[1]) for row in rows]
+
+    def expire_due(self, now: float) -> list[tuple[str, str]]:
+        """Mark waiting messages past their expiry EXPIRED; returns (id, instance) pairs."""
+        now_db = clock.to_db(now)
+        with self._write() as cur:
+            rows = cur.execute(
+                f"SELECT id, instance FROM messages WHERE {_IN_WAITING} AND expires_at <= ? LIMIT 1000",
+                (now_db,),
+            ).fetchall()
+            for message_id, instance in rows:
+                cur.execute(
+                    "UPDATE messages SET status = 'EXPIRED', finished_at = ?, next_attempt_at = NULL,"
+                    " error_kind = 'expired', last_error = coalesce(last_error || ' - ', '') ||"
+                    " 'not sent before it expired at ' || expires_at WHERE id = ?",
+                    (now_db, message_id),
+                )
+                self._event(
+                    cur, message_id, instance, now_db, "expired", "not sent before its expiry"
+                )
+        return [(row[0], row[1]) for row in rows]
+
+    # -- operators ------------------------------------------------------------------------
+
+    def cancel(self, message_id: str, now: float) -> Message | None:
+        """Cancel a message that has not been sent; returns the row as it is afterwards."""
+        now_db = clock.to_db(now)
+        with self._write() as cur:
+            cur.execute(
+                f"UPDATE messages SET status = 'CANCELED', finished_at = ?, next_attempt_at = NULL,"
+                f" error_kind = 'canceled' WHERE id = ? AND {_IN_WAITING}",
+                (now_db, message_id),
+            )
+            if cur.rowcount == 1:
+                instance = cur.execute(
+                    "SELECT instance FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()[0]
+                self._event(cur, message_id, instance, now_db, "canceled", "canceled by request")
+        return self.get(message_id)
+
+    def requeue(self, message_id: str, now: float, expires_at: float) -> Message | None:
+        """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history."""
+        now_db = clock.to_db(now)
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE messages SET status = 'PENDING', finished_at = NULL, next_attempt_at = ?,"
+                " retries_used = 0, expires_at = max(expires_at, ?)"
+                " WHERE id = ? AND status IN ('FAILURE', 'EXPIRED', 'CANCELED') AND text IS NOT NULL",
+                (now_db, clock.to_db(expires_at), message_id),
+            )
+            if cur.rowcount == 1:
+                instance = cur.execute(
+                    "SELECT instance FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()[0]
+                self._event(
+                    cur, message_id, instance, now_db, "requeued", "retry requested by an operator"
+                )
+        return self.get(message_id)
+
+    def set_paused(self, instance: str, paused: bool, reason: str | None, now: float) -> None:
+        """Record an operator's pause or resume of one instance (survives restarts)."""
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO lanes (instance, paused, paused_at, paused_reason) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (instance) DO UPDATE SET paused = excluded.paused,"
+                " paused_at = excluded.paused_at, paused_reason = excluded.paused_reason",
+                (
+                    instance,
+                    int(paused),
+                    clock.to_db(now) if paused else None,
+                    reason if paused else None,
+                ),
+            )
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a migration into statements (a ';' inside a comment or string does not end one)."""
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {pending[:80]!r}")
+
+
+def _restrict(path: Path) -> None:
+    """The ledger holds message texts: readable by its owner only."""
+    for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(candidate, 0o600)

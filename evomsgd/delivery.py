@@ -29,6 +29,8 @@ def decide(
     """The retry policy: what a send outcome does to the message and to its instance's lane."""
     kind = outcome.kind
     detail = outcome.reason
+    if outcome.detail and outcome.detail not in detail:
+        detail = f"{detail} (Evolution said: {outcome.detail})"
     if kind == OutcomeKind.SENT:
         return (
             Transition(

@@ -64,6 +64,7 @@ class Dispatcher:
         self._stopping = False
         self._draining = False
         self._next_housekeeping = 0.0
+        self._changed = False
         self._thread: threading.Thread | None = None
         self.last_loop_at = 0.0
 
@@ -91,13 +92,13 @@ class Dispatcher:
                     getattr(lane.settings, cap) for cap in ("per_minute", "per_hour", "per_day")
                 ):
                     lane.sends.extend(self.store.attempt_times(instance, now - 86_400.0))
-            self._cond.notify()
+            self._notify()
 
     def drain(self) -> None:
         """Stop handing out work; in-flight sends continue."""
         with self._cond:
             self._draining = True
-            self._cond.notify_all()
+            self._notify()
 
     @property
     def draining(self) -> bool:
@@ -107,7 +108,7 @@ class Dispatcher:
         """End the loop thread."""
         with self._cond:
             self._stopping = True
-            self._cond.notify_all()
+            self._notify()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -135,14 +136,14 @@ class Dispatcher:
                 lane = self._lane(instance)
                 lane.waiting += count
                 lane.idle = False
-            self._cond.notify()
+            self._notify()
 
     def poke(self, instance: str | None = None) -> None:
         """Something changed in the ledger (retry, requeue, cancel): look again."""
         with self._cond:
             for lane in [self._lane(instance)] if instance else list(self._lanes.values()):
                 lane.idle = False
-            self._cond.notify()
+            self._notify()
 
     def finished(
         self, instance: str, message_id: str, final: bool, effect: LaneEffect | None
@@ -157,7 +158,7 @@ class Dispatcher:
             lane.idle = False
             if effect is not None:
                 self._apply(lane, effect, now)
-            self._cond.notify_all()
+            self._notify()
 
     def set_operator_pause(self, instance: str, paused: bool, reason: str | None) -> None:
         """Pause or resume a lane (the caller has written it to the ledger)."""
@@ -166,7 +167,7 @@ class Dispatcher:
             lane.operator_paused = paused
             lane.operator_reason = reason
             lane.idle = False
-            self._cond.notify()
+            self._notify()
 
     def _apply(self, lane: Lane, effect: LaneEffect, now: float) -> None:
         if effect.reason:
@@ -180,12 +181,17 @@ class Dispatcher:
         if effect.health is None or effect.health == lane.health:
             return
         if effect.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
-            lane.probe_backoff = 1.0
+            lane.probe_backoff = min(1.0, self.settings.probe_interval)
             lane.next_probe_at = now + lane.probe_backoff
             log.warning("instance %s paused (%s): %s", lane.instance, effect.health, effect.reason)
         elif lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
             log.info("instance %s resumed (%s)", lane.instance, effect.health)
         lane.health = effect.health
+
+    def _notify(self) -> None:
+        """Wake the loop (caller holds the lock)."""
+        self._changed = True
+        self._cond.notify_all()
 
     def _lane(self, instance: str) -> Lane:
         lane = self._lanes.get(instance)
@@ -215,17 +221,14 @@ class Dispatcher:
                 if self._stopping:
                     return
                 delay = wake_at - self._time()
-                if delay > 0 and not self._has_work_now():
+                # Something changed during the step: look again at once instead of missing it.
+                if delay > 0 and not self._changed:
                     self._cond.wait(min(delay, _MAX_WAIT))
-
-    def _has_work_now(self) -> bool:
-        now = self._time()
-        return any(
-            not lane.idle and lane.blocked_until(now) is None for lane in self._lanes.values()
-        )
 
     def step(self) -> float:
         """One pass: housekeeping if due, then dispatch every lane that may send; returns next wake."""
+        with self._cond:
+            self._changed = False
         now = self._time()
         self.last_loop_at = now
         wake_at = now + _MAX_WAIT
@@ -308,7 +311,7 @@ class Dispatcher:
             else:
                 lane.next_probe_at = now + self.settings.probe_interval
             lane.idle = False
-            self._cond.notify_all()
+            self._notify()
 
     def _housekeeping(self, now: float) -> None:
         for message_id, instance in self.store.recover(now, only_expired_leases=True):

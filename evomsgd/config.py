@@ -235,9 +235,10 @@ class Settings(BaseModel):
             if not value
         ]
         if missing:
+            one = len(missing) == 1
             raise ConfigError(
-                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set - "
-                "export it (or put it in the env file) or pass --evolution-url/--evolution-key; "
+                f"{' and '.join(missing)} {'is' if one else 'are'} not set - export {'it' if one else 'them'} "
+                "(or put them in the env file) or pass --evolution-url/--evolution-key; "
                 "use --sandbox to try evomsgd without an Evolution server"
             )
 

@@ -174,10 +174,10 @@ class Service:
         """Cancel an unsent message; 409 once it is being sent or is final."""
 
         def run() -> TaskView:
-            msg = self.store.cancel(message_id, clock.now())
+            changed, msg = self.store.cancel(message_id, clock.now())
             if msg is None:
                 raise ApiError(404, "not_found", f"no task with id {message_id!r}")
-            if msg.status != Status.CANCELED:
+            if not changed:
                 raise ApiError(
                     409,
                     "too_late",
@@ -194,10 +194,10 @@ class Service:
 
         def run() -> TaskView:
             now = clock.now()
-            msg = self.store.requeue(message_id, now, now + self.settings.default_expiry)
+            changed, msg = self.store.requeue(message_id, now, now + self.settings.default_expiry)
             if msg is None:
                 raise ApiError(404, "not_found", f"no task with id {message_id!r}")
-            if msg.status != Status.PENDING:
+            if not changed:
                 raise ApiError(
                     409,
                     "not_retryable",

@@ -568,8 +568,8 @@ class Store:
 
     # -- operators ------------------------------------------------------------------------
 
-    def cancel(self, message_id: str, now: float) -> Message | None:
-        """Cancel a message that has not been sent; returns the row as it is afterwards."""
+    def cancel(self, message_id: str, now: float) -> tuple[bool, Message | None]:
+        """Cancel a message that has not been sent; (whether this call canceled it, the row now)."""
         now_db = clock.to_db(now)
         with self._write() as cur:
             cur.execute(
@@ -577,15 +577,16 @@ class Store:
                 f" error_kind = 'canceled' WHERE id = ? AND {_IN_WAITING}",
                 (now_db, message_id),
             )
-            if cur.rowcount == 1:
+            changed = cur.rowcount == 1
+            if changed:
                 instance = cur.execute(
                     "SELECT instance FROM messages WHERE id = ?", (message_id,)
                 ).fetchone()[0]
                 self._event(cur, message_id, instance, now_db, "canceled", "canceled by request")
-        return self.get(message_id)
+        return changed, self.get(message_id)
 
-    def requeue(self, message_id: str, now: float, expires_at: float) -> Message | None:
-        """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history."""
+    def requeue(self, message_id: str, now: float, expires_at: float) -> tuple[bool, Message | None]:
+        """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history; (changed, row now)."""
         now_db = clock.to_db(now)
         with self._write() as cur:
             cur.execute(
@@ -594,14 +595,15 @@ class Store:
                 " WHERE id = ? AND status IN ('FAILURE', 'EXPIRED', 'CANCELED') AND text IS NOT NULL",
                 (now_db, clock.to_db(expires_at), message_id),
             )
-            if cur.rowcount == 1:
+            changed = cur.rowcount == 1
+            if changed:
                 instance = cur.execute(
                     "SELECT instance FROM messages WHERE id = ?", (message_id,)
                 ).fetchone()[0]
                 self._event(
                     cur, message_id, instance, now_db, "requeued", "retry requested by an operator"
                 )
-        return self.get(message_id)
+        return changed, self.get(message_id)
 
     def set_paused(self, instance: str, paused: bool, reason: str | None, now: float) -> None:
         """Record an operator's pause or resume of one instance (survives restarts)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import time
 from pathlib import Path
@@ -18,7 +19,9 @@ from tests.fake_evolution import FakeEvolution, Fault
 PHONE = "5511988887777"
 
 
-async def wait_lane(client: TestClient[Any, Any], instance: str, states: set[str], timeout: float = 10.0) -> dict[str, Any]:
+async def wait_lane(
+    client: TestClient[Any, Any], instance: str, states: set[str], timeout: float = 10.0
+) -> dict[str, Any]:
     """Poll /health until the instance's lane is in one of `states`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -26,7 +29,9 @@ async def wait_lane(client: TestClient[Any, Any], instance: str, states: set[str
         lanes = {lane["instance"]: lane for lane in health["instances"]}
         if instance in lanes and lanes[instance]["state"] in states:
             return lanes[instance]
-        assert time.monotonic() < deadline, f"lane {instance} never reached {states}: {lanes.get(instance)}"
+        assert time.monotonic() < deadline, (
+            f"lane {instance} never reached {states}: {lanes.get(instance)}"
+        )
         await asyncio.sleep(0.02)
 
 
@@ -87,7 +92,9 @@ async def test_transient_errors_are_retried_then_sent(
 async def test_retries_stop_after_the_budget_with_the_reason(
     make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
 ) -> None:
-    client = await make_client(fast_settings(evolution_url=fake.url, max_retries=3, retry_delay=0.1))
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, max_retries=3, retry_delay=0.1)
+    )
     fake.script([Fault.CONNECTION_CLOSED] * 5)
     task = await wait_status(client, (await post(client))["task_id"])
     assert task["status"] == "FAILURE"
@@ -95,7 +102,7 @@ async def test_retries_stop_after_the_budget_with_the_reason(
     assert "gave up after 4 attempts" in task["result"]["error"]
     assert "Connection Closed" in task["result"]["error"]
     arrivals = [r.at for r in fake.received]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert all(gap >= 0.1 for gap in gaps), gaps  # retry_delay respected
 
 
@@ -110,7 +117,9 @@ async def test_sent_but_evolution_db_failed_is_never_resent(
     assert len(fake.received) == 1
 
 
-@pytest.mark.parametrize("fault", [Fault.UNAUTHORIZED, Fault.WRONG_PATH, Fault.LICENSE, Fault.CORS, Fault.NOT_PAIRED])
+@pytest.mark.parametrize(
+    "fault", [Fault.UNAUTHORIZED, Fault.WRONG_PATH, Fault.LICENSE, Fault.CORS, Fault.NOT_PAIRED]
+)
 async def test_upstream_and_config_errors_pause_the_instance_without_burning_retries(
     make_client: MakeClient, fake: FakeEvolution, tmp_path: Path, fault: Fault
 ) -> None:
@@ -141,7 +150,9 @@ async def test_config_error_says_so_plainly_while_the_message_waits(
 async def test_rate_limit_rests_the_instance_and_does_not_spend_retries(
     make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
 ) -> None:
-    client = await make_client(fast_settings(evolution_url=fake.url, max_retries=0, rate_limit_pause=0.3))
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, max_retries=0, rate_limit_pause=0.3)
+    )
     fake.script([Fault.RATE_LIMIT])
     task = await wait_status(client, (await post(client))["task_id"])
     assert task["status"] == "SUCCESS"
@@ -150,7 +161,9 @@ async def test_rate_limit_rests_the_instance_and_does_not_spend_retries(
     assert ledger(tmp_path, task["task_id"])["retries_used"] == 0
 
 
-@pytest.mark.parametrize("fault", [Fault.BAD_GATEWAY, Fault.GATEWAY_TIMEOUT, Fault.DROP, Fault.OK_NO_KEY])
+@pytest.mark.parametrize(
+    "fault", [Fault.BAD_GATEWAY, Fault.GATEWAY_TIMEOUT, Fault.DROP, Fault.OK_NO_KEY]
+)
 async def test_ambiguous_outcomes_get_one_more_try_and_are_recorded(
     client: TestClient[Any, Any], fake: FakeEvolution, tmp_path: Path, fault: Fault
 ) -> None:
@@ -176,7 +189,9 @@ async def test_a_second_ambiguous_outcome_fails_instead_of_risking_more_duplicat
 async def test_evolution_hanging_times_out_as_ambiguous_without_a_storm(
     make_client: MakeClient, fake: FakeEvolution
 ) -> None:
-    client = await make_client(fast_settings(evolution_url=fake.url, evolution_timeout=0.3, ambiguous_retries=1))
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, evolution_timeout=0.3, ambiguous_retries=1)
+    )
     fake.hang_seconds = 5
     fake.script([Fault.HANG, Fault.HANG])
     task = await wait_status(client, (await post(client))["task_id"], timeout=10)
@@ -189,7 +204,9 @@ async def test_evolution_hanging_times_out_as_ambiguous_without_a_storm(
 async def test_evolution_unreachable_then_back_loses_and_fails_nothing(
     make_client: MakeClient, fake: FakeEvolution
 ) -> None:
-    client = await make_client(fast_settings(evolution_url=fake.url, max_retries=0, probe_interval=0.2))
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, max_retries=0, probe_interval=0.2)
+    )
     await fake.go_down()
     ids = [(await post(client, phone=f"+55119888877{i:02d}"))["task_id"] for i in range(5)]
     # Either the connection-state probe or a refused send finds Evolution down first.
@@ -203,7 +220,9 @@ async def test_evolution_unreachable_then_back_loses_and_fails_nothing(
     await fake.go_up()
     finals = [await wait_status(client, task_id, timeout=15) for task_id in ids]
     assert [t["status"] for t in finals] == ["SUCCESS"] * 5
-    assert sorted(r.number for r in fake.delivered) == sorted(f"55119888877{i:02d}" for i in range(5))
+    assert sorted(r.number for r in fake.delivered) == sorted(
+        f"55119888877{i:02d}" for i in range(5)
+    )
 
 
 async def test_closed_instance_pauses_its_lane_but_not_the_others(
@@ -218,7 +237,10 @@ async def test_closed_instance_pauses_its_lane_but_not_the_others(
     lanes = {lane["instance"]: lane for lane in health["instances"]}
     task = await (await client.get(f"/tasks/{stuck['task_id']}")).json()
     assert task["status"] in ("PENDING", "RETRY")
-    assert lanes["main"]["state"] in ("close", "down")  # a probe or a failed send, whichever came first
+    assert lanes["main"]["state"] in (
+        "close",
+        "down",
+    )  # a probe or a failed send, whichever came first
     fake.set_state("main", "open")
     assert (await wait_status(client, stuck["task_id"], timeout=10))["status"] == "SUCCESS"
 
@@ -233,11 +255,15 @@ async def test_v1_servers_get_the_v1_body(make_client: MakeClient) -> None:
         assert v1.received[0].body["textMessage"] == {"text": "Your code is 123456"}
 
 
-async def test_sandbox_sends_nothing_and_says_so(make_client: MakeClient, fake: FakeEvolution) -> None:
+async def test_sandbox_sends_nothing_and_says_so(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
     client = await make_client(fast_settings(sandbox=True, evolution_url=None, evolution_key=None))
     task = await wait_status(client, (await post(client))["task_id"])
     assert task["status"] == "SUCCESS" and task["sandbox"] is True
-    assert task["result"]["sandbox"] is True and task["result"]["evolution_key"].startswith("SANDBOX-")
+    assert task["result"]["sandbox"] is True and task["result"]["evolution_key"].startswith(
+        "SANDBOX-"
+    )
     assert fake.received == []
     health = await (await client.get("/health")).json()
     assert health["sandbox"] is True and "SANDBOX" in health["problems"][0]

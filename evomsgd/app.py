@@ -6,13 +6,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from evomsgd import api, clock, openapi
+from evomsgd import api, clock, dashboard, metrics, openapi
 from evomsgd.commit import GroupCommitter
 from evomsgd.config import Settings
 from evomsgd.delivery import Delivery
@@ -20,7 +20,7 @@ from evomsgd.dispatcher import Dispatcher
 from evomsgd.evolution import EvolutionClient, SandboxClient, Sender, StateProbe
 from evomsgd.queue import TaskQueue
 from evomsgd.service import Service, created_per_instance
-from evomsgd.store import Store
+from evomsgd.store import InsertResult, NewMessage, Store
 
 log = logging.getLogger("evomsgd.app")
 
@@ -82,14 +82,19 @@ def create_app(
 
         queue = TaskQueue(data_dir, settings.workers)
         dispatcher = Dispatcher(store, settings, queue.submit, probe)
-        queue.register(Delivery(store, dispatcher, sender, loop, settings).run)
+        meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
+        app[metrics.METRICS] = meter
+        queue.register(
+            Delivery(store, dispatcher, sender, loop, settings, on_outcome=meter.on_outcome).run
+        )
+
+        def committed(news: Sequence[NewMessage], results: Sequence[InsertResult]) -> None:
+            created = created_per_instance(news, results)
+            dispatcher.accepted(created)
+            meter.count_accepted(created)
+
         committer = GroupCommitter(
-            store,
-            loop,
-            idempotency_ttl=settings.idempotency_ttl,
-            on_commit=lambda news, results: dispatcher.accepted(
-                created_per_instance(news, results)
-            ),
+            store, loop, idempotency_ttl=settings.idempotency_ttl, on_commit=committed
         )
         service = Service(
             settings, store, committer, dispatcher, data_dir, alive_workers=queue.alive_workers
@@ -111,6 +116,8 @@ def create_app(
     app.cleanup_ctx.extend([store_ctx, sender_ctx, engine_ctx])
     api.add_routes(app)
     openapi.add_routes(app)
+    metrics.add_routes(app)
+    dashboard.add_routes(app)
     return app
 
 

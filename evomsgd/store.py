@@ -620,6 +620,52 @@ class Store:
                 ),
             )
 
+    # -- metrics and dashboard ------------------------------------------------------------
+
+    def waiting_breakdown(self) -> list[tuple[str, str, int, float | None]]:
+        """(instance, status, count, earliest next attempt) of the waiting messages only."""
+        rows = self._read(
+            "SELECT instance, status, count(*), min(next_attempt_at) FROM messages"
+            f" WHERE {_IN_WAITING} GROUP BY instance, status"
+        )
+        return [
+            (row[0], row[1], row[2], None if row[3] is None else clock.from_db(row[3]))
+            for row in rows
+        ]
+
+    def last_event_id(self) -> int:
+        """The newest event's id, 0 when there is none."""
+        return int(self._read("SELECT coalesce(max(id), 0) FROM events")[0][0])
+
+    def count_events(self, event: str, after_id: int, upto_id: int) -> dict[str, int]:
+        """instance -> `event` rows with after_id < id <= upto_id (a rowid range, no scan)."""
+        rows = self._read(
+            "SELECT instance, count(*) FROM events WHERE id > ? AND id <= ? AND event = ?"
+            " GROUP BY instance",
+            (after_id, upto_id, event),
+        )
+        return {row[0]: row[1] for row in rows}
+
+    def attempt_counts(self, since: float, width: int) -> list[tuple[int, str, int]]:
+        """Calls to Evolution since a time: (seconds after `since` // width, outcome, count)."""
+        # events_attempts is (instance, at): a range on `at` needs the instance first. The recursive
+        # part walks the distinct instances by index seeks (a loose index scan), so the cost follows
+        # the attempts in the window, not every attempt ever recorded.
+        rows = self._read(
+            "WITH RECURSIVE lanes(instance) AS ("
+            " SELECT (SELECT min(instance) FROM events WHERE event = 'attempt')"
+            " UNION ALL"
+            " SELECT (SELECT min(instance) FROM events"
+            "  WHERE event = 'attempt' AND instance > lanes.instance)"
+            " FROM lanes WHERE lanes.instance IS NOT NULL)"
+            " SELECT (CAST(strftime('%s', e.at) AS INTEGER) - ?) / ? AS bucket, e.outcome, count(*)"
+            " FROM lanes JOIN events e"
+            "  ON e.event = 'attempt' AND e.instance = lanes.instance AND e.at >= ?"
+            " GROUP BY bucket, e.outcome",
+            (int(since), width, clock.to_db(int(since))),
+        )
+        return [(row[0], row[1] or "", row[2]) for row in rows]
+
 
 def _statements(script: str) -> Iterator[str]:
     """Split a migration into statements (a ';' inside a comment or string does not end one)."""

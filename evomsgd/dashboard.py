@@ -1,0 +1,76 @@
+"""GET /dashboard: one self-refreshing page over the JSON API, and GET /stats/hourly for its chart.
+
+The page is static files shipped in the package (no CDN); its script talks to the same JSON API
+as any client, so it obeys the same access rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aiohttp import web
+
+from evomsgd import api, clock
+from evomsgd.errors import ApiError
+
+STATIC = Path(__file__).with_name("static")
+MAX_HOURS = 7 * 24
+# Attempt outcomes that mean WhatsApp has the message; every other outcome is a failed attempt.
+DELIVERED = ("sent", "sent_unconfirmed")
+
+# Everything the page loads comes from the daemon itself: no inline script or style, no framing.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    """The dashboard's HTML."""
+    return web.FileResponse(STATIC / "dashboard.html", headers=_HEADERS)
+
+
+async def hourly(request: web.Request) -> web.Response:
+    """Attempts delivered and failed per hour over the last `hours` (default 24), oldest first."""
+    raw = request.query.get("hours", "24")
+    if not (raw.isdigit() and 1 <= int(raw) <= MAX_HOURS):
+        raise ApiError(
+            422,
+            "validation_error",
+            f"hours must be a whole number from 1 to {MAX_HOURS}, not {raw!r}",
+            details=[{"field": "hours", "message": f"must be 1-{MAX_HOURS}"}],
+        )
+    hours = int(raw)
+    end = int(clock.now()) + 1  # the last bucket ends just after now: it is the last hour
+    start = end - hours * 3600
+    store = request.app[api.SERVICE].store
+    rows = await asyncio.to_thread(store.attempt_counts, start, 3600)
+    sent, failed = [0] * hours, [0] * hours
+    for index, outcome, count in rows:
+        series = sent if outcome in DELIVERED else failed
+        # Clamped: an attempt recorded a moment after `end` belongs to the last hour.
+        series[min(max(index, 0), hours - 1)] += count
+    buckets = [
+        {"start": _rfc3339(start + i * 3600), "sent": sent[i], "failed": failed[i]}
+        for i in range(hours)
+    ]
+    return web.json_response(
+        {"bucket_seconds": 3600, "start": _rfc3339(start), "end": _rfc3339(end), "buckets": buckets}
+    )
+
+
+def _rfc3339(ts: float) -> str:
+    return clock.db_to_rfc3339(clock.to_db(ts)) or ""
+
+
+def add_routes(app: web.Application) -> None:
+    """Register /dashboard, its files under /dashboard/static/ and GET /stats/hourly."""
+    app.router.add_get("/dashboard", page)
+    app.router.add_static("/dashboard/static", STATIC)
+    app.router.add_get("/stats/hourly", hourly)

@@ -1,0 +1,600 @@
+// evomsgd dashboard: a client of the JSON API like any other (GET /health, /tasks, /stats/hourly;
+// POST /tasks/{id}/retry; DELETE /tasks/{id}). Everything is rendered with textContent, never
+// innerHTML: phone numbers and error texts come from clients and from Evolution.
+"use strict";
+
+(function () {
+  const REFRESH_MS = 5000;
+  const PAGE_SIZE = 25;
+  const TOKEN_KEY = "evomsgd_token";
+  const STATUSES = ["PENDING", "SCHEDULED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "CANCELED", "EXPIRED"];
+  const RETRYABLE = new Set(["FAILURE", "EXPIRED", "CANCELED"]);
+  const CANCELABLE = new Set(["PENDING", "SCHEDULED", "RETRY"]);
+  const ATTENTION = "FAILURE,EXPIRED,RETRY";
+  const TASK_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+  const SVG = "http://www.w3.org/2000/svg";
+
+  const state = {
+    paused: false,
+    running: null, // the refresh in progress, if any
+    again: false, // refresh once more when it ends (an action happened meanwhile)
+    filter: { q: "", status: "", instance: "" },
+    cursor: null, // ?before= of the page shown; null = newest
+    older: null, // next_before of the page shown
+    previous: [], // cursors of newer pages, for "Newer"
+    expanded: new Set(), // "list task-id": rows whose history is open, per table
+    details: new Map(), // task id -> TaskView with history
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  function svg(tag, attrs, ...children) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+    for (const child of children) node.append(child instanceof Node ? child : String(child));
+    return node;
+  }
+
+  // -- talking to the API -------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  function storedToken() {
+    try {
+      return window.localStorage.getItem(TOKEN_KEY);
+    } catch (err) {
+      return null; // storage disabled: the API works without a token until tokens are required
+    }
+  }
+
+  async function api(method, path, okStatuses) {
+    const headers = { Accept: "application/json" };
+    if (method !== "GET") headers["Content-Type"] = "application/json";
+    const token = storedToken();
+    if (token) headers.Authorization = "Bearer " + token;
+    let response;
+    try {
+      response = await fetch(path, { method, headers, cache: "no-store" });
+    } catch (err) {
+      throw new ApiError(0, "unreachable", "evomsgd does not answer - is the daemon running?");
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (err) {
+      body = null;
+    }
+    if (response.ok || (okStatuses || []).includes(response.status)) return body;
+    $("auth").hidden = !(response.status === 401 || response.status === 403);
+    const error = body && body.error;
+    throw new ApiError(
+      response.status,
+      error ? error.code : "http_" + response.status,
+      error ? error.message : response.status + " " + response.statusText,
+    );
+  }
+
+  // -- formatting ---------------------------------------------------------------------------
+
+  const number = new Intl.NumberFormat();
+
+  function duration(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + (s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + Math.floor((s % 3600) / 60) + "m";
+    return Math.floor(s / 86400) + "d " + Math.floor((s % 86400) / 3600) + "h";
+  }
+
+  function ago(iso) {
+    if (!iso) return "";
+    const seconds = (Date.now() - Date.parse(iso)) / 1000;
+    if (seconds < -1) return "in " + duration(-seconds);
+    return seconds < 5 ? "just now" : duration(seconds) + " ago";
+  }
+
+  function localTime(iso) {
+    return iso ? new Date(iso).toLocaleString() : "";
+  }
+
+  function when(iso) {
+    return el("time", { datetime: iso, title: localTime(iso) }, ago(iso));
+  }
+
+  function shortId(id) {
+    return id.slice(0, 8);
+  }
+
+  function displayPhone(phone) {
+    return /^[0-9]+$/.test(phone) ? "+" + phone : phone; // E.164 digits; a JID stays as it is
+  }
+
+  function pill(word, kind) {
+    return el("span", { class: "pill pill-" + (kind || word).toLowerCase() }, word);
+  }
+
+  function outcomeText(task) {
+    switch (task.status) {
+      case "SUCCESS":
+        return "sent " + ago(task.finished_at) + (task.sandbox ? " (sandbox)" : "");
+      case "SCHEDULED":
+        return "scheduled for " + localTime(task.send_at);
+      case "PENDING":
+        return task.last_error ? "queued again; last error: " + task.last_error : "queued";
+      case "STARTED":
+        return "sending now";
+      case "RETRY":
+        return (task.last_error || "retrying") + " - next try " + ago(task.next_attempt_at);
+      case "CANCELED":
+        return "canceled " + ago(task.finished_at);
+      default:
+        return task.last_error || task.status.toLowerCase();
+    }
+  }
+
+  // -- rendering ----------------------------------------------------------------------------
+
+  function renderHealth(health) {
+    $("version").textContent = "v" + health.version;
+    $("sandbox").hidden = !health.sandbox;
+    const status = $("health");
+    status.className = "pill pill-" + health.status;
+    status.textContent = health.status === "ok" ? "healthy" : health.status;
+    const facts = [
+      ["Evolution", health.sandbox ? "sandbox: nothing is sent" : health.evolution_url],
+      ["Workers", health.workers_alive + " of " + health.workers_configured + " alive"],
+      ["Ledger", health.database_writable ? "writable" : "NOT writable", health.data_dir],
+      ["Uptime", duration(health.uptime_seconds) + (health.draining ? " · draining" : "")],
+    ];
+    $("daemon").replaceChildren(
+      ...facts.flatMap(([key, value, title]) => [el("dt", {}, key), el("dd", { title: title }, value)]),
+    );
+
+    const problems = $("problems");
+    problems.replaceChildren(...health.problems.map((text) => el("li", {}, text)));
+    problems.hidden = health.problems.length === 0;
+
+    const cards = STATUSES.map((name) =>
+      el(
+        "a",
+        { class: "card card-" + name.toLowerCase(), href: "#", "data-status": name, title: "Show " + name + " messages" },
+        el("span", { class: "card-label" }, name),
+        el("span", { class: "card-value" }, number.format(health.counts[name] || 0)),
+      ),
+    );
+    const oldest = health.oldest_waiting_seconds;
+    cards.push(
+      el(
+        "div",
+        { class: "card card-oldest" + (oldest && oldest > 300 ? " card-alert" : "") },
+        el("span", { class: "card-label" }, "Oldest due"),
+        el("span", { class: "card-value" }, oldest === null ? "–" : duration(oldest)),
+      ),
+    );
+    $("counts").replaceChildren(...cards);
+
+    const lanes = health.instances;
+    $("lanes").replaceChildren(
+      ...(lanes.length
+        ? lanes.map((lane) =>
+            el(
+              "tr",
+              { "data-instance": lane.instance },
+              el("td", { class: "strong" }, lane.instance),
+              el("td", { title: lane.paused_reason || "" }, pill(lane.state)),
+              el("td", { class: "num" }, number.format(lane.waiting)),
+              el("td", { class: "num" }, number.format(lane.in_flight)),
+              el(
+                "td",
+                { class: "error-text" },
+                lane.last_error ? lane.last_error + " (" + ago(lane.last_error_at) + ")" : el("span", { class: "muted" }, "none"),
+              ),
+            ),
+          )
+        : [el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No instance has queued a message yet."))]),
+    );
+
+    const select = $("instance");
+    const known = new Set(Array.from(select.options, (option) => option.value));
+    for (const lane of lanes) {
+      if (!known.has(lane.instance)) select.append(el("option", { value: lane.instance }, lane.instance));
+    }
+  }
+
+  function renderChart(stats) {
+    const buckets = stats.buckets;
+    const width = 720;
+    const height = 210;
+    const left = 40;
+    const right = 8;
+    const top = 12;
+    const bottom = 26;
+    const plotW = width - left - right;
+    const plotH = height - top - bottom;
+    const highest = Math.max(...buckets.map((b) => b.sent + b.failed), 0);
+    const scale = niceCeiling(highest);
+    const slot = plotW / buckets.length;
+    const barW = Math.max(2, slot - 4);
+    const chart = svg("svg", {
+      viewBox: "0 0 " + width + " " + height,
+      role: "img",
+      "aria-label": "Messages sent and failed attempts per hour, last 24 hours",
+    });
+    for (let i = 0; i <= 4; i++) {
+      const y = top + plotH - (plotH * i) / 4;
+      chart.append(svg("line", { x1: left, x2: width - right, y1: y, y2: y, class: i ? "grid" : "axis" }));
+      chart.append(svg("text", { x: left - 6, y: y + 4, class: "tick tick-y" }, number.format((scale * i) / 4)));
+    }
+    buckets.forEach((bucket, i) => {
+      const x = left + i * slot + (slot - barW) / 2;
+      const sentH = (bucket.sent / scale) * plotH;
+      const failedH = (bucket.failed / scale) * plotH;
+      const start = new Date(bucket.start);
+      const end = new Date(start.getTime() + stats.bucket_seconds * 1000);
+      const label =
+        start.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) +
+        "–" +
+        end.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) +
+        ": " + bucket.sent + " sent, " + bucket.failed + " failed";
+      const group = svg("g", { class: "bar" }, svg("title", {}, label));
+      group.append(svg("rect", { x: x - 1, y: top, width: barW + 2, height: plotH, class: "hover" }));
+      if (bucket.sent) group.append(svg("rect", { x, y: top + plotH - sentH, width: barW, height: sentH, class: "sent" }));
+      if (bucket.failed) {
+        group.append(svg("rect", { x, y: top + plotH - sentH - failedH, width: barW, height: failedH, class: "failed" }));
+      }
+      chart.append(group);
+      const fromEnd = buckets.length - i;
+      if (fromEnd % 6 === 0 || i === buckets.length - 1) {
+        const text = i === buckets.length - 1 ? "last hour" : "-" + fromEnd + "h";
+        chart.append(svg("text", { x: x + barW / 2, y: height - 8, class: "tick tick-x" }, text));
+      }
+    });
+    $("chart").replaceChildren(chart);
+
+    const last = buckets[buckets.length - 1] || { sent: 0, failed: 0 };
+    const day = buckets.reduce((sum, b) => ({ sent: sum.sent + b.sent, failed: sum.failed + b.failed }), { sent: 0, failed: 0 });
+    const rate = (part) => (part.sent + part.failed ? Math.round((100 * part.sent) / (part.sent + part.failed)) + "% delivered" : "no attempts");
+    $("chart-summary").replaceChildren(
+      el("strong", {}, "Last hour: "),
+      number.format(last.sent) + " sent, " + number.format(last.failed) + " failed (" + rate(last) + ")",
+      el("span", { class: "muted" }, " · 24 h: " + number.format(day.sent) + " sent, " + number.format(day.failed) + " failed"),
+    );
+  }
+
+  function niceCeiling(value) {
+    if (value <= 4) return 4;
+    const magnitude = Math.pow(10, Math.floor(Math.log10(value)));
+    for (const step of [1, 2, 2.5, 5, 10]) {
+      if (step * magnitude >= value) return Math.ceil((step * magnitude) / 4) * 4;
+    }
+    return value;
+  }
+
+  function renderTasks(tbody, tasks, emptyText) {
+    const rows = [];
+    for (const task of tasks) {
+      rows.push(taskRow(task, tbody.id));
+      if (isOpen(tbody.id, task.task_id)) rows.push(detailRow(task.task_id));
+    }
+    if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 8, class: "empty" }, emptyText)));
+    tbody.replaceChildren(...rows);
+  }
+
+  function isOpen(list, taskId) {
+    return state.expanded.has(list + " " + taskId);
+  }
+
+  function taskRow(task, list) {
+    const open = isOpen(list, task.task_id);
+    const row = el(
+      "tr",
+      { class: "task" + (open ? " open" : ""), "data-task-id": task.task_id, "data-status": task.status, tabindex: 0, "aria-expanded": open },
+      el("td", {}, pill(task.status)),
+      el("td", { class: "mono", title: task.task_id }, shortId(task.task_id)),
+      el("td", {}, task.instance),
+      el("td", { class: "mono", title: "as received: " + task.phone_input }, displayPhone(task.phone)),
+      el("td", { class: "num" }, task.attempts),
+      el("td", {}, when(task.created_at)),
+      el("td", { class: "result" + (task.last_error && task.status !== "SUCCESS" ? " error-text" : ""), title: outcomeText(task) }, outcomeText(task)),
+      el("td", { class: "actions" }, ...actionButtons(task)),
+    );
+    row.addEventListener("click", (event) => {
+      if (!event.target.closest("button")) toggle(list, task.task_id);
+    });
+    row.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && event.target === row) toggle(list, task.task_id);
+    });
+    return row;
+  }
+
+  function actionButtons(task) {
+    const buttons = [];
+    if (RETRYABLE.has(task.status)) {
+      buttons.push(el("button", { type: "button", class: "btn btn-small btn-primary", "data-action": "retry", onclick: () => retry(task) }, "Retry"));
+    }
+    if (CANCELABLE.has(task.status)) {
+      const cancel = el("button", { type: "button", class: "btn btn-small btn-danger", "data-action": "cancel" }, "Cancel");
+      cancel.addEventListener("click", () => confirmThen(cancel, () => cancelTask(task)));
+      buttons.push(cancel);
+    }
+    return buttons;
+  }
+
+  // A second click within a few seconds confirms: no modal dialog to block the page.
+  function confirmThen(button, action) {
+    if (button.dataset.armed) {
+      action(button);
+      return;
+    }
+    button.dataset.armed = "1";
+    button.textContent = "Confirm cancel";
+    setTimeout(() => {
+      delete button.dataset.armed;
+      button.textContent = "Cancel";
+    }, 4000);
+  }
+
+  function detailRow(taskId) {
+    const task = state.details.get(taskId);
+    const cell = el("td", { colspan: 8 });
+    if (!task) {
+      cell.append(el("span", { class: "muted" }, "Loading history…"));
+    } else {
+      const facts = [
+        ["Task id", task.task_id],
+        ["Phone as sent", task.phone_input],
+        ["Priority", task.priority],
+        ["Created", localTime(task.created_at)],
+        ["Send at", localTime(task.send_at)],
+        ["Expires", localTime(task.expires_at)],
+        ["Finished", localTime(task.finished_at)],
+        ["Evolution key", task.result && task.result.evolution_key],
+      ].filter(([, value]) => value);
+      cell.append(el("dl", { class: "facts" }, ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
+      cell.append(
+        el(
+          "ol",
+          { class: "history" },
+          ...task.history.map((entry) =>
+            el(
+              "li",
+              { class: "history-" + (entry.outcome || entry.event) },
+              el("time", { datetime: entry.at, title: entry.at }, localTime(entry.at)),
+              el("span", { class: "strong" }, entry.event + (entry.attempt ? " #" + entry.attempt : "")),
+              entry.outcome ? pill(entry.outcome, outcomeKind(entry.outcome)) : "",
+              entry.http_status ? el("span", { class: "muted" }, "HTTP " + entry.http_status) : "",
+              entry.detail ? el("span", { class: "history-detail" }, entry.detail) : "",
+            ),
+          ),
+        ),
+      );
+      if (!task.history.length) cell.append(el("p", { class: "muted" }, "No attempt yet."));
+    }
+    return el("tr", { class: "details", "data-details-for": taskId }, cell);
+  }
+
+  function outcomeKind(outcome) {
+    return outcome === "sent" || outcome === "sent_unconfirmed" ? "success" : "failure";
+  }
+
+  async function toggle(list, taskId) {
+    const key = list + " " + taskId;
+    if (state.expanded.has(key)) state.expanded.delete(key);
+    else state.expanded.add(key);
+    if (!openTaskIds().has(taskId)) state.details.delete(taskId);
+    rerenderDetails(taskId);
+    if (state.expanded.has(key)) await loadDetails(taskId);
+  }
+
+  function openTaskIds() {
+    return new Set(Array.from(state.expanded, (key) => key.split(" ")[1]));
+  }
+
+  async function loadDetails(taskId) {
+    try {
+      state.details.set(taskId, await api("GET", "/tasks/" + encodeURIComponent(taskId)));
+    } catch (err) {
+      for (const key of state.expanded) if (key.endsWith(" " + taskId)) state.expanded.delete(key);
+      toast(err.message, true);
+    }
+    rerenderDetails(taskId);
+  }
+
+  // The same task may show in both tables: update its rows in place.
+  function rerenderDetails(taskId) {
+    for (const row of document.querySelectorAll('tr.task[data-task-id="' + CSS.escape(taskId) + '"]')) {
+      const old = row.nextElementSibling;
+      if (old && old.classList.contains("details")) old.remove();
+      const open = isOpen(row.parentElement.id, taskId);
+      row.classList.toggle("open", open);
+      row.setAttribute("aria-expanded", String(open));
+      if (open) row.after(detailRow(taskId));
+    }
+  }
+
+  // -- loading ------------------------------------------------------------------------------
+
+  function phoneQuery(text) {
+    // The API matches normalised numbers (E.164 digits) or JIDs; strip what people type around digits.
+    return text.includes("@") ? text : text.replace(/[^0-9]/g, "");
+  }
+
+  async function loadMessages() {
+    const filter = state.filter;
+    let tasks;
+    if (TASK_ID.test(filter.q)) {
+      try {
+        tasks = [await api("GET", "/tasks/" + encodeURIComponent(filter.q))];
+      } catch (err) {
+        if (err.status !== 404) throw err;
+        tasks = [];
+      }
+      state.older = null;
+    } else {
+      const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+      if (filter.status) params.set("status", filter.status);
+      if (filter.instance) params.set("instance", filter.instance);
+      if (filter.q) params.set("phone", phoneQuery(filter.q));
+      if (state.cursor) params.set("before", state.cursor);
+      const page = await api("GET", "/tasks?" + params.toString());
+      tasks = page.tasks;
+      state.older = page.next_before;
+    }
+    const searching = filter.q || filter.status || filter.instance;
+    renderTasks($("recent"), tasks, searching ? "No message matches this search." : "No message yet.");
+    $("older").disabled = !state.older;
+    $("newer").disabled = state.previous.length === 0;
+    $("page-info").textContent = tasks.length
+      ? (state.cursor ? "Older page, " : "Newest ") + tasks.length + " shown"
+      : "";
+  }
+
+  async function loadAttention() {
+    const page = await api("GET", "/tasks?status=" + ATTENTION + "&limit=20");
+    renderTasks($("attention"), page.tasks, "Nothing failed. All good.");
+    $("attention-count").textContent = page.tasks.length ? String(page.tasks.length) + (page.next_before ? "+" : "") : "";
+  }
+
+  async function refreshOnce() {
+    const [health, hourly] = await Promise.all([api("GET", "/health", [503]), api("GET", "/stats/hourly?hours=24"), loadAttention()]);
+    renderHealth(health);
+    renderChart(hourly);
+    // An operator reading an older page keeps it; the newest page follows new messages.
+    if (state.cursor === null) await loadMessages();
+    await Promise.all(Array.from(openTaskIds(), loadDetails));
+    $("updated").textContent = "Updated " + new Date().toLocaleTimeString();
+    $("updated").classList.remove("stale");
+  }
+
+  async function refresh() {
+    if (state.running) {
+      state.again = true;
+      return state.running;
+    }
+    state.running = (async () => {
+      do {
+        state.again = false;
+        try {
+          await refreshOnce();
+        } catch (err) {
+          $("updated").textContent = "Update failed: " + err.message;
+          $("updated").classList.add("stale");
+        }
+      } while (state.again);
+      state.running = null;
+    })();
+    return state.running;
+  }
+
+  // -- actions ------------------------------------------------------------------------------
+
+  async function retry(task) {
+    await act(() => api("POST", "/tasks/" + encodeURIComponent(task.task_id) + "/retry"), "Task " + shortId(task.task_id) + " queued again");
+  }
+
+  async function cancelTask(task) {
+    await act(() => api("DELETE", "/tasks/" + encodeURIComponent(task.task_id)), "Task " + shortId(task.task_id) + " canceled");
+  }
+
+  async function act(call, done) {
+    try {
+      await call();
+      toast(done);
+    } catch (err) {
+      toast(err.message, true);
+    }
+    await refresh();
+  }
+
+  let toastTimer = null;
+
+  function toast(text, isError) {
+    const box = $("toast");
+    box.textContent = text;
+    box.className = "toast" + (isError ? " toast-error" : "");
+    box.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => {
+      box.hidden = true;
+    }, isError ? 8000 : 4000);
+  }
+
+  function search(filter) {
+    state.filter = filter;
+    state.cursor = null;
+    state.previous = [];
+    $("q").value = filter.q;
+    $("status").value = filter.status;
+    $("instance").value = filter.instance;
+    loadMessages().catch((err) => toast(err.message, true));
+  }
+
+  function start() {
+    for (const status of STATUSES) $("status").append(el("option", { value: status }, status));
+    $("search").addEventListener("submit", (event) => {
+      event.preventDefault();
+      search({ q: $("q").value.trim(), status: $("status").value, instance: $("instance").value });
+    });
+    $("clear").addEventListener("click", () => search({ q: "", status: "", instance: "" }));
+    $("counts").addEventListener("click", (event) => {
+      const card = event.target.closest("[data-status]");
+      if (!card) return;
+      event.preventDefault();
+      search({ q: "", status: card.dataset.status, instance: "" });
+    });
+    $("older").addEventListener("click", () => {
+      state.previous.push(state.cursor);
+      state.cursor = state.older;
+      loadMessages().catch((err) => toast(err.message, true));
+    });
+    $("newer").addEventListener("click", () => {
+      state.cursor = state.previous.pop() || null;
+      loadMessages().catch((err) => toast(err.message, true));
+    });
+    $("pause").addEventListener("click", () => {
+      state.paused = !state.paused;
+      $("pause").textContent = state.paused ? "Resume refresh" : "Pause refresh";
+      $("pause").setAttribute("aria-pressed", String(state.paused));
+      if (!state.paused) refresh();
+    });
+    $("auth-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      try {
+        window.localStorage.setItem(TOKEN_KEY, $("auth-token").value.trim());
+      } catch (err) {
+        toast("This browser does not allow storing the token", true);
+      }
+      $("auth").hidden = true;
+      refresh();
+    });
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && !state.paused) refresh();
+    });
+    setInterval(() => {
+      if (!state.paused && !document.hidden) refresh();
+    }, REFRESH_MS);
+    refresh();
+  }
+
+  start();
+})();

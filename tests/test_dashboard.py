@@ -1,0 +1,198 @@
+"""The dashboard's files and GET /stats/hourly through the real app; the page in Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from evomsgd import clock
+from evomsgd.models import ErrorBody
+from evomsgd.store import LEDGER_FILE, Store
+from tests.conftest import MakeClient, fast_settings, post, wait_status
+from tests.fake_evolution import FakeEvolution, Fault
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# Set to a path (docs/dashboard.png) to refresh the README's screenshot.
+SCREENSHOT_ENV = "EVOMSGD_DASHBOARD_SCREENSHOT"
+FAILING = "5511900000009"
+
+
+async def test_the_page_loads_only_its_own_files_and_no_inline_code(
+    client: TestClient[Any, Any],
+) -> None:
+    resp = await client.get("/dashboard")
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    csp = resp.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "style-src 'self'" in csp and "unsafe" not in csp
+    html = await resp.text()
+    assert re.findall(r"<script\b[^>]*>([^<]*)</script>", html) == [""]  # one, external
+    assert not re.search(r"\sstyle=|\son[a-z]+=|<style", html)
+    assets = re.findall(r'(?:src|href)="(/[^"]+)"', html)
+    assert (
+        "/dashboard/static/dashboard.js" in assets and "/dashboard/static/dashboard.css" in assets
+    )
+    for path in assets:
+        asset = await client.get(path)
+        assert asset.status == 200, path
+    js = await (await client.get("/dashboard/static/dashboard.js")).text()
+    # Texts from clients and from Evolution are never parsed as HTML.
+    assert not re.search(r"\.(innerHTML|outerHTML)\b|insertAdjacentHTML|document\.write", js)
+
+
+async def test_hourly_stats_count_sent_and_failed_attempts(
+    client: TestClient[Any, Any], fake: FakeEvolution
+) -> None:
+    fake.script([Fault.NOT_ON_WHATSAPP], number=FAILING)
+    for phone in ("+5511900000001", "+" + FAILING):
+        await wait_status(client, (await post(client, phone=phone))["task_id"])
+    resp = await client.get("/stats/hourly")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["bucket_seconds"] == 3600
+    assert len(body["buckets"]) == 24
+    assert body["buckets"][-1]["sent"] == 1 and body["buckets"][-1]["failed"] == 1
+    assert sum(b["sent"] + b["failed"] for b in body["buckets"][:-1]) == 0
+    assert body["end"] > body["buckets"][-1]["start"] > body["start"] == body["buckets"][0]["start"]
+    assert len((await (await client.get("/stats/hourly?hours=2")).json())["buckets"]) == 2
+
+
+@pytest.mark.parametrize("hours", ["0", "169", "-1", "1.5", "day"])
+async def test_hourly_stats_reject_a_bad_window(client: TestClient[Any, Any], hours: str) -> None:
+    resp = await client.get("/stats/hourly", params={"hours": hours})
+    assert resp.status == 422
+    error = ErrorBody.model_validate(await resp.json()).error
+    assert error.code == "validation_error"
+    assert error.message == f"hours must be a whole number from 1 to 168, not {hours!r}"
+    assert error.details[0].field == "hours"
+
+
+# -- in a real browser ----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
+        )
+    playwright = pytest.importorskip("playwright.async_api", reason="pip install -e '.[test]'")
+    async with playwright.async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+def backfill_a_day(data_dir: Path) -> None:
+    """Earlier traffic in the ledger's history, so the chart has a day to draw."""
+    Store(data_dir).close()
+    now = clock.now()
+    rows = []
+    for hours_ago in range(1, 24):
+        sent = 20 + (hours_ago * 37) % 45
+        for n in range(sent + hours_ago % 4):
+            outcome = "sent" if n < sent else "transient"
+            at = clock.to_db(now - hours_ago * 3600 - n * 7)
+            rows.append((f"earlier-{hours_ago}-{n}", at, "main", "attempt", 1, outcome))
+    with sqlite3.connect(data_dir / LEDGER_FILE) as conn:
+        conn.executemany(
+            "INSERT INTO events (message_id, at, instance, event, attempt, outcome)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    conn.close()
+
+
+async def test_the_dashboard_shows_messages_and_retries_a_failed_one(
+    make_client: MakeClient, fake: FakeEvolution, browser: Any, tmp_path: Path
+) -> None:
+    backfill_a_day(tmp_path)
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    fake.script([Fault.NOT_ON_WHATSAPP], number=FAILING)  # the first send fails, a retry succeeds
+    sent = [
+        (await post(client, phone=phone, **extra))["task_id"]
+        for phone, extra in [
+            ("+5511900000001", {}),
+            ("+5511900000002", {"instance_name": "other"}),
+            ("+5511900000003", {"priority": "high"}),
+        ]
+    ]
+    failed = (await post(client, phone="+" + FAILING))["task_id"]
+    for task_id in sent:
+        assert (await wait_status(client, task_id))["status"] == "SUCCESS"
+    assert (await wait_status(client, failed))["status"] == "FAILURE"
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    await post(client, phone="+5511900000004", send_at=later)
+
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    problems: list[str] = []
+    page.on(
+        "console",
+        lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
+    )
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    await page.goto(str(client.make_url("/dashboard")))
+
+    row = page.locator(f'#recent tr[data-task-id="{sent[0]}"]')
+    await row.wait_for()
+    assert await row.get_attribute("data-status") == "SUCCESS"
+    assert "+5511900000001" in await row.inner_text()
+    assert await page.locator('#counts [data-status="SUCCESS"] .card-value').inner_text() == "3"
+    assert await page.locator('#lanes tr[data-instance="other"]').count() == 1
+    assert await page.locator("#chart rect.sent").count() >= 20
+
+    failed_row = page.locator(f'#attention tr[data-task-id="{failed}"]')
+    await failed_row.click()  # opens its history
+    await page.locator(f'#attention tr[data-details-for="{failed}"] .history li').first.wait_for()
+    assert "not on WhatsApp" in await failed_row.inner_text()
+    await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+    if os.environ.get(SCREENSHOT_ENV):
+        await page.screenshot(path=os.environ[SCREENSHOT_ENV], full_page=True)
+
+    async with page.expect_request(lambda req: req.url.endswith(f"/tasks/{failed}/retry")) as info:
+        await failed_row.locator('button[data-action="retry"]').click()
+    request = await info.value
+    assert request.method == "POST"
+    assert request.headers["content-type"] == "application/json"
+    await page.locator("#toast", has_text="queued again").wait_for()
+    done = await wait_status(client, failed, {"SUCCESS"})
+    assert [entry["event"] for entry in done["history"]] == ["attempt", "requeued", "attempt"]
+    await failed_row.wait_for(state="detached")
+    await page.locator(f'#recent tr[data-task-id="{failed}"][data-status="SUCCESS"]').wait_for()
+
+    await page.fill("#q", "+55 11 90000-0002")  # typed the way people write numbers
+    await page.click('#search button[type="submit"]')
+    await page.locator(f'#recent tr[data-task-id="{sent[0]}"]').wait_for(state="detached")
+    assert await page.locator("#recent tr.task").count() == 1
+    assert await page.locator(f'#recent tr[data-task-id="{sent[1]}"]').count() == 1
+    assert problems == []
+
+
+async def test_the_dashboard_sends_a_stored_token(make_client: MakeClient, browser: Any) -> None:
+    client = await make_client(fast_settings(sandbox=True, default_instance="shop"))
+    context = await browser.new_context()
+    await context.add_init_script("window.localStorage.setItem('evomsgd_token', 'tok-123')")
+    page = await context.new_page()
+    async with page.expect_request(lambda req: req.url.endswith("/health")) as info:
+        await page.goto(str(client.make_url("/dashboard")))
+    assert (await info.value).headers["authorization"] == "Bearer tok-123"
+    await context.close()

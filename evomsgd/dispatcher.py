@@ -330,6 +330,14 @@ class Dispatcher:
 
     # -- views ----------------------------------------------------------------------------
 
+    def backlog(self, instance: str) -> tuple[int, float]:
+        """(messages waiting on an instance, mean seconds per send on it) for backpressure."""
+        with self._cond:
+            lane = self._lane(instance)
+            return lane.waiting, lane.interval + (
+                lane.settings.send_jitter or 0.0
+            ) / 2 if lane.interval else 0.0
+
     def lanes_view(self) -> list[dict[str, object]]:
         """Each lane for /health and `evomsgd status`."""
         now = self._time()

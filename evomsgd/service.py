@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -131,6 +132,7 @@ class Service:
                 "evomsgd is shutting down - retry in a few seconds",
                 headers={"Retry-After": "5"},
             )
+        self._check_backlog(new)
         try:
             return await self.committer.submit(new)
         except StoreUnavailable as exc:
@@ -140,6 +142,32 @@ class Service:
                 f"message not accepted: {exc} - retry later",
                 headers={"Retry-After": "5"},
             ) from exc
+
+    def _check_backlog(self, new: NewMessage) -> None:
+        """429 rather than accept a message the instance cannot send in time (or at all)."""
+        waiting, pace = self.dispatcher.backlog(new.instance)
+        cap = self.settings.lane(new.instance).max_waiting or self.settings.max_waiting
+        if waiting >= cap:
+            retry_after = max(1, math.ceil((waiting - cap + 1) * max(pace, 0.1)))
+            raise ApiError(
+                429,
+                "queue_full",
+                f"instance {new.instance!r} already has {waiting} waiting messages (limit {cap}, "
+                "EVOMSGD_MAX_WAITING) - retry later",
+                headers={"Retry-After": str(retry_after)},
+            )
+        estimated = waiting * pace
+        start = max(new.created_at, new.send_at or new.created_at)
+        if pace and start + estimated > new.expires_at:
+            retry_after = max(1, math.ceil(start + estimated - new.expires_at))
+            raise ApiError(
+                429,
+                "queue_too_slow",
+                f"instance {new.instance!r} has {waiting} waiting messages, about {estimated:.0f}s of "
+                f"sending at its pace; this message would expire first - retry later or give it a "
+                "longer expires_in",
+                headers={"Retry-After": str(retry_after)},
+            )
 
     # -- reading --------------------------------------------------------------------------
 

@@ -1,0 +1,282 @@
+"""Pacing lanes, priority, scheduling, expiry and backpressure, measured at the fake server."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evomsgd.config import LaneSettings, load_settings
+from evomsgd.lanes import Health, Lane
+from tests.conftest import MakeClient, fast_settings, post, wait_status
+from tests.fake_evolution import FakeEvolution
+
+# Gaps are enforced when a send is handed out; the arrival at the fake adds loopback and thread
+# scheduling noise (the first send of a lane also opens a connection).
+NOISE = 0.03
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+async def test_one_instance_sends_one_at_a_time_with_the_minimum_gap(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, send_interval=0.15, send_jitter=0)
+    )
+    ids = [(await post(client, phone=f"+5511{988000000 + i}"))["task_id"] for i in range(5)]
+    for task_id in ids:
+        assert (await wait_status(client, task_id))["status"] == "SUCCESS"
+    arrivals = [r.at for r in fake.received]
+    assert len(arrivals) == 5
+    assert min(gaps(arrivals)) >= 0.15 - NOISE, gaps(arrivals)
+    # one at a time: each send was answered before the next arrived
+    assert [r.number for r in fake.received] == [f"5511{988000000 + i}" for i in range(5)]
+
+
+async def test_jitter_adds_a_random_extra_gap_within_its_bound(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, send_interval=0.05, send_jitter=0.15)
+    )
+    ids = [(await post(client, phone=f"+5511{988000000 + i}"))["task_id"] for i in range(8)]
+    for task_id in ids:
+        await wait_status(client, task_id)
+    measured = gaps([r.at for r in fake.received])
+    assert min(measured) >= 0.05 - NOISE
+    assert max(measured) - min(measured) > 0.01  # not a fixed beat
+    assert sum(measured) / len(measured) < 0.05 + 0.15 + 0.1
+
+
+async def test_a_slow_instance_does_not_hold_up_the_others(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, send_interval=0.5, send_jitter=0)
+    )
+    slow = [
+        (await post(client, instance_name="main", phone=f"+5511{988000000 + i}"))["task_id"]
+        for i in range(3)
+    ]
+    fast = [
+        (await post(client, instance_name="other", phone=f"+5511{988100000 + i}"))["task_id"]
+        for i in range(3)
+    ]
+    await wait_status(client, fast[0])
+    first_main = await wait_status(client, slow[0])
+    assert first_main["status"] == "SUCCESS"
+    by_instance: dict[str, list[float]] = {}
+    for task_id in slow + fast:
+        await wait_status(client, task_id)
+    for r in fake.received:
+        by_instance.setdefault(r.instance, []).append(r.at)
+    # the two lanes interleave: "other" does not wait for "main" to finish
+    assert by_instance["other"][0] < by_instance["main"][-1]
+    assert min(gaps(by_instance["main"])) >= 0.5 - NOISE
+
+
+async def test_paused_instance_leaves_others_at_full_speed(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    await client.post("/instances/main/pause", json={"reason": "maintenance"})
+    held = await post(client, instance_name="main")
+    sent = await post(client, instance_name="other")
+    assert (await wait_status(client, sent["task_id"]))["status"] == "SUCCESS"
+    lanes = {
+        lane["instance"]: lane
+        for lane in (await (await client.get("/instances")).json())["instances"]
+    }
+    assert lanes["main"]["state"] == "paused" and lanes["main"]["paused_reason"] == "maintenance"
+    assert (await (await client.get(f"/tasks/{held['task_id']}")).json())["status"] == "PENDING"
+    await client.post("/instances/main/resume")
+    assert (await wait_status(client, held["task_id"]))["status"] == "SUCCESS"
+
+
+async def test_high_priority_overtakes_normal_messages_in_its_lane(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, send_interval=0.05, send_jitter=0)
+    )
+    await client.post("/instances/main/pause")
+    normal = [(await post(client, phone=f"+5511{988000000 + i}"))["task_id"] for i in range(3)]
+    urgent = (await post(client, phone="+5511988009999", priority="high"))["task_id"]
+    await client.post("/instances/main/resume")
+    for task_id in [*normal, urgent]:
+        await wait_status(client, task_id)
+    assert fake.received[0].number == "5511988009999"
+    assert min(gaps([r.at for r in fake.received])) >= 0.05 - NOISE  # still paced
+
+
+async def test_send_at_keeps_a_message_scheduled_until_then(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    when = datetime.now(UTC) + timedelta(seconds=0.6)
+    accepted = await post(client, send_at=when.isoformat())
+    assert accepted["status"] == "SCHEDULED" and accepted["message"] == "Message scheduled"
+    task = await (await client.get(f"/tasks/{accepted['task_id']}")).json()
+    assert task["status"] == "SCHEDULED" and task["send_at"].startswith(
+        when.strftime("%Y-%m-%dT%H:%M:%S")
+    )
+    done = await wait_status(client, accepted["task_id"])
+    assert done["status"] == "SUCCESS"
+    sent_at = datetime.fromisoformat(done["history"][0]["at"].replace("Z", "+00:00"))
+    assert sent_at >= when - timedelta(milliseconds=5)
+
+
+async def test_a_message_not_sent_in_time_expires_with_the_reason(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    await client.post("/instances/main/pause")
+    accepted = await post(client, expires_in=0.3)
+    task = await wait_status(client, accepted["task_id"], timeout=5)
+    assert task["status"] == "EXPIRED"
+    assert "expired" in task["result"]["error"]
+    assert task["history"][-1]["event"] == "expired"
+    await client.post("/instances/main/resume")
+    assert fake.received == []
+    retried = await client.post(f"/tasks/{accepted['task_id']}/retry")
+    assert retried.status == 202
+    assert (await wait_status(client, accepted["task_id"]))["status"] == "SUCCESS"
+
+
+async def test_cancel_before_sending_and_409_after(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    await client.post("/instances/main/pause")
+    accepted = await post(client)
+    resp = await client.delete(f"/tasks/{accepted['task_id']}")
+    assert resp.status == 200 and (await resp.json())["status"] == "CANCELED"
+    await client.post("/instances/main/resume")
+    sent = await post(client)
+    await wait_status(client, sent["task_id"])
+    late = await client.delete(f"/tasks/{sent['task_id']}")
+    assert late.status == 409 and "SUCCESS" in (await late.json())["error"]["message"]
+    assert [r.number for r in fake.received] == ["5511988887777"]  # the canceled one never went out
+
+
+async def test_backpressure_answers_429_with_retry_after(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url, max_waiting=2))
+    await client.post("/instances/main/pause")
+    await post(client)
+    await post(client)
+    resp = await client.post("/messages", json={"phone": "+5511988887777", "message": "third"})
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) >= 1
+    body = await resp.json()
+    assert (
+        body["error"]["code"] == "queue_full" and "EVOMSGD_MAX_WAITING" in body["error"]["message"]
+    )
+    other = await client.post(
+        "/messages", json={"phone": "+5511988887777", "message": "x", "instance_name": "other"}
+    )
+    assert other.status == 202  # the cap is per instance
+
+
+async def test_backpressure_refuses_what_would_expire_before_its_turn(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, send_interval=10, send_jitter=0)
+    )
+    await client.post("/instances/main/pause")
+    for _ in range(3):
+        await post(client)
+    resp = await client.post(
+        "/messages", json={"phone": "+5511988887777", "message": "otp", "expires_in": 20}
+    )
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "queue_too_slow"
+    assert (
+        await client.post(
+            "/messages", json={"phone": "+5511988887777", "message": "ok", "expires_in": 60}
+        )
+    ).status == 202
+
+
+# -- the lane's arithmetic with a controllable clock ---------------------------------------
+
+
+def lane(**settings: Any) -> Lane:
+    values = {"send_interval": 1.0, "send_jitter": 0.0, **settings}
+    return Lane(instance="shop", settings=LaneSettings(**values))
+
+
+def test_caps_per_minute_hour_and_day() -> None:
+    shop = lane(send_interval=0.0, per_minute=2, per_hour=3)
+    rng = random.Random(1)
+    t = 1_000_000.0
+    assert shop.blocked_until(t) is None
+    shop.record_send(t, rng)
+    shop.record_send(t + 1, rng)
+    assert shop.blocked_until(t + 2) == t + 60  # per_minute: the oldest of the last two + 60 s
+    assert shop.blocked_until(t + 60.5) is None
+    shop.record_send(t + 61, rng)
+    assert shop.blocked_until(t + 62) == t + 3600  # per_hour reached
+    assert shop.blocked_until(t + 3601) is None
+
+
+def test_gap_and_jitter_bounds() -> None:
+    shop = lane(send_interval=2.0, send_jitter=1.0)
+    rng = random.Random(7)
+    starts = []
+    t = 0.0
+    for _ in range(50):
+        shop.record_send(t, rng)
+        starts.append(t)
+        t = shop.next_send_at
+    measured = gaps(starts)
+    assert all(2.0 <= g <= 3.0 for g in measured)
+    assert len({round(g, 3) for g in measured}) > 10
+
+
+def test_blocked_states() -> None:
+    shop = lane()
+    shop.in_flight.add("a")
+    assert shop.blocked_until(0) == float("inf")  # one at a time
+    shop.in_flight.clear()
+    shop.health, shop.next_probe_at = Health.CLOSE, 42.0
+    assert shop.blocked_until(0) == 42.0 and shop.state(0) == "close"
+    shop.health = Health.OPEN
+    shop.held_until = 10.0
+    assert shop.blocked_until(0) == 10.0 and shop.state(0) == "held"
+    shop.operator_paused = True
+    assert shop.blocked_until(0) == float("inf") and shop.state(0) == "paused"
+
+
+def test_per_instance_settings_come_from_the_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "evomsgd.toml"
+    path.write_text("send_interval = 2.0\n[instances.shop]\nsend_interval = 0.5\nper_minute = 30\n")
+    settings = load_settings({"config_file": path}, env={"EVOMSGD_SEND_JITTER": "0.25"})
+    assert settings.lane("shop") == LaneSettings(
+        send_interval=0.5, send_jitter=0.25, per_minute=30, max_waiting=10_000
+    )
+    assert settings.lane("clinic").send_interval == 2.0
+    flagged = load_settings({"config_file": path, "workers": 7}, env={"EVOMSGD_WORKERS": "3"})
+    assert flagged.workers == 7  # flag > env > file
+
+
+def test_bad_settings_name_the_variable() -> None:
+    from evomsgd.errors import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"EVOMSGD_SEND_INTERVAL: Input should be greater than or equal to 0"
+    ):
+        load_settings(env={"EVOMSGD_SEND_INTERVAL": "-1"})
+    with pytest.raises(ConfigError, match=r"EVOMSGD_SANDBOX='maybe' is not a boolean"):
+        load_settings(env={"EVOMSGD_SANDBOX": "maybe"})
+    assert time.time() > 0

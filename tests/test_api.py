@@ -309,3 +309,26 @@ async def test_key_never_in_responses(client: TestClient[Any, Any], fake: FakeEv
     ):
         texts.append(await (await client.get(path)).text())
     assert not any(API_KEY in text for text in texts)
+
+
+async def test_idempotency_key_replays_and_conflicts(
+    client: TestClient[Any, Any], fake: FakeEvolution
+) -> None:
+    body = {"phone": "+5511988887777", "message": "Order 1042 shipped"}
+    first = await client.post("/messages", json=body, headers={"Idempotency-Key": "order-1042"})
+    assert first.status == 202
+    task_id = (await first.json())["task_id"]
+    again = await client.post(
+        "/messages", json={**body, "unknown": 1}, headers={"Idempotency-Key": "order-1042"}
+    )
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert (await again.json())["task_id"] == task_id
+    other = await client.post(
+        "/messages",
+        json={**body, "message": "different"},
+        headers={"Idempotency-Key": "order-1042"},
+    )
+    assert other.status == 409
+    assert (await other.json())["error"]["code"] == "idempotency_conflict"
+    await wait_status(client, task_id)
+    assert len(fake.received) == 1

@@ -153,3 +153,44 @@ def test_cli_without_a_daemon_says_how_to_fix_it(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "is `evomsgd serve` running?" in result.stderr
+
+
+def test_bulk_retry_requeues_failures_and_keeps_their_history(tmp_path: Path) -> None:
+    from tests.conftest import API_KEY, FakeProcess
+
+    fake = FakeProcess("--instances", "main", "--not-on-whatsapp", "5511988000001,5511988000002")
+    daemon = Daemon(
+        tmp_path / "data",
+        free_port(),
+        EVOLUTION_API_URL=fake.url,
+        EVOLUTION_API_KEY=API_KEY,
+        EVOLUTION_INSTANCE_NAME="main",
+        EVOMSGD_SEND_INTERVAL="0",
+    )
+    try:
+        env = cli_env(daemon)
+        ids = [
+            run("send", "--phone", f"+551198800000{i}", "--message", "x", env=env).stdout.strip()
+            for i in (1, 2, 3)
+        ]
+
+        def status_of(task_id: str) -> str:
+            return str(
+                json.loads(run("tasks", "show", task_id, "--json", env=env).stdout)["status"]
+            )
+
+        wait_until(
+            lambda: [status_of(t) for t in ids] == ["FAILURE", "FAILURE", "SUCCESS"],
+            20,
+            "2 failures",
+        )
+        result = run("retry", "--status", "FAILURE", "--since", "1h", "--instance", "main", env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "requeued 2 task(s)"
+        wait_until(lambda: all(status_of(t) == "FAILURE" for t in ids[:2]), 20, "failures again")
+        history = json.loads(run("tasks", "show", ids[0], "--json", env=env).stdout)["history"]
+        assert [h["event"] for h in history] == ["attempt", "requeued", "attempt"]
+        assert "not on WhatsApp" in history[0]["detail"]
+    finally:
+        daemon.stop()
+        fake.stop()

@@ -124,7 +124,8 @@ class Stream:
         while not self._stop.is_set():
             try:
                 status, body = request(
-                    self.url + "/messages", {"phone": phone(self.next), "message": f"m{self.next}"}
+                    self.url + "/messages",
+                    {"phone": phone(self.next), "message": f"private-text-{self.next}"},
                 )
             except OSError:
                 return  # the daemon died under us: what was not answered 202 was not accepted
@@ -152,7 +153,9 @@ def test_kill_9_mid_stream_loses_nothing_accepted(tmp_path: Path, fake_proc: Fak
         stream = Stream(daemon.url, next_index)
         # A random moment: after 100 to 700 accepted messages, with sends in flight.
         target = rng.randrange(100, 700)
-        wait_until(lambda s=stream, n=target: len(s.accepted) >= n, 60, f"{target} accepted messages")
+        wait_until(
+            lambda s=stream, n=target: len(s.accepted) >= n, 60, f"{target} accepted messages"
+        )
         daemon.proc.kill()  # SIGKILL: no drain, no cleanup
         daemon.proc.wait(10)
         daemon.log.close()
@@ -200,6 +203,9 @@ def test_sigterm_drains_exits_0_and_the_rest_is_sent_after_restart(
     stream.stop()
     logs = daemon.logs()
     assert "draining" in logs and "drained" in logs
+    assert "accepted" in logs and "sent" in logs  # one line per message event, with its task id
+    assert any(task_id in logs for task_id in stream.accepted)
+    assert API_KEY not in logs and "private-text" not in logs  # no secrets, no message text
     rows = ledger_rows(data_dir)
     waiting = [t for t in stream.accepted if rows[t]["status"] in ("PENDING", "RETRY")]
     assert waiting, "pacing at 20/s should leave messages waiting at SIGTERM"

@@ -15,7 +15,7 @@ from typing import IO
 
 from aiohttp import web
 
-from evomsgd import __version__
+from evomsgd import __version__, systemd
 from evomsgd.api import SERVICE
 from evomsgd.app import create_app
 from evomsgd.config import Settings
@@ -93,6 +93,7 @@ async def _serve(settings: Settings, data_dir: Path) -> int:
                 signal.Signals(signum).name,
                 settings.drain_timeout,
             )
+            systemd.stopping(settings.drain_timeout)
             stop.set()
         else:
             # aiohttp's run_app would abort its cleanup here and cancel in-flight sends; we don't.
@@ -103,6 +104,8 @@ async def _serve(settings: Settings, data_dir: Path) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    interval = systemd.watchdog_interval()
+    watchdog = asyncio.create_task(systemd.watchdog(interval)) if interval else None
 
     app = create_app(settings, data_dir)
     runner = web.AppRunner(
@@ -133,9 +136,12 @@ async def _serve(settings: Settings, data_dir: Path) -> int:
             data_dir,
             settings.workers,
         )
+        systemd.ready(f"listening on {site.name}")
         await stop.wait()
         app[SERVICE].dispatcher.drain()
     finally:
         await runner.cleanup()
+        if watchdog is not None:
+            watchdog.cancel()
     log.info("stopped")
     return 0

@@ -1,0 +1,5 @@
+"""Entry script of the frozen executable: the same CLI as the `evomsgd` console script."""
+
+from evomsgd.cli import main
+
+main()

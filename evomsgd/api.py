@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from evomsgd import __version__, clock
 from evomsgd.errors import ApiError, StoreUnavailable
+from evomsgd.guards import require_instance, scoped, token_name
 from evomsgd.models import Accepted, ErrorBody, ErrorDetail, ErrorInfo, Root, SendRequest, Status
 from evomsgd.service import Service
 from evomsgd.store import ListFilter
@@ -43,6 +45,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
@@ -89,7 +92,17 @@ def _json(
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    timeout = request.app[SERVICE].settings.idle_timeout
+    try:
+        # aiohttp bounds the headers (keepalive timer) but not a body that trickles in.
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout:g}s (EVOMSGD_IDLE_TIMEOUT)",
+        ) from None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,7 +155,8 @@ async def send_message(request: web.Request) -> web.Response:
         raise ApiError(
             400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters"
         )
-    new = service.build(req, idempotency_key=key, token_name=request.get("token_name"))
+    new = service.build(req, idempotency_key=key, token_name=token_name(request))
+    require_instance(request, new.instance)
     result = await service.accept(new)
     if result.outcome == "conflict":
         raise ApiError(
@@ -167,9 +181,17 @@ async def send_message(request: web.Request) -> web.Response:
     return _json(Accepted(message=text, task_id=new.id, status=result.status), 202)
 
 
+async def _task_in_scope(request: web.Request) -> str:
+    """The path's task id, after checking that a scoped token may touch its instance."""
+    task_id = request.match_info["task_id"]
+    if scoped(request):
+        require_instance(request, (await request.app[SERVICE].task(task_id)).instance)
+    return task_id
+
+
 async def get_task(request: web.Request) -> web.Response:
     """One task with its status, result and history."""
-    return _json(await request.app[SERVICE].task(request.match_info["task_id"]))
+    return _json(await request.app[SERVICE].task(await _task_in_scope(request)))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -242,12 +264,12 @@ def _time_param(value: str | None, name: str) -> float | None:
 
 async def cancel_task(request: web.Request) -> web.Response:
     """Cancel a message that has not been sent; 409 when too late."""
-    return _json(await request.app[SERVICE].cancel(request.match_info["task_id"]))
+    return _json(await request.app[SERVICE].cancel(await _task_in_scope(request)))
 
 
 async def retry_task(request: web.Request) -> web.Response:
     """Queue a failed, expired or canceled message again."""
-    return _json(await request.app[SERVICE].retry(request.match_info["task_id"]), 202)
+    return _json(await request.app[SERVICE].retry(await _task_in_scope(request)), 202)
 
 
 async def list_instances(request: web.Request) -> web.Response:
@@ -258,6 +280,7 @@ async def list_instances(request: web.Request) -> web.Response:
 async def pause_instance(request: web.Request) -> web.Response:
     """Stop sending on one instance until resumed (messages keep waiting)."""
     instance = request.match_info["instance"]
+    require_instance(request, instance)
     reason = "paused by an operator"
     if request.can_read_body:
         payload = await _read_json(request)
@@ -271,6 +294,7 @@ async def pause_instance(request: web.Request) -> web.Response:
 async def resume_instance(request: web.Request) -> web.Response:
     """Resume sending on one instance."""
     instance = request.match_info["instance"]
+    require_instance(request, instance)
     await request.app[SERVICE].set_paused(instance, False, None)
     log.info("instance %s resumed by an operator", instance)
     return web.json_response({"instance": instance, "paused": False})

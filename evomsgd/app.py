@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from evomsgd import api, clock, dashboard, metrics, openapi
+from evomsgd import api, clock, dashboard, guards, metrics, openapi
 from evomsgd.commit import GroupCommitter
 from evomsgd.config import Settings
 from evomsgd.delivery import Delivery
@@ -21,6 +21,7 @@ from evomsgd.evolution import EvolutionClient, SandboxClient, Sender, StateProbe
 from evomsgd.queue import TaskQueue
 from evomsgd.service import Service, created_per_instance
 from evomsgd.store import InsertResult, NewMessage, Store
+from evomsgd.tokens import TokenCache
 
 log = logging.getLogger("evomsgd.app")
 
@@ -41,11 +42,21 @@ def create_app(
     on_ready: Callable[[], None] | None = None,
 ) -> web.Application:
     """The aiohttp application with the ledger, the Evolution client, the dispatcher and Huey."""
-    app = web.Application(middlewares=[api.errors_middleware], client_max_size=MAX_BODY)
+    # errors_middleware is outermost so every refusal of the guards has the one error shape.
+    app = web.Application(
+        middlewares=[
+            api.errors_middleware,
+            guards.browser_middleware(settings),
+            guards.auth_middleware(settings),
+        ],
+        client_max_size=MAX_BODY,
+    )
+    app.on_response_prepare.append(guards.cors_headers(settings))
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await asyncio.to_thread(Store, data_dir, durability=settings.durability)
         app[STORE] = store
+        app[guards.TOKENS] = TokenCache(store)
         yield
         await asyncio.to_thread(store.close)
 

@@ -72,6 +72,24 @@ class Settings(BaseModel):
     )
     host: str = _env("EVOMSGD_HOST", default="127.0.0.1", description="Address to listen on.")
     port: int = _env("EVOMSGD_PORT", default=8001, ge=0, le=65535, description="TCP port.")
+    insecure_no_auth: bool = _env(
+        "EVOMSGD_INSECURE_NO_AUTH",
+        default=False,
+        description="Listen on a non-loopback address without API tokens (only when something in "
+        "front of evomsgd authenticates every request).",
+    )
+    cors_origins: tuple[str, ...] = _env(
+        "EVOMSGD_CORS_ORIGINS",
+        default=(),
+        description="Comma-separated browser origins (https://app.example.com) allowed to call the API.",
+    )
+    idle_timeout: float = _env(
+        "EVOMSGD_IDLE_TIMEOUT",
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a connection may stay idle, or take to send a request, before it is closed.",
+    )
     data_dir: Path | None = _env(
         "EVOMSGD_DATA_DIR",
         default=None,
@@ -200,6 +218,25 @@ class Settings(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https:// (got {value!r})")
         return value.rstrip("/")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        origins = []
+        for raw in value:
+            origin = str(raw).strip().rstrip("/").lower()
+            scheme, _, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not rest or any(c in rest for c in "/?#@ "):
+                raise ValueError(
+                    f"{raw!r} is not an origin - write scheme://host[:port], "
+                    "like https://app.example.com"
+                )
+            origins.append(origin)
+        return tuple(origins)
 
     @field_validator("default_region")
     @classmethod

@@ -25,6 +25,19 @@ def gather(settings: Settings, client: DaemonClient) -> dict[str, Any]:
     body = reply.body if isinstance(reply.body, dict) else {}
     if reply.status in (200, 503) and "status" in body:
         return {"daemon": "up", "url": client.base_url, **body}
+    if reply.status == 401:
+        why = (
+            "the daemon needs an API token for /health - pass --token or set EVOMSGD_TOKEN"
+            if not client.token
+            else "the daemon refused the API token (mistyped or revoked) - check --token/EVOMSGD_TOKEN"
+        )
+        return {
+            "daemon": "up",
+            "url": client.base_url,
+            "status": "down",
+            "problems": [why],
+            "version": None,
+        }
     return {
         "daemon": "up",
         "url": client.base_url,

@@ -123,6 +123,16 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenRow:
+    """One row of `tokens`: a name, the token's SHA-256, the instances it may use (empty = all)."""
+
+    name: str
+    sha256: str
+    instances: tuple[str, ...]
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class ListFilter:
     """Filters of GET /tasks and `evomsgd tasks list`."""
 
@@ -585,7 +595,9 @@ class Store:
                 self._event(cur, message_id, instance, now_db, "canceled", "canceled by request")
         return changed, self.get(message_id)
 
-    def requeue(self, message_id: str, now: float, expires_at: float) -> tuple[bool, Message | None]:
+    def requeue(
+        self, message_id: str, now: float, expires_at: float
+    ) -> tuple[bool, Message | None]:
         """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history; (changed, row now)."""
         now_db = clock.to_db(now)
         with self._write() as cur:
@@ -665,6 +677,32 @@ class Store:
             (int(since), width, clock.to_db(int(since))),
         )
         return [(row[0], row[1] or "", row[2]) for row in rows]
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def add_token(self, name: str, sha256: str, instances: Sequence[str], now: float) -> bool:
+        """Record a token's hash; False when the name is taken."""
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO tokens (name, sha256, instances, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (name, sha256, ",".join(instances) or None, clock.to_db(now)),
+            )
+            return cur.rowcount == 1
+
+    def tokens(self) -> list[TokenRow]:
+        """Every token, by name."""
+        rows = self._read("SELECT name, sha256, instances, created_at FROM tokens ORDER BY name")
+        return [
+            TokenRow(name, digest, tuple(instances.split(",")) if instances else (), created)
+            for name, digest, instances, created in rows
+        ]
+
+    def revoke_token(self, name: str) -> bool:
+        """Delete a token; False when there is none by that name."""
+        with self._write() as cur:
+            cur.execute("DELETE FROM tokens WHERE name = ?", (name,))
+            return cur.rowcount == 1
 
 
 def _statements(script: str) -> Iterator[str]:

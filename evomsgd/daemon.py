@@ -22,7 +22,7 @@ from evomsgd.app import create_app
 from evomsgd.config import Settings
 from evomsgd.errors import DataDirError
 from evomsgd.guards import check_bind
-from evomsgd.store import Store
+from evomsgd.store import LEDGER_FILE, Store
 
 log = logging.getLogger("evomsgd.daemon")
 
@@ -108,15 +108,20 @@ def http_limits(settings: Settings) -> dict[str, Any]:
 def serve(settings: Settings, data_dir: Path) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     os.umask(0o077)  # every file we create (ledger, WAL, queue) is owner-only
+    check_bind(settings, _count_tokens(data_dir))  # before a refused start creates anything
     prepare_data_dir(data_dir)
     with exclusive(data_dir):
-        store = open_ledger(data_dir)
-        try:
-            tokens = len(store.tokens())
-        finally:
-            store.close()
-        check_bind(settings, tokens)
         return asyncio.run(_serve(settings, data_dir))
+
+
+def _count_tokens(data_dir: Path) -> int:
+    if not (data_dir / LEDGER_FILE).exists():
+        return 0
+    store = open_ledger(data_dir)
+    try:
+        return len(store.tokens())
+    finally:
+        store.close()
 
 
 async def _serve(settings: Settings, data_dir: Path) -> int:

@@ -15,7 +15,18 @@ from pydantic import BaseModel, ValidationError
 from evomsgd import __version__, clock
 from evomsgd.errors import ApiError, StoreUnavailable
 from evomsgd.guards import require_instance, scoped, token_name
-from evomsgd.models import Accepted, ErrorBody, ErrorDetail, ErrorInfo, Root, SendRequest, Status
+from evomsgd.models import (
+    Accepted,
+    ErrorBody,
+    ErrorDetail,
+    ErrorInfo,
+    Lane,
+    Lanes,
+    Paused,
+    Root,
+    SendRequest,
+    Status,
+)
 from evomsgd.service import Service
 from evomsgd.store import ListFilter
 
@@ -221,6 +232,13 @@ async def list_tasks(request: web.Request) -> web.Response:
             "limit and before must be integers",
             details=[{"field": "limit", "message": "must be an integer"}],
         ) from None
+    if before is not None and not 0 <= before < 2**63:
+        raise ApiError(
+            422,
+            "validation_error",
+            "before must be a cursor from next_before",
+            details=[{"field": "before", "message": "out of range"}],
+        )
     if not 1 <= limit <= MAX_LIST:
         raise ApiError(
             422,
@@ -245,13 +263,15 @@ def _time_param(value: str | None, name: str) -> float | None:
     if value is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
-    if value[-1:] in units and value[:-1].isdigit():
-        return clock.now() - int(value[:-1]) * units[value[-1]]
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
+    if value[-1:] in units and value[:-1].isascii() and value[:-1].isdigit():
+        ts: float | None = clock.now() - int(value[:-1]) * units[value[-1]]
+    else:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        ts = parsed.timestamp() if parsed is not None and parsed.tzinfo is not None else None
+    if ts is None or not clock.storable(ts):
         raise ApiError(
             422,
             "validation_error",
@@ -259,7 +279,7 @@ def _time_param(value: str | None, name: str) -> float | None:
             "duration like 30m, 1h, 7d",
             details=[{"field": name, "message": "invalid time"}],
         )
-    return parsed.timestamp()
+    return ts
 
 
 async def cancel_task(request: web.Request) -> web.Response:
@@ -274,7 +294,8 @@ async def retry_task(request: web.Request) -> web.Response:
 
 async def list_instances(request: web.Request) -> web.Response:
     """Each instance's lane."""
-    return web.json_response({"instances": request.app[SERVICE].dispatcher.lanes_view()})
+    lanes = request.app[SERVICE].dispatcher.lanes_view()
+    return _json(Lanes(instances=[Lane.model_validate(lane) for lane in lanes]))
 
 
 async def pause_instance(request: web.Request) -> web.Response:
@@ -288,7 +309,7 @@ async def pause_instance(request: web.Request) -> web.Response:
             reason = payload["reason"][:200]
     await request.app[SERVICE].set_paused(instance, True, reason)
     log.warning("instance %s paused: %s", instance, reason)
-    return web.json_response({"instance": instance, "paused": True, "reason": reason})
+    return _json(Paused(instance=instance, paused=True, reason=reason))
 
 
 async def resume_instance(request: web.Request) -> web.Response:
@@ -297,7 +318,7 @@ async def resume_instance(request: web.Request) -> web.Response:
     require_instance(request, instance)
     await request.app[SERVICE].set_paused(instance, False, None)
     log.info("instance %s resumed by an operator", instance)
-    return web.json_response({"instance": instance, "paused": False})
+    return _json(Paused(instance=instance, paused=False))
 
 
 def add_routes(app: web.Application) -> None:

@@ -84,6 +84,9 @@ class Service:
             expires_at = due + req.expires_in
         if req.expires_at is not None:
             expires_at = clock.from_datetime(req.expires_at)
+        for name, ts in (("send_at", send_at), ("expires_at", expires_at)):
+            if ts is not None and not clock.storable(ts):
+                problems.append({"field": name, "message": "is out of range (years 1970-9999)"})
         if expires_at <= due:
             problems.append(
                 {

@@ -149,6 +149,22 @@ async def test_every_error_has_the_one_json_shape(client: TestClient[Any, Any]) 
         ("GET", "/tasks?limit=0", {}, 422),
         ("GET", "/tasks?limit=abc", {}, 422),
         ("GET", "/tasks?since=yesterday", {}, 422),
+        # Found by schemathesis: values SQLite or the ledger's timestamps cannot hold were 500s.
+        ("GET", "/tasks?before=-335058567510403114336256", {}, 422),
+        ("GET", "/tasks?since=99999999999d", {}, 422),
+        ("GET", "/tasks?until=0001-01-01T00:00:00%2B01:00", {}, 422),
+        (
+            "POST",
+            "/messages",
+            {
+                "json": {
+                    "phone": "+5511988887777",
+                    "message": "hi",
+                    "send_at": "0001-01-01T00:00:00+01:00",
+                }
+            },
+            422,
+        ),
         ("GET", "/no/such/route", {}, 404),
         ("PUT", "/messages", {}, 405),
     ]

@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from evomsgd import clock
 from evomsgd.config import Settings
@@ -31,111 +32,53 @@ def decide(
     detail = outcome.reason
     if outcome.detail and outcome.detail not in detail:
         detail = f"{detail} (Evolution said: {outcome.detail})"
-    if kind == OutcomeKind.SENT:
-        return (
-            Transition(
-                Status.SUCCESS,
-                kind.value,
-                None,
-                outcome.http_status,
-                evolution_key=outcome.key_id,
-                remote_jid=outcome.remote_jid,
-            ),
-            LaneEffect(health=Health.OPEN),
-        )
-    if kind == OutcomeKind.SENT_UNCONFIRMED:
-        # WhatsApp has the message; resending would duplicate it.
-        return (
-            Transition(
-                Status.SUCCESS, kind.value, detail, outcome.http_status, error_kind=kind.value
-            ),
-            None,
-        )
-    if kind in (OutcomeKind.PERMANENT, OutcomeKind.UNKNOWN_INSTANCE):
+
+    def to(status: Status, text: str | None = detail, **changes: Any) -> Transition:
         return Transition(
-            Status.FAILURE, kind.value, detail, outcome.http_status, error_kind=kind.value
-        ), None
+            status, kind.value, text, outcome.http_status, error_kind=kind.value, **changes
+        )
+
+    if kind == OutcomeKind.SENT:
+        sent = Transition(
+            Status.SUCCESS,
+            kind.value,
+            None,
+            outcome.http_status,
+            evolution_key=outcome.key_id,
+            remote_jid=outcome.remote_jid,
+        )
+        return sent, LaneEffect(health=Health.OPEN)
+    if kind == OutcomeKind.SENT_UNCONFIRMED:
+        return to(Status.SUCCESS), None  # WhatsApp has it: resending would duplicate it
+    if kind in (OutcomeKind.PERMANENT, OutcomeKind.UNKNOWN_INSTANCE):
+        return to(Status.FAILURE), None
     if kind == OutcomeKind.RATE_LIMITED:
         hold = settings.rate_limit_pause
-        return (
-            Transition(
-                Status.RETRY,
-                kind.value,
-                detail,
-                outcome.http_status,
-                next_attempt_at=now + hold,
-                error_kind=kind.value,
-            ),
-            LaneEffect(hold_for=hold, reason=detail),
+        return to(Status.RETRY, next_attempt_at=now + hold), LaneEffect(
+            hold_for=hold, reason=detail
         )
     if kind in (OutcomeKind.UPSTREAM_DOWN, OutcomeKind.CONFIG_ERROR):
         # Not the message's fault: it waits, without spending retries, until the lane resumes.
         health = Health.DOWN if kind == OutcomeKind.UPSTREAM_DOWN else Health.CONFIG_ERROR
-        return (
-            Transition(
-                Status.RETRY,
-                kind.value,
-                detail,
-                outcome.http_status,
-                next_attempt_at=now,
-                error_kind=kind.value,
-            ),
-            LaneEffect(health=health, reason=detail),
-        )
+        return to(Status.RETRY, next_attempt_at=now), LaneEffect(health=health, reason=detail)
     if kind == OutcomeKind.AMBIGUOUS:
-        earlier = msg.ambiguous - msg.recovered  # recoveries after a crash are resent regardless
+        earlier = msg.ambiguous - msg.recovered  # a resend owed after a crash does not count
         if earlier < settings.ambiguous_retries:
-            return (
-                Transition(
-                    Status.RETRY,
-                    kind.value,
-                    f"{detail} - it may have been delivered; one more try in {settings.ambiguous_delay:g}s",
-                    outcome.http_status,
-                    next_attempt_at=now + settings.ambiguous_delay,
-                    ambiguous=True,
-                    error_kind=kind.value,
-                ),
-                None,
-            )
-        return (
-            Transition(
-                Status.FAILURE,
-                kind.value,
-                f"{detail} - it may have been delivered; not sent again to avoid a duplicate",
-                outcome.http_status,
-                ambiguous=True,
-                error_kind=kind.value,
-            ),
-            None,
-        )
+            text = f"{detail} - it may have been delivered; one more try in {settings.ambiguous_delay:g}s"
+            return to(
+                Status.RETRY, text, next_attempt_at=now + settings.ambiguous_delay, ambiguous=True
+            ), None
+        text = f"{detail} - it may have been delivered; not sent again to avoid a duplicate"
+        return to(Status.FAILURE, text, ambiguous=True), None
     # TRANSIENT: spend the retry budget.
     if msg.retries_used < settings.max_retries:
         delay = settings.retry_delay * settings.retry_backoff**msg.retries_used
         if settings.retry_jitter:
             delay += rng.uniform(0.0, settings.retry_jitter)
-        return (
-            Transition(
-                Status.RETRY,
-                kind.value,
-                detail,
-                outcome.http_status,
-                next_attempt_at=now + delay,
-                spend_retry=True,
-                error_kind=kind.value,
-            ),
-            None,
-        )
-    return (
-        Transition(
-            Status.FAILURE,
-            kind.value,
-            f"gave up after {msg.attempts} attempts: {detail}",
-            outcome.http_status,
-            spend_retry=True,
-            error_kind=kind.value,
-        ),
-        None,
-    )
+        return to(Status.RETRY, next_attempt_at=now + delay, spend_retry=True), None
+    return to(
+        Status.FAILURE, f"gave up after {msg.attempts} attempts: {detail}", spend_retry=True
+    ), None
 
 
 class Delivery:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -128,7 +129,8 @@ class Stream:
         while not self._stop.is_set():
             try:
                 status, body = request(
-                    self.url + "/messages", {"phone": phone(self.next), "message": f"m{self.next}"}
+                    self.url + "/messages",
+                    {"phone": phone(self.next), "message": f"private-text-{self.next}"},
                 )
             except OSError:
                 return  # the daemon died under us: what was not answered 202 was not accepted
@@ -148,10 +150,17 @@ def test_kill_9_mid_stream_loses_nothing_accepted(tmp_path: Path, fake_proc: Fak
     accepted: dict[str, int] = {}
     next_index = 0
     kills = 0
-    for _round in range(3):
+    seed = random.randrange(1_000_000)
+    rng = random.Random(seed)
+    print(f"kill points seed {seed}")
+    for _round in range(5):
         daemon = Daemon(data_dir, port, **env)
         stream = Stream(daemon.url, next_index)
-        wait_until(lambda s=stream: len(s.accepted) >= 150, 60, "150 accepted messages")
+        # A random moment: after 100 to 700 accepted messages, with sends in flight.
+        target = rng.randrange(100, 700)
+        wait_until(
+            lambda s=stream, n=target: len(s.accepted) >= n, 60, f"{target} accepted messages"
+        )
         daemon.proc.kill()  # SIGKILL: no drain, no cleanup
         daemon.proc.wait(10)
         daemon.log.close()
@@ -170,7 +179,7 @@ def test_kill_9_mid_stream_loses_nothing_accepted(tmp_path: Path, fake_proc: Fak
 
         wait_until(all_final, 120, "every accepted task to finish")
         rows = ledger_rows(data_dir)
-        assert len(accepted) >= 450
+        assert len(accepted) >= 500
         assert {rows[task_id]["status"] for task_id in accepted} == {"SUCCESS"}
         # Every accepted message reached Evolution; a duplicate only where a kill caught it mid-send.
         counts = Counter(r["number"] for r in fake_proc.received() if r["delivered"])
@@ -199,6 +208,9 @@ def test_sigterm_drains_exits_0_and_the_rest_is_sent_after_restart(
     stream.stop()
     logs = daemon.logs()
     assert "draining" in logs and "drained" in logs
+    assert "accepted" in logs and "sent" in logs  # one line per message event, with its task id
+    assert any(task_id in logs for task_id in stream.accepted)
+    assert API_KEY not in logs and "private-text" not in logs  # no secrets, no message text
     rows = ledger_rows(data_dir)
     waiting = [t for t in stream.accepted if rows[t]["status"] in ("PENDING", "RETRY")]
     assert waiting, "pacing at 20/s should leave messages waiting at SIGTERM"

@@ -1,0 +1,298 @@
+"""evomsgd's benchmark: prints one table of figures measured on this machine, in one run.
+
+    .venv/bin/python bench/run.py            # everything (~4 min; needs `wrk`: apt-get install wrk)
+    .venv/bin/python bench/run.py --quick    # smaller counts, for a smoke run
+
+Ratios matter more than absolutes: the machines are shared and noisy, so every comparison
+(evomsgd vs a bare aiohttp handler, full vs normal durability, empty vs 1M-row ledger) is
+measured back to back in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import API_KEY, FakeProcess, daemon_env, free_port  # noqa: E402
+
+BODY = json.dumps({"phone": "+5511988887777", "message": "Your code is 123456"})
+# A different valid phone on every request, as real traffic has (no cache can help).
+POST_LUA = """
+counter = 0
+request = function()
+    counter = counter + 1
+    local body = string.format('{"phone": "+5511%09d", "message": "Your code is 123456"}', 988000000 + counter % 1000000)
+    return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+BARE_SERVER = """
+import sys
+from aiohttp import web
+async def handler(request):
+    await request.read()
+    return web.json_response({"success": True, "message": "ok", "task_id": "x"}, status=202)
+app = web.Application()
+app.router.add_post("/messages", handler)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def wrk(url: str, seconds: int, connections: int = 32, lua: str | None = None) -> dict[str, float]:
+    """Run wrk; returns requests/s and latency percentiles in ms."""
+    cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    script = None
+    if lua:
+        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)  # noqa: SIM115
+        script.write(lua)
+        script.close()
+        cmd += ["-s", script.name]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    if script:
+        os.unlink(script.name)
+
+    def ms(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert match, out
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rate, "p50": ms("50"), "p99": ms("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0}
+
+
+class Daemon:
+    def __init__(self, data_dir: Path, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "evomsgd", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
+             "--log-level", "WARNING", *args],
+            cwd=ROOT, env=daemon_env(**{"EVOMSGD_MAX_WAITING": "100000000", **env}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_http(self.url + "/health")
+
+    def rss_mb(self) -> float:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.call("GET", "/health")[1]["counts"])
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(60)
+
+
+def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
+    rows = []
+    port = free_port()
+    bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)])
+    wait_http(f"http://127.0.0.1:{port}/")
+    ceiling = wrk(f"http://127.0.0.1:{port}/messages", seconds, lua=POST_LUA)
+    bare.terminate()
+    bare.wait()
+    rows.append(("bare aiohttp handler, POST, 32 connections", _rate(ceiling)))
+    for durability in ("full", "normal"):
+        daemon = Daemon(tmp / f"accept-{durability}", "--sandbox", "--instance", "bench", "--durability", durability)
+        daemon.call("POST", "/instances/bench/pause")  # measure acceptance alone
+        result = wrk(daemon.url + "/messages", seconds, lua=POST_LUA)
+        daemon.stop()
+        share = 100 * result["rps"] / ceiling["rps"]
+        rows.append((f"evomsgd POST /messages, durability={durability}", f"{_rate(result)}  = {share:.0f}% of bare"))
+    return rows
+
+
+def _rate(r: dict[str, float]) -> str:
+    errors = f", {r['errors']:.0f} non-2xx" if r["errors"] else ""
+    return f"{r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms{errors}"
+
+
+def delivery(tmp: Path, count: int) -> list[tuple[str, str]]:
+    fake = FakeProcess("--instances", "bench")
+    daemon = Daemon(tmp / "delivery", EVOLUTION_API_URL=fake.url, EVOLUTION_API_KEY=API_KEY,
+                    EVOLUTION_INSTANCE_NAME="bench", EVOMSGD_SEND_INTERVAL="0", EVOMSGD_WORKERS="8")
+    try:
+        # Pickup latency: one message at a time into an idle daemon; arrival stamped by the fake
+        # with the same CLOCK_MONOTONIC.
+        pickups = []
+        for i in range(100):
+            time.sleep(0.05)  # let the daemon go idle between samples
+            status, body = daemon.call("POST", "/messages", {"phone": f"+5511{988000000 + i}", "message": "p"})
+            accepted_at = time.monotonic()
+            assert status == 202, body
+            while True:
+                received = [r for r in fake.received() if r["number"] == f"5511{988000000 + i}"]
+                if received:
+                    pickups.append((received[0]["at"] - accepted_at) * 1000)
+                    break
+                time.sleep(0.002)
+        pickups.sort()
+        p50, p99 = statistics.median(pickups), pickups[int(len(pickups) * 0.99) - 1]
+        # Throughput: queue `count` messages, then time until every one is SUCCESS.
+        daemon.call("POST", "/instances/bench/pause")
+        asyncio.run(_post_many(daemon.url, count))
+        start = time.monotonic()
+        daemon.call("POST", "/instances/bench/resume")
+        while daemon.counts()["SUCCESS"] < count + 100:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+    finally:
+        daemon.stop()
+        fake.stop()
+    return [
+        ("pickup latency, 202 -> Evolution call (idle daemon)", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (n=100)"),
+        (f"end-to-end delivery, {count:,} messages, no pacing, 8 workers", f"{count / elapsed:,.0f} messages/s"),
+    ]
+
+
+async def _post_many(url: str, count: int, concurrency: int = 32) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(count):
+            queue.put_nowait(i)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                async with session.post(url + "/messages", json={"phone": f"+5511{989000000 + i}", "message": "t"}) as r:
+                    assert r.status == 202, await r.text()
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def memory(tmp: Path, count: int) -> list[tuple[str, str]]:
+    daemon = Daemon(tmp / "memory", "--sandbox", "--instance", "bench", EVOMSGD_SEND_INTERVAL="0")
+    try:
+        time.sleep(1.0)
+        idle = daemon.rss_mb()
+        asyncio.run(_post_many(daemon.url, count))
+        while daemon.counts()["SUCCESS"] < count:
+            time.sleep(0.2)
+        after = daemon.rss_mb()
+    finally:
+        daemon.stop()
+    return [("resident memory, idle", f"{idle:.1f} MB"), (f"resident memory after {count:,} messages", f"{after:.1f} MB")]
+
+
+def seed(data_dir: Path, rows: int) -> str:
+    """Write `rows` finished messages (and their attempt events) straight into a new ledger."""
+    from evomsgd.store import Store
+
+    Store(data_dir).close()  # create the schema
+    conn = sqlite3.connect(data_dir / "evomsgd.db", isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("BEGIN")
+    some_id = ""
+    batch = []
+    for i in range(rows):
+        task_id = str(uuid.uuid4())
+        some_id = task_id if i == rows // 2 else some_id
+        ts = f"2026-11-{1 + i * 20 // rows:02d} 10:00:00.000"
+        batch.append((task_id, "SUCCESS", "bench", f"5511{980000000 + i % 10_000_000}", "+55", "text", ts, ts,
+                      ts, 1, "KEY", f"5511{980000000 + i}@s.whatsapp.net"))
+        if len(batch) == 50_000:
+            _flush(conn, batch)
+    _flush(conn, batch)
+    conn.execute("COMMIT")
+    conn.close()
+    return some_id
+
+
+def _flush(conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+    conn.executemany(
+        "INSERT INTO messages (id, status, instance, phone, phone_input, text, created_at, expires_at,"
+        " finished_at, attempts, evolution_key, remote_jid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", batch)
+    conn.executemany(
+        "INSERT INTO events (message_id, at, instance, event, attempt, outcome) VALUES (?, ?, 'bench', 'attempt', 1, 'sent')",
+        [(row[0], row[6]) for row in batch])
+    batch.clear()
+
+
+def big_ledger(tmp: Path, rows: int, seconds: int) -> list[tuple[str, str]]:
+    out = []
+    results = {}
+    for label, size in (("empty", 0), (f"{rows:,} rows", rows)):
+        data_dir = tmp / f"ledger-{size}"
+        data_dir.mkdir()
+        some_id = seed(data_dir, size) if size else None
+        daemon = Daemon(data_dir, "--sandbox", "--instance", "bench")
+        daemon.call("POST", "/instances/bench/pause")
+        if some_id is None:
+            some_id = daemon.call("POST", "/messages", json.loads(BODY))[1]["task_id"]
+        post = wrk(daemon.url + "/messages", seconds, lua=POST_LUA)
+        get = wrk(f"{daemon.url}/tasks/{some_id}", seconds)
+        daemon.stop()
+        results[label] = (post, get)
+        out.append((f"ledger {label}: POST /messages", _rate(post)))
+        out.append((f"ledger {label}: GET /tasks/{{id}}", _rate(get)))
+    (empty_post, empty_get), (big_post, big_get) = results.values()
+    out.append(("1M-row ledger vs empty", f"POST {100 * big_post['rps'] / empty_post['rps']:.0f}%, "
+                f"GET p50 {big_get['p50']:.2f} vs {empty_get['p50']:.2f} ms"))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts for a smoke run")
+    args = parser.parse_args()
+    seconds = 3 if args.quick else 10
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        rows += accept_rate(tmp, seconds)
+        rows += delivery(tmp, 1000 if args.quick else 5000)
+        rows += memory(tmp, 5000 if args.quick else 100_000)
+        rows += big_ledger(tmp, 50_000 if args.quick else 1_000_000, seconds)
+    width = max(len(name) for name, _ in rows)
+    print(f"evomsgd benchmark - {os.cpu_count()} cores, python {sys.version.split()[0]}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Fault tests: a locked or full ledger, lost leases, retry policy, idempotency across a restart."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evomsgd import clock
+from evomsgd.api import SERVICE
+from evomsgd.delivery import decide
+from evomsgd.evolution import OutcomeKind, SendOutcome
+from evomsgd.models import Status
+from evomsgd.store import Message
+from tests.conftest import (
+    API_KEY,
+    FakeProcess,
+    MakeClient,
+    fast_settings,
+    free_port,
+    post,
+    wait_status,
+    wait_until,
+)
+from tests.fake_evolution import FakeEvolution
+from tests.test_e2e import Daemon, ledger_rows, phone, request
+
+
+def _message(**overrides: Any) -> Message:
+    values: dict[str, Any] = dict(
+        seq=1,
+        id="m",
+        status=Status.STARTED,
+        instance="shop",
+        phone="55",
+        phone_input="+55",
+        text="x",
+        priority=0,
+        created_at="",
+        send_at=None,
+        next_attempt_at=None,
+        expires_at="",
+        attempts=1,
+        retries_used=0,
+        ambiguous=0,
+        recovered=0,
+        lease_until=None,
+        started_at="",
+        finished_at=None,
+        last_error=None,
+        error_kind=None,
+        evolution_key=None,
+        remote_jid=None,
+        sandbox=False,
+        idempotency_key=None,
+        token_name=None,
+    )
+    values.update(overrides)
+    return Message(**values)
+
+
+def test_exponential_backoff_with_jitter() -> None:
+    settings = fast_settings(retry_delay=2.0, retry_backoff=2.0, retry_jitter=0.5, max_retries=5)
+    transient = SendOutcome(OutcomeKind.TRANSIENT, "boom")
+    rng = random.Random(3)
+    delays = []
+    for used in range(5):
+        tr, _ = decide(
+            _message(retries_used=used, attempts=used + 1), transient, 100.0, settings, rng
+        )
+        assert tr.status == Status.RETRY and tr.spend_retry
+        delays.append(tr.next_attempt_at - 100.0)  # type: ignore[operator]
+    for used, delay in enumerate(delays):
+        assert 2.0 * 2**used <= delay <= 2.0 * 2**used + 0.5
+    final, _ = decide(_message(retries_used=5, attempts=6), transient, 100.0, settings, rng)
+    assert final.status == Status.FAILURE and final.detail == "gave up after 6 attempts: boom"
+
+
+def test_ambiguous_policy_is_configurable() -> None:
+    drop = SendOutcome(OutcomeKind.AMBIGUOUS, "connection reset after sending")
+    never = fast_settings(ambiguous_retries=0)
+    tr, _ = decide(_message(), drop, 0.0, never, random.Random())
+    assert tr.status == Status.FAILURE and tr.ambiguous
+    assert tr.detail == (
+        "connection reset after sending - it may have been delivered; not sent again to "
+        "avoid a duplicate"
+    )
+    # a crash recovery is not counted against the policy: the resend after a crash is owed
+    tr, _ = decide(
+        _message(ambiguous=1, recovered=1),
+        drop,
+        0.0,
+        fast_settings(ambiguous_retries=1),
+        random.Random(),
+    )
+    assert tr.status == Status.RETRY
+
+
+async def test_a_lost_lease_is_swept_back_and_sent(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    await client.post("/instances/main/pause")
+    accepted = await post(client)
+    store = client.app[SERVICE].store
+    # A worker that claimed the message and then hung: its lease runs out in 0.2 s.
+    assert store.claim(accepted["task_id"], clock.now(), lease=0.2) is not None
+    await client.post("/instances/main/resume")
+    task = await wait_status(client, accepted["task_id"])
+    assert task["status"] == "SUCCESS"
+    assert (
+        task["result"]["recovered_after_crash"] == 1
+        and task["result"]["possibly_duplicated"] is True
+    )
+    assert [h["event"] for h in task["history"]] == ["recovered", "attempt"]
+    assert "lease expired" in task["history"][0]["detail"]
+
+
+async def test_a_full_disk_answers_503_and_recovers(
+    make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    before = await post(client)
+    store = client.app[SERVICE].store
+    pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
+    store._conn.execute(f"PRAGMA max_page_count={pages}")  # SQLite's own "disk full"
+    try:
+        accepted = 0
+        for i in range(200):
+            resp = await client.post("/messages", json={"phone": phone(i), "message": "x" * 2000})
+            if resp.status == 503:
+                body = await resp.json()
+                assert body["error"]["code"] == "store_unavailable"
+                assert "database or disk is full" in body["error"]["message"]
+                assert resp.headers["Retry-After"] == "5"
+                break
+            accepted += 1
+        else:
+            pytest.fail("the ledger never filled up")
+    finally:
+        store._conn.execute("PRAGMA max_page_count=1073741823")
+    after = await post(client)
+    for task_id in (before["task_id"], after["task_id"]):
+        assert (await wait_status(client, task_id))["status"] == "SUCCESS"
+    with sqlite3.connect(tmp_path / "evomsgd.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == accepted + 2
+
+
+@pytest.mark.slow
+def test_an_operator_holding_the_write_lock_for_10s_loses_nothing(tmp_path: Path) -> None:
+    fake = FakeProcess("--instances", "main")
+    data_dir = tmp_path / "data"
+    daemon = Daemon(
+        data_dir,
+        free_port(),
+        EVOLUTION_API_URL=fake.url,
+        EVOLUTION_API_KEY=API_KEY,
+        EVOLUTION_INSTANCE_NAME="main",
+        EVOMSGD_SEND_INTERVAL="0",
+    )
+    accepted: list[str] = []
+    refused: list[int] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        i = 0
+        while not stop.is_set():
+            status, body = request(
+                daemon.url + "/messages", {"phone": phone(i), "message": "during the lock"}
+            )
+            (accepted.append(body["task_id"]) if status == 202 else refused.append(status))
+            i += 1
+
+    try:
+        operator = sqlite3.connect(data_dir / "evomsgd.db", isolation_level=None)
+        operator.execute("BEGIN IMMEDIATE")  # what `sqlite3` does during a long manual UPDATE
+        writer = threading.Thread(target=stream)
+        writer.start()
+        time.sleep(10)  # the operator's lock: the point of the test is its duration
+        operator.execute("ROLLBACK")
+        operator.close()
+        wait_until(lambda: len(accepted) >= 20, 20, "new messages accepted after the lock")
+        stop.set()
+        writer.join(30)
+        assert set(refused) <= {503}
+        wait_until(
+            lambda: all(ledger_rows(data_dir)[t]["status"] == "SUCCESS" for t in accepted),
+            60,
+            "all sent",
+        )
+        with sqlite3.connect(data_dir / "evomsgd.db") as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert daemon.healthy()
+    finally:
+        stop.set()
+        daemon.stop()
+        fake.stop()
+
+
+@pytest.mark.slow
+def test_idempotency_survives_a_crash(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    body = {"phone": "+5511988887777", "message": "Order 7 shipped", "instance_name": "shop"}
+    daemon = Daemon(data_dir, port, "--sandbox")
+    req = lambda payload: _post_with_key(daemon.url, payload, "order-7")  # noqa: E731
+    status, first = req(body)
+    assert status == 202
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+    daemon = Daemon(data_dir, port, "--sandbox")
+    try:
+        status, again = req(body)
+        assert status == 200 and again["task_id"] == first["task_id"]
+        status, conflict = req({**body, "message": "Order 8 shipped"})
+        assert status == 409 and conflict["error"]["code"] == "idempotency_conflict"
+        assert len(ledger_rows(data_dir)) == 1
+    finally:
+        daemon.stop()
+
+
+def _post_with_key(url: str, payload: dict[str, Any], key: str) -> tuple[int, Any]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        url + "/messages",
+        data=json.dumps(payload).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from evomsgd import __version__, clock
 from evomsgd.errors import ApiError, StoreUnavailable
+from evomsgd.log import log_fields
 from evomsgd.models import Accepted, ErrorBody, ErrorDetail, ErrorInfo, Root, SendRequest, Status
 from evomsgd.service import Service
 from evomsgd.store import ListFilter
@@ -159,7 +160,11 @@ async def send_message(request: web.Request) -> web.Response:
         )
         return _json(body, 200, {"Idempotent-Replayed": "true"})
     log.info(
-        "task %s instance %s: accepted (%s)", new.id, new.instance, result.status.value.lower()
+        "task %s instance %s: accepted (%s)",
+        new.id,
+        new.instance,
+        result.status.value.lower(),
+        extra=log_fields(new.id, new.instance),
     )
     text = (
         "Message scheduled" if result.status == Status.SCHEDULED else "Message queued for delivery"
@@ -264,7 +269,7 @@ async def pause_instance(request: web.Request) -> web.Response:
         if isinstance(payload, dict) and isinstance(payload.get("reason"), str):
             reason = payload["reason"][:200]
     await request.app[SERVICE].set_paused(instance, True, reason)
-    log.warning("instance %s paused: %s", instance, reason)
+    log.warning("instance %s paused: %s", instance, reason, extra=log_fields(instance=instance))
     return web.json_response({"instance": instance, "paused": True, "reason": reason})
 
 
@@ -272,7 +277,7 @@ async def resume_instance(request: web.Request) -> web.Response:
     """Resume sending on one instance."""
     instance = request.match_info["instance"]
     await request.app[SERVICE].set_paused(instance, False, None)
-    log.info("instance %s resumed by an operator", instance)
+    log.info("instance %s resumed by an operator", instance, extra=log_fields(instance=instance))
     return web.json_response({"instance": instance, "paused": False})
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
+from evomsgd.log import log_fields
 from evomsgd.models import FINAL, WAITING, Status
 from evomsgd.schema import MIGRATIONS
 
@@ -506,7 +507,9 @@ class Store:
                 " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
                 (clock.to_db(now), msg.id, msg.started_at),
             )
-            log.debug("task %s released: %s", msg.id, reason)
+            log.debug(
+                "task %s released: %s", msg.id, reason, extra=log_fields(msg.id, msg.instance)
+            )
 
     @staticmethod
     def _event(
@@ -585,7 +588,9 @@ class Store:
                 self._event(cur, message_id, instance, now_db, "canceled", "canceled by request")
         return changed, self.get(message_id)
 
-    def requeue(self, message_id: str, now: float, expires_at: float) -> tuple[bool, Message | None]:
+    def requeue(
+        self, message_id: str, now: float, expires_at: float
+    ) -> tuple[bool, Message | None]:
         """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history; (changed, row now)."""
         now_db = clock.to_db(now)
         with self._write() as cur:

@@ -71,6 +71,22 @@ def client_options(func: F) -> F:
     return common_options(func)
 
 
+def color_option(func: F) -> F:
+    """--color/--no-color; without either, colours only on a terminal and never with NO_COLOR."""
+    return click.option(
+        "--color/--no-color",
+        default=None,
+        help="Force colours on or off [default: on for a terminal, unless NO_COLOR is set].",
+    )(func)
+
+
+def _use_color(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    # https://no-color.org: any non-empty NO_COLOR turns colours off.
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 def _settings(**flags: Any) -> Settings:
     return load_settings(flags)
 
@@ -162,15 +178,20 @@ def serve(**flags: Any) -> None:
 @cli.command()
 @client_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@color_option
 @handle_errors
-def status(url: str | None, token: str | None, as_json: bool, **flags: Any) -> None:
+def status(
+    url: str | None, token: str | None, as_json: bool, color: bool | None, **flags: Any
+) -> None:
     """Is the daemon up and healthy? Reads the ledger directly when it is down.
 
     Exit code: 0 healthy, 1 degraded, 2 down.
 
-    Example:
+    Examples:
 
         evomsgd status --json | jq .counts
+
+        evomsgd status --color | less -R
     """
     from evomsgd.status import gather, render
 
@@ -179,9 +200,7 @@ def status(url: str | None, token: str | None, as_json: bool, **flags: Any) -> N
     if as_json:
         _print_json(report)
     else:
-        click.echo(
-            render(report, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ), color=True
-        )
+        click.echo(render(report, color=_use_color(color)), color=True)
     sys.exit({"ok": EXIT_OK, "degraded": EXIT_DEGRADED}.get(report["status"], EXIT_DOWN))
 
 

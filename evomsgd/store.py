@@ -27,6 +27,29 @@ _IN_WAITING = "status IN ('PENDING', 'SCHEDULED', 'RETRY')"
 
 Durability = Literal["full", "normal"]
 
+# The newest failure among the latest 10,000 history rows: a bounded read however big the ledger
+# (a daemon that has sent 10,000 messages since its last failure reports none). Shared with
+# `evomsgd status`, which runs it on a read-only connection while the daemon is down.
+LAST_ERROR_SQL = (
+    "SELECT at, message_id, instance, coalesce(detail, outcome, event) FROM"
+    " (SELECT id, at, message_id, instance, event, outcome, detail FROM events"
+    "  ORDER BY id DESC LIMIT 10000)"
+    " WHERE (event = 'attempt' AND outcome NOT IN ('sent', 'sent_unconfirmed'))"
+    " OR event IN ('expired', 'recovered') ORDER BY id DESC LIMIT 1"
+)
+
+
+def last_error_row(row: Sequence[Any] | None) -> dict[str, Any] | None:
+    """LAST_ERROR_SQL's row as {at, task_id, instance, error}."""
+    if row is None:
+        return None
+    return {
+        "at": clock.db_to_rfc3339(row[0]),
+        "task_id": row[1],
+        "instance": row[2],
+        "error": row[3],
+    }
+
 
 @dataclass(slots=True)
 class NewMessage:
@@ -374,6 +397,11 @@ class Store:
         )
         oldest = rows[0][0]
         return None if oldest is None else max(0.0, now - clock.from_db(oldest))
+
+    def last_error(self) -> dict[str, Any] | None:
+        """The newest failed attempt, expiry or crash recovery: {at, task_id, instance, error}."""
+        rows = self._read(LAST_ERROR_SQL)
+        return last_error_row(rows[0] if rows else None)
 
     def waiting_by_instance(self) -> dict[str, tuple[int, str | None]]:
         """instance -> (waiting count, earliest next_attempt_at)."""

@@ -206,6 +206,36 @@ def status(
 
 @cli.command()
 @common_options
+@click.option(
+    "--sandbox", is_flag=True, default=None, help="Check a sandbox set-up [env: EVOMSGD_SANDBOX]."
+)
+@click.option(
+    "--full", is_flag=True, help="PRAGMA integrity_check instead of quick_check (slower)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@color_option
+def doctor(full: bool, as_json: bool, color: bool | None, **flags: Any) -> None:
+    """Check the configuration, the data directory, the ledger, Evolution, the API key and each
+    instance: one line each, OK / WARN / FAIL / SKIP, with the fix. Never prints the key.
+
+    Exit code: 0 when nothing FAILs, 1 otherwise.
+
+    Example:
+
+        evomsgd doctor
+    """
+    from evomsgd.doctor import diagnose, render
+
+    checks = diagnose(flags, full=full)
+    if as_json:
+        _print_json([{"check": c.name, "verdict": c.verdict, "detail": c.detail} for c in checks])
+    else:
+        click.echo(render(checks, color=_use_color(color)), color=True)
+    sys.exit(1 if any(c.verdict == "FAIL" for c in checks) else 0)
+
+
+@cli.command()
+@common_options
 @click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
 @click.option(
     "--vacuum",

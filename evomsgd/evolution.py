@@ -98,6 +98,7 @@ class StateProbe:
     state: InstanceState
     kind: OutcomeKind | None
     reason: str
+    http_status: int | None = None  # tells a rejected key (401) from other config errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,7 +528,7 @@ class EvolutionClient:
                     OutcomeKind.TRANSIENT,
                     "Evolution answered the state probe without a recognisable state",
                 )
-            return StateProbe(state, None, _STATE_REASONS[state].format(instance=instance))
+            return StateProbe(state, None, _STATE_REASONS[state].format(instance=instance), status)
         outcome = classify_response(status, body)
         kind = outcome.kind
         if kind not in (
@@ -536,7 +537,7 @@ class EvolutionClient:
             OutcomeKind.UNKNOWN_INSTANCE,
         ):
             kind = OutcomeKind.TRANSIENT
-        return StateProbe(InstanceState.UNKNOWN, kind, self._scrub(outcome.reason))
+        return StateProbe(InstanceState.UNKNOWN, kind, self._scrub(outcome.reason), status)
 
     async def server_info(self) -> ServerInfo:
         """`GET /` without the key: is Evolution there, and which version; never raises."""

@@ -41,6 +41,8 @@ async def run_periodically(store: Store, settings: Settings, stop: threading.Eve
             log.warning(
                 "retention: purge failed (%s); trying again in %gs", exc, settings.purge_interval
             )
+        except Exception:  # a bug here must not end retention for the daemon's lifetime
+            log.exception("retention: purge crashed; trying again in %gs", settings.purge_interval)
         else:
             if report.removed:
                 log.info("retention: %s", summary(report))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from evomsgd import __version__, clock
 from evomsgd.errors import ApiError, StoreUnavailable
 from evomsgd.guards import require_instance, scoped, token_name
+from evomsgd.log import log_fields
 from evomsgd.models import (
     Accepted,
     ErrorBody,
@@ -184,7 +185,11 @@ async def send_message(request: web.Request) -> web.Response:
         )
         return _json(body, 200, {"Idempotent-Replayed": "true"})
     log.info(
-        "task %s instance %s: accepted (%s)", new.id, new.instance, result.status.value.lower()
+        "task %s instance %s: accepted (%s)",
+        new.id,
+        new.instance,
+        result.status.value.lower(),
+        extra=log_fields(new.id, new.instance),
     )
     text = (
         "Message scheduled" if result.status == Status.SCHEDULED else "Message queued for delivery"
@@ -308,7 +313,7 @@ async def pause_instance(request: web.Request) -> web.Response:
         if isinstance(payload, dict) and isinstance(payload.get("reason"), str):
             reason = payload["reason"][:200]
     await request.app[SERVICE].set_paused(instance, True, reason)
-    log.warning("instance %s paused: %s", instance, reason)
+    log.warning("instance %s paused: %s", instance, reason, extra=log_fields(instance=instance))
     return _json(Paused(instance=instance, paused=True, reason=reason))
 
 
@@ -317,7 +322,7 @@ async def resume_instance(request: web.Request) -> web.Response:
     instance = request.match_info["instance"]
     require_instance(request, instance)
     await request.app[SERVICE].set_paused(instance, False, None)
-    log.info("instance %s resumed by an operator", instance)
+    log.info("instance %s resumed by an operator", instance, extra=log_fields(instance=instance))
     return _json(Paused(instance=instance, paused=False))
 
 

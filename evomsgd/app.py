@@ -6,13 +6,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from evomsgd import api, clock, dashboard, guards, metrics, openapi
+from evomsgd import api, clock, dashboard, guards, metrics, openapi, retention
 from evomsgd.commit import GroupCommitter
 from evomsgd.config import Settings
 from evomsgd.delivery import Delivery
@@ -59,6 +60,18 @@ def create_app(
         app[guards.TOKENS] = TokenCache(store)
         yield
         await asyncio.to_thread(store.close)
+
+    async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not settings.purge_interval:
+            yield
+            return
+        stop = threading.Event()
+        task = asyncio.create_task(retention.run_periodically(app[STORE], settings, stop))
+        yield
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession() as session:
@@ -124,7 +137,7 @@ def create_app(
             await health_task
         await drain(dispatcher, queue, committer, settings.drain_timeout)
 
-    app.cleanup_ctx.extend([store_ctx, sender_ctx, engine_ctx])
+    app.cleanup_ctx.extend([store_ctx, retention_ctx, sender_ctx, engine_ctx])
     api.add_routes(app)
     openapi.add_routes(app)
     metrics.add_routes(app)

@@ -200,6 +200,30 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds an Idempotency-Key is remembered.",
     )
+    keep_success_days: float = _env(
+        "EVOMSGD_KEEP_SUCCESS_DAYS",
+        default=30.0,
+        ge=0,
+        description="Days a SUCCESS message is kept after it was sent (0 keeps it forever).",
+    )
+    keep_failed_days: float = _env(
+        "EVOMSGD_KEEP_FAILED_DAYS",
+        default=90.0,
+        ge=0,
+        description="Days a FAILURE, EXPIRED or CANCELED message is kept (0 keeps it forever).",
+    )
+    erase_text_days: float | None = _env(
+        "EVOMSGD_ERASE_TEXT_DAYS",
+        default=None,
+        ge=0,
+        description="Days after which a finished message's text is erased, its row kept (default off).",
+    )
+    purge_interval: float = _env(
+        "EVOMSGD_PURGE_INTERVAL",
+        default=3600.0,
+        ge=0,
+        description="Seconds between two retention runs of the daemon (0 turns them off).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
         "EVOMSGD_LOG_LEVEL", default="INFO", description="Log level."
     )

@@ -210,6 +210,10 @@ class HealthView(BaseModel):
     instances: list[Lane] = Field(
         description="Each instance lane: state, waiting, next send, last error."
     )
+    last_error: dict[str, Any] | None = Field(
+        None,
+        description="The newest failed attempt, expiry or recovery: at, task_id, instance, error.",
+    )
     problems: list[str]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,20 @@ from pydantic import BaseModel, ValidationError
 
 from evomsgd import __version__, clock
 from evomsgd.errors import ApiError, StoreUnavailable
-from evomsgd.models import Accepted, ErrorBody, ErrorDetail, ErrorInfo, Root, SendRequest, Status
+from evomsgd.guards import require_instance, scoped, token_name
+from evomsgd.log import log_fields
+from evomsgd.models import (
+    Accepted,
+    ErrorBody,
+    ErrorDetail,
+    ErrorInfo,
+    Lane,
+    Lanes,
+    Paused,
+    Root,
+    SendRequest,
+    Status,
+)
 from evomsgd.service import Service
 from evomsgd.store import ListFilter
 
@@ -43,6 +57,7 @@ _HTTP_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
@@ -89,7 +104,17 @@ def _json(
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    timeout = request.app[SERVICE].settings.idle_timeout
+    try:
+        # aiohttp bounds the headers (keepalive timer) but not a body that trickles in.
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout:g}s (EVOMSGD_IDLE_TIMEOUT)",
+        ) from None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -142,7 +167,8 @@ async def send_message(request: web.Request) -> web.Response:
         raise ApiError(
             400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters"
         )
-    new = service.build(req, idempotency_key=key, token_name=request.get("token_name"))
+    new = service.build(req, idempotency_key=key, token_name=token_name(request))
+    require_instance(request, new.instance)
     result = await service.accept(new)
     if result.outcome == "conflict":
         raise ApiError(
@@ -159,7 +185,11 @@ async def send_message(request: web.Request) -> web.Response:
         )
         return _json(body, 200, {"Idempotent-Replayed": "true"})
     log.info(
-        "task %s instance %s: accepted (%s)", new.id, new.instance, result.status.value.lower()
+        "task %s instance %s: accepted (%s)",
+        new.id,
+        new.instance,
+        result.status.value.lower(),
+        extra=log_fields(new.id, new.instance),
     )
     text = (
         "Message scheduled" if result.status == Status.SCHEDULED else "Message queued for delivery"
@@ -167,9 +197,17 @@ async def send_message(request: web.Request) -> web.Response:
     return _json(Accepted(message=text, task_id=new.id, status=result.status), 202)
 
 
+async def _task_in_scope(request: web.Request) -> str:
+    """The path's task id, after checking that a scoped token may touch its instance."""
+    task_id = request.match_info["task_id"]
+    if scoped(request):
+        require_instance(request, (await request.app[SERVICE].task(task_id)).instance)
+    return task_id
+
+
 async def get_task(request: web.Request) -> web.Response:
     """One task with its status, result and history."""
-    return _json(await request.app[SERVICE].task(request.match_info["task_id"]))
+    return _json(await request.app[SERVICE].task(await _task_in_scope(request)))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -199,6 +237,13 @@ async def list_tasks(request: web.Request) -> web.Response:
             "limit and before must be integers",
             details=[{"field": "limit", "message": "must be an integer"}],
         ) from None
+    if before is not None and not 0 <= before < 2**63:
+        raise ApiError(
+            422,
+            "validation_error",
+            "before must be a cursor from next_before",
+            details=[{"field": "before", "message": "out of range"}],
+        )
     if not 1 <= limit <= MAX_LIST:
         raise ApiError(
             422,
@@ -223,13 +268,15 @@ def _time_param(value: str | None, name: str) -> float | None:
     if value is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
-    if value[-1:] in units and value[:-1].isdigit():
-        return clock.now() - int(value[:-1]) * units[value[-1]]
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
+    if value[-1:] in units and value[:-1].isascii() and value[:-1].isdigit():
+        ts: float | None = clock.now() - int(value[:-1]) * units[value[-1]]
+    else:
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            parsed = None
+        ts = parsed.timestamp() if parsed is not None and parsed.tzinfo is not None else None
+    if ts is None or not clock.storable(ts):
         raise ApiError(
             422,
             "validation_error",
@@ -237,43 +284,46 @@ def _time_param(value: str | None, name: str) -> float | None:
             "duration like 30m, 1h, 7d",
             details=[{"field": name, "message": "invalid time"}],
         )
-    return parsed.timestamp()
+    return ts
 
 
 async def cancel_task(request: web.Request) -> web.Response:
     """Cancel a message that has not been sent; 409 when too late."""
-    return _json(await request.app[SERVICE].cancel(request.match_info["task_id"]))
+    return _json(await request.app[SERVICE].cancel(await _task_in_scope(request)))
 
 
 async def retry_task(request: web.Request) -> web.Response:
     """Queue a failed, expired or canceled message again."""
-    return _json(await request.app[SERVICE].retry(request.match_info["task_id"]), 202)
+    return _json(await request.app[SERVICE].retry(await _task_in_scope(request)), 202)
 
 
 async def list_instances(request: web.Request) -> web.Response:
     """Each instance's lane."""
-    return web.json_response({"instances": request.app[SERVICE].dispatcher.lanes_view()})
+    lanes = request.app[SERVICE].dispatcher.lanes_view()
+    return _json(Lanes(instances=[Lane.model_validate(lane) for lane in lanes]))
 
 
 async def pause_instance(request: web.Request) -> web.Response:
     """Stop sending on one instance until resumed (messages keep waiting)."""
     instance = request.match_info["instance"]
+    require_instance(request, instance)
     reason = "paused by an operator"
     if request.can_read_body:
         payload = await _read_json(request)
         if isinstance(payload, dict) and isinstance(payload.get("reason"), str):
             reason = payload["reason"][:200]
     await request.app[SERVICE].set_paused(instance, True, reason)
-    log.warning("instance %s paused: %s", instance, reason)
-    return web.json_response({"instance": instance, "paused": True, "reason": reason})
+    log.warning("instance %s paused: %s", instance, reason, extra=log_fields(instance=instance))
+    return _json(Paused(instance=instance, paused=True, reason=reason))
 
 
 async def resume_instance(request: web.Request) -> web.Response:
     """Resume sending on one instance."""
     instance = request.match_info["instance"]
+    require_instance(request, instance)
     await request.app[SERVICE].set_paused(instance, False, None)
-    log.info("instance %s resumed by an operator", instance)
-    return web.json_response({"instance": instance, "paused": False})
+    log.info("instance %s resumed by an operator", instance, extra=log_fields(instance=instance))
+    return _json(Paused(instance=instance, paused=False))
 
 
 def add_routes(app: web.Application) -> None:

@@ -6,13 +6,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from evomsgd import api, clock, dashboard, metrics, openapi
+from evomsgd import api, clock, dashboard, guards, metrics, openapi, retention
 from evomsgd.commit import GroupCommitter
 from evomsgd.config import Settings
 from evomsgd.delivery import Delivery
@@ -21,6 +22,7 @@ from evomsgd.evolution import EvolutionClient, SandboxClient, Sender, StateProbe
 from evomsgd.queue import TaskQueue
 from evomsgd.service import Service, created_per_instance
 from evomsgd.store import InsertResult, NewMessage, Store
+from evomsgd.tokens import TokenCache
 
 log = logging.getLogger("evomsgd.app")
 
@@ -41,13 +43,35 @@ def create_app(
     on_ready: Callable[[], None] | None = None,
 ) -> web.Application:
     """The aiohttp application with the ledger, the Evolution client, the dispatcher and Huey."""
-    app = web.Application(middlewares=[api.errors_middleware], client_max_size=MAX_BODY)
+    # errors_middleware is outermost so every refusal of the guards has the one error shape.
+    app = web.Application(
+        middlewares=[
+            api.errors_middleware,
+            guards.browser_middleware(settings),
+            guards.auth_middleware(settings),
+        ],
+        client_max_size=MAX_BODY,
+    )
+    app.on_response_prepare.append(guards.cors_headers(settings))
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         store = await asyncio.to_thread(Store, data_dir, durability=settings.durability)
         app[STORE] = store
+        app[guards.TOKENS] = TokenCache(store)
         yield
         await asyncio.to_thread(store.close)
+
+    async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
+        if not settings.purge_interval:
+            yield
+            return
+        stop = threading.Event()
+        task = asyncio.create_task(retention.run_periodically(app[STORE], settings, stop))
+        yield
+        stop.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession() as session:
@@ -113,7 +137,7 @@ def create_app(
             await health_task
         await drain(dispatcher, queue, committer, settings.drain_timeout)
 
-    app.cleanup_ctx.extend([store_ctx, sender_ctx, engine_ctx])
+    app.cleanup_ctx.extend([store_ctx, retention_ctx, sender_ctx, engine_ctx])
     api.add_routes(app)
     openapi.add_routes(app)
     metrics.add_routes(app)

@@ -71,6 +71,22 @@ def client_options(func: F) -> F:
     return common_options(func)
 
 
+def color_option(func: F) -> F:
+    """--color/--no-color; without either, colours only on a terminal and never with NO_COLOR."""
+    return click.option(
+        "--color/--no-color",
+        default=None,
+        help="Force colours on or off [default: on for a terminal, unless NO_COLOR is set].",
+    )(func)
+
+
+def _use_color(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    # https://no-color.org: any non-empty NO_COLOR turns colours off.
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 def _settings(**flags: Any) -> Settings:
     return load_settings(flags)
 
@@ -118,6 +134,13 @@ def cli() -> None:
     default=None,
     help="Record messages in the ledger, send nothing [env: EVOMSGD_SANDBOX].",
 )
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    default=None,
+    help="Allow a non-loopback --host without API tokens (a proxy must authenticate) "
+    "[env: EVOMSGD_INSECURE_NO_AUTH].",
+)
 @click.option("--evolution-url", help="Evolution API base URL [env: EVOLUTION_API_URL].")
 @click.option(
     "--evolution-key", help="Evolution API key [env: EVOLUTION_API_KEY]; prefer the env file."
@@ -162,15 +185,20 @@ def serve(**flags: Any) -> None:
 @cli.command()
 @client_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@color_option
 @handle_errors
-def status(url: str | None, token: str | None, as_json: bool, **flags: Any) -> None:
+def status(
+    url: str | None, token: str | None, as_json: bool, color: bool | None, **flags: Any
+) -> None:
     """Is the daemon up and healthy? Reads the ledger directly when it is down.
 
     Exit code: 0 healthy, 1 degraded, 2 down.
 
-    Example:
+    Examples:
 
         evomsgd status --json | jq .counts
+
+        evomsgd status --color | less -R
     """
     from evomsgd.status import gather, render
 
@@ -179,10 +207,106 @@ def status(url: str | None, token: str | None, as_json: bool, **flags: Any) -> N
     if as_json:
         _print_json(report)
     else:
-        click.echo(
-            render(report, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ), color=True
-        )
+        click.echo(render(report, color=_use_color(color)), color=True)
     sys.exit({"ok": EXIT_OK, "degraded": EXIT_DEGRADED}.get(report["status"], EXIT_DOWN))
+
+
+@cli.command()
+@common_options
+@click.option(
+    "--sandbox", is_flag=True, default=None, help="Check a sandbox set-up [env: EVOMSGD_SANDBOX]."
+)
+@click.option(
+    "--full", is_flag=True, help="PRAGMA integrity_check instead of quick_check (slower)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@color_option
+def doctor(full: bool, as_json: bool, color: bool | None, **flags: Any) -> None:
+    """Check the configuration, the data directory, the ledger, Evolution, the API key and each
+    instance: one line each, OK / WARN / FAIL / SKIP, with the fix. Never prints the key.
+
+    Exit code: 0 when nothing FAILs, 1 otherwise.
+
+    Example:
+
+        evomsgd doctor
+    """
+    from evomsgd.doctor import diagnose, render
+
+    checks = diagnose(flags, full=full)
+    if as_json:
+        _print_json([{"check": c.name, "verdict": c.verdict, "detail": c.detail} for c in checks])
+    else:
+        click.echo(render(checks, color=_use_color(color)), color=True)
+    sys.exit(1 if any(c.verdict == "FAIL" for c in checks) else 0)
+
+
+@cli.command()
+@common_options
+@click.option("--dry-run", is_flag=True, help="Count what would go; change nothing.")
+@click.option(
+    "--vacuum",
+    is_flag=True,
+    help="Then rewrite the file (VACUUM): shrinks a ledger made before incremental "
+    "auto-vacuum and turns it on; blocks the daemon's writes while it runs.",
+)
+@click.option(
+    "--keep-success-days",
+    type=click.FloatRange(min=0),
+    help="[env: EVOMSGD_KEEP_SUCCESS_DAYS; default 30; 0 keeps them].",
+)
+@click.option(
+    "--keep-failed-days",
+    type=click.FloatRange(min=0),
+    help="[env: EVOMSGD_KEEP_FAILED_DAYS; default 90; 0 keeps them].",
+)
+@click.option(
+    "--erase-text-days",
+    type=click.FloatRange(min=0),
+    help="Erase texts of messages finished this long ago [env: EVOMSGD_ERASE_TEXT_DAYS].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
+    """Apply retention now: delete old finished messages and their history, erase old texts,
+    drop expired idempotency keys. Works on the SQLite file, whether the daemon runs or not
+    (short transactions of 1000 rows). Run it as the daemon's user.
+
+    Examples:
+
+        evomsgd purge --dry-run
+
+        evomsgd purge --keep-success-days 7 --vacuum
+    """
+    import dataclasses
+    import time
+
+    from evomsgd import clock, retention
+    from evomsgd.errors import DataDirError
+    from evomsgd.store import LEDGER_FILE, Store
+
+    settings = _settings(**flags)
+    data_dir = resolve_data_dir(settings)
+    if not (data_dir / LEDGER_FILE).is_file():
+        raise DataDirError(
+            f"no ledger at {data_dir / LEDGER_FILE} - nothing to purge "
+            "(set EVOMSGD_DATA_DIR or --data-dir to the daemon's data directory)"
+        )
+    rules = retention.policy(settings)
+    store = Store(data_dir, durability=settings.durability)
+    try:
+        report = store.purge(clock.now(), rules, dry_run=dry_run)
+        if vacuum and not dry_run:
+            started = time.monotonic()
+            report.vacuum = store.reclaim(full=True)
+            report.bytes_after = store.file_size()
+            report.seconds = round(report.seconds + time.monotonic() - started, 3)
+    finally:
+        store.close()
+    if as_json:
+        _print_json(dataclasses.asdict(report))
+    else:
+        click.echo(retention.render(report, rules))
 
 
 @cli.command()
@@ -404,6 +528,101 @@ cli.command(
 cli.command(
     "resume", help="Resume sending on a paused instance.\n\nExample:\n\n    evomsgd resume shop"
 )(_pause_command(False))
+
+
+@cli.group()
+def token() -> None:
+    """API tokens: once one exists, every API request needs `Authorization: Bearer <token>`.
+
+    They live (hashed) in the ledger; a running daemon sees changes within a second.
+    """
+
+
+@token.command("create")
+@common_options
+@click.argument("name")
+@click.option(
+    "--instance",
+    "instances",
+    multiple=True,
+    help="Only this instance may be used (repeatable); default: every instance.",
+)
+@handle_errors
+def token_create(name: str, instances: tuple[str, ...], **flags: Any) -> None:
+    """Create a token and print it. It is shown this once: only its hash is stored.
+
+    Example:
+
+        evomsgd token create shop-backend --instance shop
+    """
+    from evomsgd import tokens
+    from evomsgd.daemon import open_ledger
+
+    store = open_ledger(resolve_data_dir(_settings(**flags)))
+    try:
+        secret = tokens.create(store, name, instances)
+    finally:
+        store.close()
+    click.echo(secret)
+    scope = ", ".join(sorted(set(instances))) or "every instance"
+    click.echo(
+        f"token {name!r} created for {scope}. Store it now: it cannot be shown again.", err=True
+    )
+
+
+@token.command("list")
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def token_list(as_json: bool, **flags: Any) -> None:
+    """List token names, their instances and when they were made (never the tokens).
+
+    Example:
+
+        evomsgd token list
+    """
+    from evomsgd.daemon import open_ledger
+
+    store = open_ledger(resolve_data_dir(_settings(**flags)))
+    try:
+        rows = store.tokens()
+    finally:
+        store.close()
+    if as_json:
+        _print_json(
+            [
+                {"name": r.name, "instances": list(r.instances), "created_at": r.created_at}
+                for r in rows
+            ]
+        )
+        return
+    if not rows:
+        click.echo("no tokens: the API answers without authentication (on loopback only)")
+        return
+    for row in rows:
+        click.echo(f"{row.name:<24} {','.join(row.instances) or '*':<24} {row.created_at}")
+
+
+@token.command("revoke")
+@common_options
+@click.argument("name")
+@handle_errors
+def token_revoke(name: str, **flags: Any) -> None:
+    """Delete a token; requests that use it fail within a second, daemon restart not needed.
+
+    Example:
+
+        evomsgd token revoke shop-backend
+    """
+    from evomsgd import tokens
+    from evomsgd.daemon import open_ledger
+
+    store = open_ledger(resolve_data_dir(_settings(**flags)))
+    try:
+        tokens.revoke(store, name)
+    finally:
+        store.close()
+    click.echo(f"token {name!r} revoked")
 
 
 def main() -> None:

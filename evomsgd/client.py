@@ -32,7 +32,8 @@ class DaemonClient:
         """Send one request; HTTP errors are returned as replies, not raised."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base_url + path, data=data, method=method)
-        if data is not None:
+        if data is not None or method not in ("GET", "HEAD"):
+            # The daemon takes POST/DELETE only as JSON: that is what stops cross-site form posts.
             req.add_header("Content-Type", "application/json")
         if self.token:
             req.add_header("Authorization", f"Bearer {self.token}")

@@ -15,6 +15,15 @@ def now() -> float:
     return time.time()
 
 
+# The ledger's text timestamps cover 1970 to 9999; API input outside that is refused with 422.
+MAX_TS = 253_402_300_799.0
+
+
+def storable(ts: float) -> bool:
+    """True when `ts` can be written to the ledger."""
+    return 0 <= ts <= MAX_TS
+
+
 def to_db(ts: float) -> str:
     """Format epoch seconds for the ledger."""
     whole = int(ts)

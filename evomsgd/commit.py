@@ -88,13 +88,15 @@ class GroupCommitter:
         except Exception as exc:  # never leave a request hanging
             log.exception("group commit of %s messages failed", len(batch))
             results = exc
-        # One hop to the loop per batch, not one per request.
-        self.loop.call_soon_threadsafe(_resolve, futures, results)
         if not isinstance(results, BaseException):
             self.batches += 1
             self.committed += len(batch)
+            # Before the answers go out: a client that got its 202 must already count in the
+            # lane's backlog (backpressure) and the dispatcher must already know of the message.
             if self._on_commit is not None:
                 self._on_commit(news, results)
+        # One hop to the loop per batch, not one per request.
+        self.loop.call_soon_threadsafe(_resolve, futures, results)
 
 
 def _resolve(

@@ -72,6 +72,24 @@ class Settings(BaseModel):
     )
     host: str = _env("EVOMSGD_HOST", default="127.0.0.1", description="Address to listen on.")
     port: int = _env("EVOMSGD_PORT", default=8001, ge=0, le=65535, description="TCP port.")
+    insecure_no_auth: bool = _env(
+        "EVOMSGD_INSECURE_NO_AUTH",
+        default=False,
+        description="Listen on a non-loopback address without API tokens (only when something in "
+        "front of evomsgd authenticates every request).",
+    )
+    cors_origins: tuple[str, ...] = _env(
+        "EVOMSGD_CORS_ORIGINS",
+        default=(),
+        description="Comma-separated browser origins (https://app.example.com) allowed to call the API.",
+    )
+    idle_timeout: float = _env(
+        "EVOMSGD_IDLE_TIMEOUT",
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds a connection may stay idle, or take to send a request, before it is closed.",
+    )
     data_dir: Path | None = _env(
         "EVOMSGD_DATA_DIR",
         default=None,
@@ -182,6 +200,30 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds an Idempotency-Key is remembered.",
     )
+    keep_success_days: float = _env(
+        "EVOMSGD_KEEP_SUCCESS_DAYS",
+        default=30.0,
+        ge=0,
+        description="Days a SUCCESS message is kept after it was sent (0 keeps it forever).",
+    )
+    keep_failed_days: float = _env(
+        "EVOMSGD_KEEP_FAILED_DAYS",
+        default=90.0,
+        ge=0,
+        description="Days a FAILURE, EXPIRED or CANCELED message is kept (0 keeps it forever).",
+    )
+    erase_text_days: float | None = _env(
+        "EVOMSGD_ERASE_TEXT_DAYS",
+        default=None,
+        ge=0,
+        description="Days after which a finished message's text is erased, its row kept (default off).",
+    )
+    purge_interval: float = _env(
+        "EVOMSGD_PURGE_INTERVAL",
+        default=3600.0,
+        ge=0,
+        description="Seconds between two retention runs of the daemon (0 turns them off).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
         "EVOMSGD_LOG_LEVEL", default="INFO", description="Log level."
     )
@@ -200,6 +242,25 @@ class Settings(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https:// (got {value!r})")
         return value.rstrip("/")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        origins = []
+        for raw in value:
+            origin = str(raw).strip().rstrip("/").lower()
+            scheme, _, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not rest or any(c in rest for c in "/?#@ "):
+                raise ValueError(
+                    f"{raw!r} is not an origin - write scheme://host[:port], "
+                    "like https://app.example.com"
+                )
+            origins.append(origin)
+        return tuple(origins)
 
     @field_validator("default_region")
     @classmethod

@@ -9,9 +9,10 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -20,10 +21,15 @@ from evomsgd.api import SERVICE
 from evomsgd.app import create_app
 from evomsgd.config import Settings
 from evomsgd.errors import DataDirError
+from evomsgd.guards import check_bind
+from evomsgd.store import LEDGER_FILE, Store
 
 log = logging.getLogger("evomsgd.daemon")
 
 LOCK_FILE = "evomsgd.lock"
+MAX_LINE = 8190  # request line (method, URL, version): longer gets 400
+MAX_FIELD = 8190  # one header line
+MAX_HEADERS = 64
 
 
 def prepare_data_dir(path: Path) -> Path:
@@ -43,6 +49,19 @@ def prepare_data_dir(path: Path) -> Path:
             "or set EVOMSGD_DATA_DIR"
         )
     return path
+
+
+def open_ledger(data_dir: Path) -> Store:
+    """The ledger for a command run beside the daemon (SQLite shares the file; up or down)."""
+    os.umask(0o077)
+    prepare_data_dir(data_dir)
+    try:
+        return Store(data_dir)
+    except sqlite3.Error as exc:
+        raise DataDirError(
+            f"cannot open the ledger in {data_dir}: {exc} - run this as the daemon's user "
+            "or set EVOMSGD_DATA_DIR / --data-dir"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -72,12 +91,37 @@ def exclusive(data_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def http_limits(settings: Settings) -> dict[str, Any]:
+    """aiohttp's per-connection limits, so slow or huge requests cannot exhaust the daemon."""
+    return {
+        # aiohttp starts this timer when a connection opens and after each response, and does
+        # not restart it while headers trickle in: it bounds slow headers and idle connections.
+        "keepalive_timeout": settings.idle_timeout,
+        "max_line_size": MAX_LINE,
+        "max_field_size": MAX_FIELD,
+        "max_headers": MAX_HEADERS,
+        # After an early answer (413, 408) read at most this long before closing the connection.
+        "lingering_time": 2.0,
+    }
+
+
 def serve(settings: Settings, data_dir: Path) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     os.umask(0o077)  # every file we create (ledger, WAL, queue) is owner-only
+    check_bind(settings, _count_tokens(data_dir))  # before a refused start creates anything
     prepare_data_dir(data_dir)
     with exclusive(data_dir):
         return asyncio.run(_serve(settings, data_dir))
+
+
+def _count_tokens(data_dir: Path) -> int:
+    if not (data_dir / LEDGER_FILE).exists():
+        return 0
+    store = open_ledger(data_dir)
+    try:
+        return len(store.tokens())
+    finally:
+        store.close()
 
 
 async def _serve(settings: Settings, data_dir: Path) -> int:
@@ -109,7 +153,11 @@ async def _serve(settings: Settings, data_dir: Path) -> int:
 
     app = create_app(settings, data_dir)
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.drain_timeout
+        app,
+        handle_signals=False,
+        access_log=None,  # an access log line could carry tokens in a URL; never written
+        shutdown_timeout=settings.drain_timeout,
+        **http_limits(settings),
     )
     await runner.setup()
     try:

@@ -15,6 +15,7 @@ from evomsgd.dispatcher import Dispatcher, LaneEffect
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution import OutcomeKind, Sender, SendOutcome
 from evomsgd.lanes import Health
+from evomsgd.log import log_fields
 from evomsgd.models import FINAL, Status
 from evomsgd.store import Message, Store, Transition
 
@@ -114,6 +115,7 @@ class Delivery:
                 "task %s instance %s: delivery crashed; the lease sweeper will retry it",
                 message_id,
                 instance,
+                extra=log_fields(message_id, instance),
             )
         finally:
             self.dispatcher.finished(instance, message_id, final, effect)
@@ -128,13 +130,23 @@ class Delivery:
             )
         except StoreUnavailable as exc:
             log.warning(
-                "task %s instance %s: cannot claim (%s); will retry", message_id, instance, exc
+                "task %s instance %s: cannot claim (%s); will retry",
+                message_id,
+                instance,
+                exc,
+                extra=log_fields(message_id, instance),
             )
             return False, None
         if msg is None:  # canceled, expired, or taken meanwhile
             return False, None
         assert msg.text is not None
-        log.info("task %s instance %s: sending (attempt %s)", msg.id, msg.instance, msg.attempts)
+        log.info(
+            "task %s instance %s: sending (attempt %s)",
+            msg.id,
+            msg.instance,
+            msg.attempts,
+            extra=log_fields(msg.id, msg.instance),
+        )
         outcome = self._send(msg)
         now = self._time()
         transition, effect = decide(msg, outcome, now, self.settings, self._rng)
@@ -165,6 +177,7 @@ class Delivery:
                         "task %s instance %s: lease lost before the outcome was written",
                         msg.id,
                         msg.instance,
+                        extra=log_fields(msg.id, msg.instance),
                     )
                 return
             except StoreUnavailable as exc:
@@ -175,6 +188,7 @@ class Delivery:
                     msg.id,
                     msg.instance,
                     exc,
+                    extra=log_fields(msg.id, msg.instance),
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -182,9 +196,17 @@ class Delivery:
 
 def _log_outcome(msg: Message, outcome: SendOutcome, transition: Transition) -> None:
     took = f"{outcome.elapsed * 1000:.0f}ms"
+    if outcome.http_status is not None:
+        took = f"HTTP {outcome.http_status}, {took}"
     if transition.status == Status.SUCCESS:
-        log.info(
-            "task %s instance %s: sent (%s, key %s)", msg.id, msg.instance, took, outcome.key_id
+        log.log(
+            logging.WARNING if outcome.kind == OutcomeKind.SENT_UNCONFIRMED else logging.INFO,
+            "task %s instance %s: sent (%s, key %s)",
+            msg.id,
+            msg.instance,
+            took,
+            outcome.key_id,
+            extra=log_fields(msg.id, msg.instance),
         )
     elif transition.status == Status.RETRY:
         log.warning(
@@ -196,6 +218,7 @@ def _log_outcome(msg: Message, outcome: SendOutcome, transition: Transition) -> 
             took,
             transition.detail,
             clock.db_to_rfc3339(clock.to_db(transition.next_attempt_at or 0)),
+            extra=log_fields(msg.id, msg.instance),
         )
     else:
         log.error(
@@ -204,4 +227,5 @@ def _log_outcome(msg: Message, outcome: SendOutcome, transition: Transition) -> 
             msg.instance,
             outcome.kind.value,
             transition.detail,
+            extra=log_fields(msg.id, msg.instance),
         )

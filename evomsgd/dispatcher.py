@@ -20,6 +20,7 @@ from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution import InstanceState, OutcomeKind, StateProbe
 from evomsgd.lanes import Health, Lane
+from evomsgd.log import log_fields
 from evomsgd.store import Store
 
 log = logging.getLogger("evomsgd.dispatcher")
@@ -176,16 +177,31 @@ class Dispatcher:
             lane.held_until = max(lane.held_until, now + effect.hold_for)
             lane.hold_reason = effect.reason
             log.warning(
-                "instance %s rests %.0fs: %s", lane.instance, effect.hold_for, effect.reason
+                "instance %s rests %.0fs: %s",
+                lane.instance,
+                effect.hold_for,
+                effect.reason,
+                extra=log_fields(instance=lane.instance),
             )
         if effect.health is None or effect.health == lane.health:
             return
         if effect.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
             lane.probe_backoff = min(1.0, self.settings.probe_interval)
             lane.next_probe_at = now + lane.probe_backoff
-            log.warning("instance %s paused (%s): %s", lane.instance, effect.health, effect.reason)
+            log.warning(
+                "instance %s paused (%s): %s",
+                lane.instance,
+                effect.health,
+                effect.reason,
+                extra=log_fields(instance=lane.instance),
+            )
         elif lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
-            log.info("instance %s resumed (%s)", lane.instance, effect.health)
+            log.info(
+                "instance %s resumed (%s)",
+                lane.instance,
+                effect.health,
+                extra=log_fields(instance=lane.instance),
+            )
         lane.health = effect.health
 
     def _notify(self) -> None:
@@ -272,7 +288,10 @@ class Dispatcher:
                 self._submit(message_id, lane.instance)
             except Exception:
                 log.exception(
-                    "task %s instance %s: could not hand to a worker", message_id, lane.instance
+                    "task %s instance %s: could not hand to a worker",
+                    message_id,
+                    lane.instance,
+                    extra=log_fields(message_id, lane.instance),
                 )
                 with self._cond:
                     lane.in_flight.discard(message_id)
@@ -296,7 +315,12 @@ class Dispatcher:
         try:
             probe = fut.result()
         except Exception as exc:  # the probe itself broke: keep the state, try later
-            log.warning("instance %s: probe failed: %s", lane.instance, exc)
+            log.warning(
+                "instance %s: probe failed: %s",
+                lane.instance,
+                exc,
+                extra=log_fields(instance=lane.instance),
+            )
             probe = None
         with self._cond:
             lane.probing = False
@@ -316,14 +340,22 @@ class Dispatcher:
     def _housekeeping(self, now: float) -> None:
         for message_id, instance in self.store.recover(now, only_expired_leases=True):
             log.warning(
-                "task %s instance %s: lease expired while sending; re-queued", message_id, instance
+                "task %s instance %s: lease expired while sending; re-queued",
+                message_id,
+                instance,
+                extra=log_fields(message_id, instance),
             )
             with self._cond:
                 lane = self._lane(instance)
                 lane.in_flight.discard(message_id)
                 lane.idle = False
         for message_id, instance in self.store.expire_due(now):
-            log.info("task %s instance %s: expired", message_id, instance)
+            log.info(
+                "task %s instance %s: expired",
+                message_id,
+                instance,
+                extra=log_fields(message_id, instance),
+            )
             with self._cond:
                 lane = self._lane(instance)
                 lane.waiting = max(0, lane.waiting - 1)

@@ -23,6 +23,10 @@ class DataDirError(EvomsgdError):
     exit_code = 2
 
 
+class TokenError(EvomsgdError):
+    """A token command cannot do what it was asked (bad or taken name, unknown token)."""
+
+
 class StoreUnavailable(EvomsgdError):
     """The ledger cannot be written right now (locked, disk full, read-only); try again."""
 

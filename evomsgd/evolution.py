@@ -21,6 +21,8 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from evomsgd.log import log_fields
+
 __all__ = [
     "EvolutionClient",
     "InstanceState",
@@ -96,6 +98,7 @@ class StateProbe:
     state: InstanceState
     kind: OutcomeKind | None
     reason: str
+    http_status: int | None = None  # tells a rejected key (401) from other config errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,7 +459,9 @@ class EvolutionClient:
         url = self._url("message", "sendText", instance)
         headers = {**_HEADERS, "apikey": self._api_key}
         timeout = aiohttp.ClientTimeout(total=self._timeout, connect=min(10.0, self._timeout))
-        logger.debug("sending to %s via instance %s", number, instance)
+        logger.debug(
+            "sending to %s via instance %s", number, instance, extra=log_fields(instance=instance)
+        )
         try:
             async with self._session.post(
                 url,
@@ -470,32 +475,25 @@ class EvolutionClient:
         except Exception as exc:  # never raise to the queue; CancelledError still propagates
             elapsed = time.monotonic() - started
             if not isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
-                logger.exception("unexpected error sending via instance %s", instance)
+                logger.exception(
+                    "unexpected error sending via instance %s",
+                    instance,
+                    extra=log_fields(instance=instance),
+                )
             return classify_exception(exc, sent=_may_have_sent(exc), elapsed=elapsed)
 
     def _log(self, instance: str, number: str, outcome: SendOutcome) -> None:
-        if outcome.kind is OutcomeKind.SENT:
-            logger.debug(
-                "sent to %s via %s: key %s in %.2f s",
-                number,
-                instance,
-                outcome.key_id,
-                outcome.elapsed,
-            )
-            return
-        level = (
-            logging.WARNING
-            if outcome.kind
-            in (OutcomeKind.CONFIG_ERROR, OutcomeKind.AMBIGUOUS, OutcomeKind.SENT_UNCONFIRMED)
-            else logging.INFO
-        )
-        logger.log(
-            level,
-            "send via instance %s: %s (HTTP %s): %s",
+        # DEBUG only: the delivery logs every outcome once, with the task id this client never sees.
+        logger.debug(
+            "send to %s via instance %s: %s (HTTP %s, %.2f s, key %s): %s",
+            number,
             instance,
             outcome.kind,
             outcome.http_status,
+            outcome.elapsed,
+            outcome.key_id,
             outcome.reason,
+            extra=log_fields(instance=instance),
         )
 
     async def _get(self, url: URL, *, with_key: bool) -> tuple[int, bytes]:
@@ -530,7 +528,7 @@ class EvolutionClient:
                     OutcomeKind.TRANSIENT,
                     "Evolution answered the state probe without a recognisable state",
                 )
-            return StateProbe(state, None, _STATE_REASONS[state].format(instance=instance))
+            return StateProbe(state, None, _STATE_REASONS[state].format(instance=instance), status)
         outcome = classify_response(status, body)
         kind = outcome.kind
         if kind not in (
@@ -539,7 +537,7 @@ class EvolutionClient:
             OutcomeKind.UNKNOWN_INSTANCE,
         ):
             kind = OutcomeKind.TRANSIENT
-        return StateProbe(InstanceState.UNKNOWN, kind, self._scrub(outcome.reason))
+        return StateProbe(InstanceState.UNKNOWN, kind, self._scrub(outcome.reason), status)
 
     async def server_info(self) -> ServerInfo:
         """`GET /` without the key: is Evolution there, and which version; never raises."""

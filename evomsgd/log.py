@@ -30,6 +30,16 @@ def under_journald(stream: TextIO = sys.stderr) -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+def log_fields(task_id: str | None = None, instance: str | None = None) -> dict[str, str]:
+    """`extra=` for a line about a message or an instance: JSON lines carry them as fields."""
+    fields = {}
+    if task_id is not None:
+        fields["task_id"] = task_id
+    if instance is not None:
+        fields["instance"] = instance
+    return fields
+
+
 class JournalFormatter(logging.Formatter):
     """No timestamp (journald adds its own) and a priority prefix on every line of a record,
     so a traceback stays one entry per line at the record's priority instead of dropping to info."""

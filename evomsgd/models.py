@@ -155,6 +155,43 @@ class Root(BaseModel):
     sandbox: bool
 
 
+class Lane(BaseModel):
+    """One instance's lane, as /instances and /health show it."""
+
+    instance: str
+    state: str = Field(description="idle, sending, pacing, paused, held, ...")
+    health: str = Field(description="Connection state seen by the probe: open, close, down, ...")
+    waiting: int
+    in_flight: int
+    next_send_at: str | None
+    held_until: str | None
+    paused_reason: str | None
+    last_error: str | None
+    last_error_at: str | None
+    send_interval: float
+    send_jitter: float
+
+
+class Lanes(BaseModel):
+    """GET /instances."""
+
+    instances: list[Lane]
+
+
+class PauseRequest(BaseModel):
+    """Optional body of POST /instances/{instance}/pause."""
+
+    reason: str | None = Field(None, description="Shown in /instances; first 200 characters.")
+
+
+class Paused(BaseModel):
+    """Answer of pause and resume."""
+
+    instance: str
+    paused: bool
+    reason: str | None = None
+
+
 class HealthView(BaseModel):
     """GET /health: 200 when the daemon can do its job, 503 otherwise."""
 
@@ -170,8 +207,12 @@ class HealthView(BaseModel):
     workers_configured: int
     counts: dict[str, int] = Field(description="Messages by status.")
     oldest_waiting_seconds: float | None
-    instances: list[dict[str, Any]] = Field(
+    instances: list[Lane] = Field(
         description="Each instance lane: state, waiting, next send, last error."
+    )
+    last_error: dict[str, Any] | None = Field(
+        None,
+        description="The newest failed attempt, expiry or recovery: at, task_id, instance, error.",
     )
     problems: list[str]
 

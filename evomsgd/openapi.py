@@ -12,10 +12,32 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from evomsgd import __version__
-from evomsgd.models import Accepted, ErrorBody, HealthView, Root, SendRequest, TaskList, TaskView
+from evomsgd.models import (
+    Accepted,
+    ErrorBody,
+    HealthView,
+    Lanes,
+    Paused,
+    PauseRequest,
+    Root,
+    SendRequest,
+    TaskList,
+    TaskView,
+)
 
 _REF = "#/components/schemas/{model}"
-_MODELS = (SendRequest, Accepted, TaskView, TaskList, ErrorBody, HealthView, Root)
+_MODELS = (
+    SendRequest,
+    PauseRequest,
+    Accepted,
+    TaskView,
+    TaskList,
+    ErrorBody,
+    HealthView,
+    Root,
+    Lanes,
+    Paused,
+)
 
 
 def _ref(model: type) -> dict[str, str]:
@@ -32,10 +54,19 @@ def _error(description: str) -> dict[str, Any]:
 
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _INSTANCE = {"name": "instance", "in": "path", "required": True, "schema": {"type": "string"}}
-_LANES = {
-    "description": "Instance lanes",
-    "content": {"application/json": {"schema": {"type": "object"}}},
-}
+
+# Answers any operation may give, by the rules of guards.py and api.errors_middleware.
+_FORBIDDEN = _error(
+    "Refused: a foreign Origin (POST/DELETE), a Host that is not localhost or an IP while no "
+    "token exists, or an instance the token may not use"
+)
+_UNAUTHORIZED = _error("Tokens exist and this request has none, or an invalid one")
+_NOT_JSON = _error("POST/DELETE without Content-Type: application/json")
+_UNAVAILABLE = _error("The ledger cannot be used right now, or the daemon is shutting down")
+# Open without a token even when tokens exist (guards._PUBLIC_PATHS).
+_PUBLIC: list[dict[str, list[str]]] = []
+# A token when tokens exist; nothing while there are none.
+_TOKEN: list[dict[str, list[str]]] = [{"bearer": []}, {}]
 
 
 def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -48,47 +79,64 @@ def _query(name: str, description: str, schema: dict[str, Any] | None = None) ->
     }
 
 
+def _operation(
+    op_id: str,
+    summary: str,
+    responses: dict[str, Any],
+    *,
+    public: bool = False,
+    unsafe: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One operation with the answers every operation of its kind may give."""
+    common: dict[str, Any] = {"403": _FORBIDDEN}
+    if not public:
+        common |= {"401": _UNAUTHORIZED, "503": _UNAVAILABLE}
+    if unsafe:
+        common["415"] = _NOT_JSON
+    return {
+        "summary": summary,
+        "operationId": op_id,
+        "security": _PUBLIC if public else _TOKEN,
+        **extra,
+        "responses": {**responses, **common},
+    }
+
+
 @functools.cache
 def spec() -> dict[str, Any]:
     """The OpenAPI 3.1 document."""
     _, defs = models_json_schema(
-        [(m, "validation" if m is SendRequest else "serialization") for m in _MODELS],
+        [
+            (m, "validation" if m in (SendRequest, PauseRequest) else "serialization")
+            for m in _MODELS
+        ],
         ref_template=_REF,
     )
-    unavailable = _error("The ledger cannot be written right now, or the daemon is shutting down")
     paths: dict[str, Any] = {
         "/": {
-            "get": {
-                "summary": "Liveness",
-                "operationId": "root",
-                "responses": {"200": {"description": "Up", "content": _content(Root)}},
-            }
+            "get": _operation(
+                "root",
+                "Liveness",
+                {"200": {"description": "Up", "content": _content(Root)}},
+                public=True,
+            )
         },
         "/health": {
-            "get": {
-                "summary": "Detailed health",
-                "operationId": "health",
-                "responses": {
+            "get": _operation(
+                "health",
+                "Detailed health",
+                {
                     "200": {"description": "Healthy or degraded", "content": _content(HealthView)},
                     "503": {"description": "Cannot do its job", "content": _content(HealthView)},
                 },
-            }
+            )
         },
         "/messages": {
-            "post": {
-                "summary": "Queue a message",
-                "operationId": "sendMessage",
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "description": "Same key and body within the TTL returns the original task.",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                    }
-                ],
-                "requestBody": {"required": True, "content": _content(SendRequest)},
-                "responses": {
+            "post": _operation(
+                "sendMessage",
+                "Queue a message",
+                {
                     "202": {
                         "description": "Stored on disk; delivery follows",
                         "content": _content(Accepted),
@@ -98,92 +146,118 @@ def spec() -> dict[str, Any]:
                         "content": _content(Accepted),
                     },
                     "400": _error("Malformed JSON or header"),
+                    "408": _error("The body did not arrive within EVOMSGD_IDLE_TIMEOUT"),
                     "409": _error("Idempotency-Key reused with a different body"),
-                    "413": _error("Body too large"),
+                    "413": _error("Body over 64 KiB"),
                     "422": _error("Missing or invalid fields, each named"),
                     "429": _error("Too many waiting messages on the instance"),
-                    "503": unavailable,
                 },
-            }
+                unsafe=True,
+                parameters=[
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "Same key and body within the TTL returns the original task.",
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    }
+                ],
+                requestBody={"required": True, "content": _content(SendRequest)},
+            )
         },
         "/tasks": {
-            "get": {
-                "summary": "List tasks, newest first",
-                "operationId": "listTasks",
-                "parameters": [
+            "get": _operation(
+                "listTasks",
+                "List tasks, newest first",
+                {
+                    "200": {"description": "A page", "content": _content(TaskList)},
+                    "422": _error("Invalid filter"),
+                },
+                parameters=[
                     _query("status", "Comma-separated statuses, e.g. FAILURE,EXPIRED"),
                     _query("instance", "Instance name"),
                     _query("phone", "Normalised phone (E.164 digits) or JID"),
                     _query("since", "RFC 3339 time or a duration back from now (30m, 1h, 7d)"),
                     _query("until", "RFC 3339 time or a duration back from now"),
-                    _query("before", "Cursor from next_before", {"type": "integer"}),
+                    _query(
+                        "before",
+                        "Cursor from next_before",
+                        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    ),
                     _query(
                         "limit",
                         "Page size 1-500 (default 50)",
                         {"type": "integer", "minimum": 1, "maximum": 500},
                     ),
                 ],
-                "responses": {
-                    "200": {"description": "A page", "content": _content(TaskList)},
-                    "422": _error("Invalid filter"),
-                },
-            }
+            )
         },
         "/tasks/{task_id}": {
-            "get": {
-                "summary": "Status, result and history of a task",
-                "operationId": "getTask",
-                "parameters": [_TASK_ID],
-                "responses": {
+            "get": _operation(
+                "getTask",
+                "Status, result and history of a task",
+                {
                     "200": {"description": "The task", "content": _content(TaskView)},
                     "404": _error("Unknown task id"),
                 },
-            },
-            "delete": {
-                "summary": "Cancel a message that has not been sent",
-                "operationId": "cancelTask",
-                "parameters": [_TASK_ID],
-                "responses": {
+                parameters=[_TASK_ID],
+            ),
+            "delete": _operation(
+                "cancelTask",
+                "Cancel a message that has not been sent",
+                {
                     "200": {"description": "Canceled", "content": _content(TaskView)},
                     "404": _error("Unknown task id"),
                     "409": _error("Already being sent or finished"),
                 },
-            },
+                unsafe=True,
+                parameters=[_TASK_ID],
+            ),
         },
         "/tasks/{task_id}/retry": {
-            "post": {
-                "summary": "Send a FAILURE, EXPIRED or CANCELED message again",
-                "operationId": "retryTask",
-                "parameters": [_TASK_ID],
-                "responses": {
+            "post": _operation(
+                "retryTask",
+                "Send a FAILURE, EXPIRED or CANCELED message again",
+                {
                     "202": {"description": "Queued again", "content": _content(TaskView)},
                     "404": _error("Unknown task id"),
                     "409": _error("Not in a retryable state"),
+                    "429": _error("Too many waiting messages on the instance"),
                 },
-            }
+                unsafe=True,
+                parameters=[_TASK_ID],
+            )
         },
         "/instances": {
-            "get": {
-                "summary": "Instance lanes",
-                "operationId": "listInstances",
-                "responses": {"200": _LANES},
-            }
+            "get": _operation(
+                "listInstances",
+                "Instance lanes",
+                {"200": {"description": "Each lane", "content": _content(Lanes)}},
+            )
         },
         "/instances/{instance}/pause": {
-            "post": {
-                "summary": "Pause sending on an instance",
-                "operationId": "pauseInstance",
-                "parameters": [_INSTANCE],
-                "responses": {"200": _LANES},
-            }
+            "post": _operation(
+                "pauseInstance",
+                "Pause sending on an instance",
+                {
+                    "200": {"description": "Paused", "content": _content(Paused)},
+                    "400": _error("Malformed JSON"),
+                    "408": _error("The body did not arrive within EVOMSGD_IDLE_TIMEOUT"),
+                    "413": _error("Body over 64 KiB"),
+                },
+                unsafe=True,
+                parameters=[_INSTANCE],
+                requestBody={"required": False, "content": _content(PauseRequest)},
+            )
         },
         "/instances/{instance}/resume": {
-            "post": {
-                "summary": "Resume sending on an instance",
-                "operationId": "resumeInstance",
-                "parameters": [_INSTANCE],
-                "responses": {"200": _LANES},
-            }
+            "post": _operation(
+                "resumeInstance",
+                "Resume sending on an instance",
+                {"200": {"description": "Resumed", "content": _content(Paused)}},
+                unsafe=True,
+                parameters=[_INSTANCE],
+            )
         },
     }
     return {
@@ -194,7 +268,17 @@ def spec() -> dict[str, Any]:
             "description": "Queue and deliver transactional WhatsApp messages through Evolution API.",
         },
         "paths": paths,
-        "components": {"schemas": defs["$defs"]},
+        "components": {
+            "schemas": defs["$defs"],
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token from `evomsgd token create NAME`; needed once any "
+                    "token exists.",
+                }
+            },
+        },
     }
 
 

@@ -78,4 +78,19 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_expiry ON idempotency (expires_at);
 """,
     ),
+    (
+        2,
+        "tokens",
+        """
+-- API tokens (evomsgd token create/list/revoke). Only a SHA-256 of each token is kept: a token
+-- is 32 random bytes, so nobody can guess one from its hash and a slow password hash (bcrypt,
+-- argon2) would only slow every request down without adding safety.
+CREATE TABLE tokens (
+    name        TEXT PRIMARY KEY,                 -- chosen by the operator; messages.token_name
+    sha256      TEXT NOT NULL UNIQUE,             -- hex SHA-256 of the token; never the token
+    instances   TEXT,                             -- comma-separated instances it may use; NULL = all
+    created_at  TEXT NOT NULL
+);
+""",
+    ),
 ]

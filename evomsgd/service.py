@@ -84,6 +84,9 @@ class Service:
             expires_at = due + req.expires_in
         if req.expires_at is not None:
             expires_at = clock.from_datetime(req.expires_at)
+        for name, ts in (("send_at", send_at), ("expires_at", expires_at)):
+            if ts is not None and not clock.storable(ts):
+                problems.append({"field": name, "message": "is out of range (years 1970-9999)"})
         if expires_at <= due:
             problems.append(
                 {
@@ -247,18 +250,19 @@ class Service:
     async def health(self) -> HealthView:
         """Everything /health reports; status 'down' when the daemon cannot do its job."""
 
-        def run() -> tuple[dict[str, int], float | None, bool]:
+        def run() -> tuple[dict[str, int], float | None, bool, dict[str, Any] | None]:
             return (
                 self.store.counts(),
                 self.store.oldest_waiting(clock.now()),
                 self.store.writable(),
+                self.store.last_error(),
             )
 
         problems: list[str] = []
         try:
-            counts, oldest, writable = await asyncio.to_thread(run)
+            counts, oldest, writable, last_error = await asyncio.to_thread(run)
         except StoreUnavailable as exc:
-            counts, oldest, writable = {}, None, False
+            counts, oldest, writable, last_error = {}, None, False, None
             problems.append(str(exc))
         alive = self.alive_workers()
         if not writable:
@@ -294,6 +298,7 @@ class Service:
             counts=counts,
             oldest_waiting_seconds=None if oldest is None else round(oldest, 3),
             instances=lanes,
+            last_error=last_error,
             problems=problems + degraded,
         )
 

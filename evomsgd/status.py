@@ -13,7 +13,7 @@ from evomsgd.client import DaemonClient
 from evomsgd.config import Settings, resolve_data_dir
 from evomsgd.errors import ConfigError, DaemonUnreachable
 from evomsgd.models import Status
-from evomsgd.store import LEDGER_FILE
+from evomsgd.store import LAST_ERROR_SQL, LEDGER_FILE, last_error_row
 
 
 def gather(settings: Settings, client: DaemonClient) -> dict[str, Any]:
@@ -25,6 +25,19 @@ def gather(settings: Settings, client: DaemonClient) -> dict[str, Any]:
     body = reply.body if isinstance(reply.body, dict) else {}
     if reply.status in (200, 503) and "status" in body:
         return {"daemon": "up", "url": client.base_url, **body}
+    if reply.status == 401:
+        why = (
+            "the daemon needs an API token for /health - pass --token or set EVOMSGD_TOKEN"
+            if not client.token
+            else "the daemon refused the API token (mistyped or revoked) - check --token/EVOMSGD_TOKEN"
+        )
+        return {
+            "daemon": "up",
+            "url": client.base_url,
+            "status": "down",
+            "problems": [why],
+            "version": None,
+        }
     return {
         "daemon": "up",
         "url": client.base_url,
@@ -90,6 +103,12 @@ def read_ledger(settings: Settings, why: str) -> dict[str, Any]:
                 for lane in lanes:
                     if lane["instance"] == instance:
                         lane["state"], lane["paused_reason"] = "paused", reason
+            last_error = last_error_row(conn.execute(LAST_ERROR_SQL).fetchone())
+            # The daemon may have run with --sandbox, which this command's settings do not know.
+            newest = conn.execute(
+                "SELECT sandbox FROM messages ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            report["sandbox"] = settings.sandbox or bool(newest and newest[0])
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -100,6 +119,7 @@ def read_ledger(settings: Settings, why: str) -> dict[str, Any]:
         None if oldest is None else round(time.time() - clock.from_db(oldest), 3)
     )
     report["instances"] = lanes
+    report["last_error"] = last_error
     return report
 
 
@@ -137,6 +157,7 @@ def render(report: dict[str, Any], *, color: bool) -> str:
             else None,
         ),
         ("url", report.get("url")),
+        ("mode", None if "sandbox" not in report else "sandbox" if report["sandbox"] else "live"),
         ("data dir", report.get("data_dir")),
         ("evolution", report.get("evolution_url")),
     ]
@@ -170,6 +191,12 @@ def render(report: dict[str, Any], *, color: bool) -> str:
         if lane.get("last_error"):
             parts.append(f"last error: {lane['last_error']}")
         lines.append(" ".join(parts))
+    last = report.get("last_error")
+    if last:
+        lines.append(
+            f"  last error {last['at']} task {last['task_id']} instance {last['instance']}: "
+            + style(str(last["error"]), "red")
+        )
     for problem in report.get("problems") or []:
         lines.append(style(f"  ! {problem}", "red" if status == "down" else "yellow"))
     return "\n".join(lines)

@@ -7,13 +7,15 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
+from evomsgd.log import log_fields
 from evomsgd.models import FINAL, WAITING, Status
 from evomsgd.schema import MIGRATIONS
 
@@ -23,8 +25,34 @@ LEDGER_FILE = "evomsgd.db"
 _WAITING = tuple(s.value for s in WAITING)
 _FINAL = tuple(s.value for s in FINAL)
 _IN_WAITING = "status IN ('PENDING', 'SCHEDULED', 'RETRY')"
+_IN_FINAL = "+status IN ('SUCCESS', 'FAILURE', 'CANCELED', 'EXPIRED')"
+# After a purge the WAL is cut back to this size at its next reset, not left at its peak.
+_WAL_LIMIT = 8 * 1024 * 1024
 
 Durability = Literal["full", "normal"]
+
+# The newest failure among the latest 10,000 history rows: a bounded read however big the ledger
+# (a daemon that has sent 10,000 messages since its last failure reports none). Shared with
+# `evomsgd status`, which runs it on a read-only connection while the daemon is down.
+LAST_ERROR_SQL = (
+    "SELECT at, message_id, instance, coalesce(detail, outcome, event) FROM"
+    " (SELECT id, at, message_id, instance, event, outcome, detail FROM events"
+    "  ORDER BY id DESC LIMIT 10000)"
+    " WHERE (event = 'attempt' AND outcome NOT IN ('sent', 'sent_unconfirmed'))"
+    " OR event IN ('expired', 'recovered') ORDER BY id DESC LIMIT 1"
+)
+
+
+def last_error_row(row: Sequence[Any] | None) -> dict[str, Any] | None:
+    """LAST_ERROR_SQL's row as {at, task_id, instance, error}."""
+    if row is None:
+        return None
+    return {
+        "at": clock.db_to_rfc3339(row[0]),
+        "task_id": row[1],
+        "instance": row[2],
+        "error": row[3],
+    }
 
 
 @dataclass(slots=True)
@@ -123,6 +151,46 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenRow:
+    """One row of `tokens`: a name, the token's SHA-256, the instances it may use (empty = all)."""
+
+    name: str
+    sha256: str
+    instances: tuple[str, ...]
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long finished messages stay: days after `finished_at`; 0 keeps them, None never erases."""
+
+    success_days: float
+    failed_days: float
+    erase_text_days: float | None = None
+
+
+@dataclass(slots=True)
+class PurgeReport:
+    """What one purge removed (or, in a dry run, would remove)."""
+
+    dry_run: bool
+    success: int = 0  # SUCCESS messages deleted
+    failed: int = 0  # FAILURE, EXPIRED and CANCELED messages deleted
+    events: int = 0  # their history rows
+    texts_erased: int = 0
+    idempotency: int = 0  # expired Idempotency-Key rows
+    vacuum: str = "none"  # how the freed pages were handed back: none, incremental, full
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def removed(self) -> int:
+        """Rows changed, all kinds together."""
+        return self.success + self.failed + self.events + self.texts_erased + self.idempotency
+
+
+@dataclass(frozen=True, slots=True)
 class ListFilter:
     """Filters of GET /tasks and `evomsgd tasks list`."""
 
@@ -170,7 +238,11 @@ class Store:
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
         )
         if not readonly:
+            # Only takes effect on a new file (or at the next VACUUM): purges then give freed
+            # pages back to the filesystem with `incremental_vacuum` instead of keeping them.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         # FULL fsyncs the WAL on every commit: a 202 survives power loss. NORMAL survives a
         # crash of the process but may lose the last commits on power loss. Set explicitly:
         # the compiled-in default differs between distributions (and a frozen binary's build host).
@@ -374,6 +446,11 @@ class Store:
         oldest = rows[0][0]
         return None if oldest is None else max(0.0, now - clock.from_db(oldest))
 
+    def last_error(self) -> dict[str, Any] | None:
+        """The newest failed attempt, expiry or crash recovery: {at, task_id, instance, error}."""
+        rows = self._read(LAST_ERROR_SQL)
+        return last_error_row(rows[0] if rows else None)
+
     def waiting_by_instance(self) -> dict[str, tuple[int, str | None]]:
         """instance -> (waiting count, earliest next_attempt_at)."""
         rows = self._read(
@@ -506,7 +583,9 @@ class Store:
                 " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
                 (clock.to_db(now), msg.id, msg.started_at),
             )
-            log.debug("task %s released: %s", msg.id, reason)
+            log.debug(
+                "task %s released: %s", msg.id, reason, extra=log_fields(msg.id, msg.instance)
+            )
 
     @staticmethod
     def _event(
@@ -585,7 +664,9 @@ class Store:
                 self._event(cur, message_id, instance, now_db, "canceled", "canceled by request")
         return changed, self.get(message_id)
 
-    def requeue(self, message_id: str, now: float, expires_at: float) -> tuple[bool, Message | None]:
+    def requeue(
+        self, message_id: str, now: float, expires_at: float
+    ) -> tuple[bool, Message | None]:
         """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history; (changed, row now)."""
         now_db = clock.to_db(now)
         with self._write() as cur:
@@ -619,6 +700,170 @@ class Store:
                     reason if paused else None,
                 ),
             )
+
+    # -- retention ------------------------------------------------------------------------
+
+    def purge(
+        self,
+        now: float,
+        policy: Retention,
+        *,
+        dry_run: bool = False,
+        batch: int = 1000,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> PurgeReport:
+        """Delete finished messages past retention (with their events), erase old texts, drop
+        expired idempotency keys; `batch` rows per short transaction so other writers never wait
+        long. `stop` is asked between batches (the daemon is shutting down)."""
+        started = time.monotonic()
+        report = PurgeReport(dry_run=dry_run, bytes_before=self.file_size())
+        day = 86_400.0
+        classes = [
+            # `+status`: walk the finished_at index (old rows only), not every row of a status.
+            ("success", "+status = 'SUCCESS'", policy.success_days),
+            ("failed", "+status IN ('FAILURE', 'EXPIRED', 'CANCELED')", policy.failed_days),
+        ]
+        deleting: list[tuple[str, str]] = []  # (condition, cutoff) of each class purged
+        for name, status_sql, days in classes:
+            if days <= 0:
+                continue
+            where = f"finished_at IS NOT NULL AND finished_at < ? AND {status_sql}"
+            cutoff = clock.to_db(now - days * day)
+            deleting.append((where, cutoff))
+            if dry_run:
+                count, events = self._read(
+                    f"SELECT count(*), (SELECT count(*) FROM events WHERE message_id IN"
+                    f" (SELECT id FROM messages WHERE {where})) FROM messages WHERE {where}",
+                    (cutoff, cutoff),
+                )[0]
+            else:
+                count, events = self._delete_finished(where, cutoff, batch, stop)
+            setattr(report, name, count)
+            report.events += events
+        if policy.erase_text_days is not None:
+            where = (
+                f"finished_at IS NOT NULL AND finished_at < ? AND text IS NOT NULL AND {_IN_FINAL}"
+            )
+            cutoff = clock.to_db(now - policy.erase_text_days * day)
+            # A dry run counts only the texts of rows the deletions above would leave.
+            spared = "".join(f" AND NOT ({cond})" for cond, _ in deleting)
+            report.texts_erased = self._batched(
+                f"UPDATE messages SET text = NULL WHERE seq IN"
+                f" (SELECT seq FROM messages WHERE {where} LIMIT ?)",
+                f"SELECT count(*) FROM messages WHERE {where}{spared}",
+                (cutoff,),
+                dry_run,
+                batch,
+                stop,
+                count_params=(cutoff, *(c for _, c in deleting)),
+            )
+        report.idempotency = self._batched(
+            "DELETE FROM idempotency WHERE rowid IN"
+            " (SELECT rowid FROM idempotency WHERE expires_at <= ? LIMIT ?)",
+            "SELECT count(*) FROM idempotency WHERE expires_at <= ?",
+            (clock.to_db(now),),
+            dry_run,
+            batch,
+            stop,
+        )
+        if not dry_run and report.success + report.failed + report.idempotency:
+            report.vacuum = self.reclaim(stop=stop)
+        report.bytes_after = self.file_size()
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
+
+    def _delete_finished(
+        self, where: str, cutoff: str, batch: int, stop: Callable[[], bool]
+    ) -> tuple[int, int]:
+        messages = events = 0
+        while not stop():
+            held = time.monotonic()
+            with self._write() as cur:
+                ids = [
+                    (row[0],)
+                    for row in cur.execute(
+                        f"SELECT id FROM messages WHERE {where} LIMIT ?", (cutoff, batch)
+                    )
+                ]
+                cur.executemany("DELETE FROM events WHERE message_id = ?", ids)
+                events += max(cur.rowcount, 0)
+                cur.executemany("DELETE FROM messages WHERE id = ?", ids)
+                messages += max(cur.rowcount, 0)
+            if len(ids) < batch:
+                break
+            _step_aside(held)
+        return messages, events
+
+    def _batched(
+        self,
+        change: str,
+        count: str,
+        params: tuple[Any, ...],
+        dry_run: bool,
+        batch: int,
+        stop: Callable[[], bool],
+        count_params: tuple[Any, ...] | None = None,
+    ) -> int:
+        """Run `change` (ending in `LIMIT ?`) until it changes fewer than `batch` rows."""
+        if dry_run:
+            return int(self._read(count, params if count_params is None else count_params)[0][0])
+        total = 0
+        while not stop():
+            held = time.monotonic()
+            with self._write() as cur:
+                cur.execute(change, (*params, batch))
+                changed = max(cur.rowcount, 0)
+            total += changed
+            if changed < batch:
+                break
+            _step_aside(held)
+        return total
+
+    def reclaim(
+        self, *, full: bool = False, pages: int = 2048, stop: Callable[[], bool] = lambda: False
+    ) -> str:
+        """Give free pages back to the filesystem: `incremental_vacuum` in short steps when the
+        file allows it, or (full) a VACUUM that rewrites the file, blocking writers meanwhile,
+        and turns incremental auto-vacuum on for later purges. Returns what was done."""
+        if full:
+            with self._lock:
+                try:
+                    self._conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                    self._conn.execute("VACUUM")
+                except sqlite3.OperationalError as exc:
+                    raise StoreUnavailable(f"VACUUM failed: {exc} ({self.path})") from exc
+            done = "full"
+        elif self._read("PRAGMA auto_vacuum")[0][0] == 2:
+            while not stop() and self._read("PRAGMA freelist_count")[0][0] > 0:
+                held = time.monotonic()
+                # executescript steps the pragma to its end: execute() frees a single page.
+                with self._lock:
+                    try:
+                        self._conn.executescript(
+                            f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({int(pages)}); COMMIT;"
+                        )
+                    except sqlite3.OperationalError as exc:
+                        self._rollback()
+                        raise StoreUnavailable(
+                            f"the ledger cannot be written: {exc} ({self.path})"
+                        ) from exc
+                _step_aside(held)
+            done = "incremental"
+        else:
+            return "none"
+        # In WAL mode the file shrinks when a checkpoint copies the last commit back; PASSIVE
+        # never waits for readers or blocks writers (if it cannot finish, a later one will).
+        with self._lock, contextlib.suppress(sqlite3.OperationalError):
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return done
+
+    def file_size(self) -> int:
+        """Bytes on disk: the ledger and its write-ahead log."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        return total
 
     # -- metrics and dashboard ------------------------------------------------------------
 
@@ -665,6 +910,39 @@ class Store:
             (int(since), width, clock.to_db(int(since))),
         )
         return [(row[0], row[1] or "", row[2]) for row in rows]
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def add_token(self, name: str, sha256: str, instances: Sequence[str], now: float) -> bool:
+        """Record a token's hash; False when the name is taken."""
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO tokens (name, sha256, instances, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (name, sha256, ",".join(instances) or None, clock.to_db(now)),
+            )
+            return cur.rowcount == 1
+
+    def tokens(self) -> list[TokenRow]:
+        """Every token, by name."""
+        rows = self._read("SELECT name, sha256, instances, created_at FROM tokens ORDER BY name")
+        return [
+            TokenRow(name, digest, tuple(instances.split(",")) if instances else (), created)
+            for name, digest, instances, created in rows
+        ]
+
+    def revoke_token(self, name: str) -> bool:
+        """Delete a token; False when there is none by that name."""
+        with self._write() as cur:
+            cur.execute("DELETE FROM tokens WHERE name = ?", (name,))
+            return cur.rowcount == 1
+
+
+def _step_aside(held_since: float) -> None:
+    """Pause between two purge batches as long as the last one held the write lock (at most
+    50 ms): neither SQLite's busy handler nor a thread lock is fair, and back-to-back batches
+    would starve the daemon's writers; this way a purge takes at most half the write time."""
+    time.sleep(min(time.monotonic() - held_since, 0.05))
 
 
 def _statements(script: str) -> Iterator[str]:

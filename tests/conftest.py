@@ -13,15 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from evomsgd.app import create_app
 from evomsgd.config import Settings
+from evomsgd.daemon import http_limits
 from tests.fake_evolution import FakeEvolution
 
 API_KEY = "test-api-key-5f2b9c"
 FINAL = {"SUCCESS", "FAILURE", "CANCELED", "EXPIRED"}
 ROOT = Path(__file__).resolve().parent.parent
+# What every API client sends with POST/DELETE, body or not.
+JSON = {"Content-Type": "application/json"}
+# A page on another site calling the API.
+FOREIGN = {"Origin": "https://evil.example"}
 
 
 def fast_settings(**overrides: Any) -> Settings:
@@ -60,7 +65,11 @@ def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
         settings: Settings, data_dir: Path | None = None, **kwargs: Any
     ) -> TestClient[Any, Any]:
         app = create_app(settings, data_dir or tmp_path, **kwargs)
-        client: TestClient[Any, Any] = await aiohttp_client(app)
+        # Started here with the daemon's own connection limits (aiohttp_client would start it
+        # without them), so tests meet the server `evomsgd serve` runs.
+        server = TestServer(app)
+        await server.start_server(**http_limits(settings))
+        client: TestClient[Any, Any] = await aiohttp_client(server)
         return client
 
     return make

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from evomsgd.app import QUEUE
 from evomsgd.models import ErrorBody
-from tests.conftest import API_KEY, MakeClient, fast_settings, post, wait_status
+from tests.conftest import API_KEY, FOREIGN, JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution
 
 
@@ -119,11 +119,12 @@ async def test_every_error_has_the_one_json_shape(client: TestClient[Any, Any]) 
     accepted = await post(client)
     done = await wait_status(client, accepted["task_id"])
     cases: list[tuple[str, str, dict[str, Any], int]] = [
-        ("POST", "/messages", {"data": b"{not json"}, 400),
-        ("POST", "/messages", {"data": b"\xff\xfe"}, 400),
+        ("POST", "/messages", {"data": b"{not json", "headers": JSON}, 400),
+        ("POST", "/messages", {"data": b"\xff\xfe", "headers": JSON}, 400),
         ("POST", "/messages", {"json": [1, 2]}, 422),
         ("POST", "/messages", {"json": {}}, 422),
-        ("POST", "/messages", {"data": b"x" * (70 * 1024)}, 413),
+        ("POST", "/messages", {"data": b"x" * (70 * 1024), "headers": JSON}, 413),
+        ("POST", "/messages", {"data": b"phone=1&message=hi"}, 415),
         (
             "POST",
             "/messages",
@@ -134,14 +135,36 @@ async def test_every_error_has_the_one_json_shape(client: TestClient[Any, Any]) 
             400,
         ),
         ("GET", "/tasks/nope", {}, 404),
-        ("DELETE", "/tasks/nope", {}, 404),
-        ("DELETE", f"/tasks/{done['task_id']}", {}, 409),
-        ("POST", f"/tasks/{done['task_id']}/retry", {}, 409),
-        ("POST", "/tasks/nope/retry", {}, 404),
+        ("DELETE", "/tasks/nope", {"headers": JSON}, 404),
+        ("DELETE", f"/tasks/{done['task_id']}", {"headers": JSON}, 409),
+        ("POST", f"/tasks/{done['task_id']}/retry", {"headers": JSON}, 409),
+        ("POST", "/tasks/nope/retry", {"headers": JSON}, 404),
+        (
+            "POST",
+            "/messages",
+            {"json": {"phone": "+5511988887777", "message": "hi"}, "headers": FOREIGN},
+            403,
+        ),
         ("GET", "/tasks?status=BOGUS", {}, 422),
         ("GET", "/tasks?limit=0", {}, 422),
         ("GET", "/tasks?limit=abc", {}, 422),
         ("GET", "/tasks?since=yesterday", {}, 422),
+        # Found by schemathesis: values SQLite or the ledger's timestamps cannot hold were 500s.
+        ("GET", "/tasks?before=-335058567510403114336256", {}, 422),
+        ("GET", "/tasks?since=99999999999d", {}, 422),
+        ("GET", "/tasks?until=0001-01-01T00:00:00%2B01:00", {}, 422),
+        (
+            "POST",
+            "/messages",
+            {
+                "json": {
+                    "phone": "+5511988887777",
+                    "message": "hi",
+                    "send_at": "0001-01-01T00:00:00+01:00",
+                }
+            },
+            422,
+        ),
         ("GET", "/no/such/route", {}, 404),
         ("PUT", "/messages", {}, 405),
     ]
@@ -181,12 +204,12 @@ async def test_root_and_health(client: TestClient[Any, Any], fake: FakeEvolution
 async def test_health_reports_oldest_waiting_message(
     client: TestClient[Any, Any], fake: FakeEvolution
 ) -> None:
-    await client.post("/instances/main/pause")
+    await client.post("/instances/main/pause", headers=JSON)
     accepted = await post(client)
     health = await (await client.get("/health")).json()
     assert health["counts"]["PENDING"] == 1
     assert health["oldest_waiting_seconds"] is not None and health["oldest_waiting_seconds"] >= 0
-    await client.post("/instances/main/resume")
+    await client.post("/instances/main/resume", headers=JSON)
     assert (await wait_status(client, accepted["task_id"]))["status"] == "SUCCESS"
 
 

@@ -105,6 +105,7 @@ def test_status_reads_the_ledger_when_the_daemon_is_down(tmp_path: Path) -> None
     result = run("status", env=env)
     assert result.returncode == 2
     assert result.stdout.startswith("evomsgd is DOWN (down)")
+    assert "  mode       sandbox" in result.stdout.splitlines()
     assert (
         "PENDING 1" in result.stdout
         and "instance shop" in result.stdout
@@ -191,6 +192,86 @@ def test_bulk_retry_requeues_failures_and_keeps_their_history(tmp_path: Path) ->
         history = json.loads(run("tasks", "show", ids[0], "--json", env=env).stdout)["history"]
         assert [h["event"] for h in history] == ["attempt", "requeued", "attempt"]
         assert "not on WhatsApp" in history[0]["detail"]
+    finally:
+        daemon.stop()
+        fake.stop()
+
+
+def run_on_tty(*args: str, env: dict[str, str]) -> str:
+    """Run the CLI with stdout on a pseudo-terminal (as in an interactive shell); its output."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomsgd", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    proc.wait(30)
+    return b"".join(chunks).decode()
+
+
+def test_status_colours_follow_the_terminal_flags_and_no_color(sandbox: Daemon) -> None:
+    env = cli_env(sandbox)
+    green_head = "\x1b[32m\x1b[1mevomsgd is UP (ok)\x1b[0m"
+    assert run_on_tty("status", env=env).startswith(green_head)
+    assert "\x1b[" not in run_on_tty("status", env={**env, "NO_COLOR": "1"})
+    assert "\x1b[" not in run_on_tty("status", "--no-color", env=env)
+    # Piped: plain unless forced; an explicit --color wins over NO_COLOR.
+    assert "\x1b[" not in run("status", env=env).stdout
+    assert run("status", "--color", env=env).stdout.startswith(green_head)
+    assert run("status", "--color", env={**env, "NO_COLOR": "1"}).stdout.startswith(green_head)
+
+
+def test_status_is_degraded_with_exit_code_1_when_evolution_rejects_the_key(
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import FakeProcess
+
+    fake = FakeProcess("--instances", "main")
+    daemon = Daemon(
+        tmp_path / "data",
+        free_port(),
+        EVOLUTION_API_URL=fake.url,
+        EVOLUTION_API_KEY="a-wrong-key-3e1d",
+        EVOLUTION_INSTANCE_NAME="main",
+        EVOMSGD_SEND_INTERVAL="0",
+    )
+    try:
+        env = cli_env(daemon)
+        task_id = run("send", "--phone", "+5511988000001", "--message", "x", env=env).stdout.strip()
+        result = wait_until(
+            lambda: (r := run("status", env=env)).returncode == 1 and r, 20, "degraded status"
+        )
+        lines = result.stdout.splitlines()
+        assert lines[0] == "evomsgd is UP (degraded)"
+        assert "  mode       live" in lines
+        rejected = (
+            "Evolution rejected the API key (401) - check EVOLUTION_API_KEY "
+            "(Evolution said: Unauthorized)"
+        )
+        assert f"  instance main             config_error waiting 1 last error: {rejected}" in lines
+        data = json.loads(run("status", "--json", env=env).stdout)
+        assert data["status"] == "degraded"
+        assert data["last_error"]["task_id"] == task_id
+        at = data["last_error"]["at"]
+        assert f"  last error {at} task {task_id} instance main: {rejected}" in lines
+        assert f"  ! instance main is config_error: {rejected}" in lines
+        assert "a-wrong-key-3e1d" not in result.stdout
     finally:
         daemon.stop()
         fake.stop()

@@ -29,8 +29,10 @@ FINAL = {"SUCCESS", "FAILURE", "CANCELED", "EXPIRED"}
 class Daemon:
     """One `evomsgd serve` process on a data directory."""
 
-    def __init__(self, data_dir: Path, port: int, *args: str, **env: str) -> None:
-        self.data_dir, self.port = data_dir, port
+    def __init__(
+        self, data_dir: Path, port: int, *args: str, token: str | None = None, **env: str
+    ) -> None:
+        self.data_dir, self.port, self.token = data_dir, port, token
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(data_dir.parent / f"daemon-{port}.log", "ab")  # noqa: SIM115
         cmd = [
@@ -53,7 +55,7 @@ class Daemon:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}: {self.logs()}")
         try:
-            return request(self.url + "/health")[0] == 200
+            return request(self.url + "/health", token=self.token)[0] == 200
         except OSError:
             return False
 
@@ -69,11 +71,14 @@ class Daemon:
         return code
 
 
-def request(url: str, body: Any = None, method: str | None = None) -> tuple[int, Any]:
+def request(
+    url: str, body: Any = None, method: str | None = None, token: str | None = None
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())

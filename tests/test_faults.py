@@ -105,12 +105,12 @@ async def test_a_lost_lease_is_swept_back_and_sent(
     make_client: MakeClient, fake: FakeEvolution
 ) -> None:
     client = await make_client(fast_settings(evolution_url=fake.url))
-    await client.post("/instances/main/pause")
+    await client.post("/instances/main/pause", json={})
     accepted = await post(client)
     store = client.app[SERVICE].store
     # A worker that claimed the message and then hung: its lease runs out in 0.2 s.
     assert store.claim(accepted["task_id"], clock.now(), lease=0.2) is not None
-    await client.post("/instances/main/resume")
+    await client.post("/instances/main/resume", json={})
     task = await wait_status(client, accepted["task_id"])
     assert task["status"] == "SUCCESS"
     assert (

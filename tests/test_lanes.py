@@ -13,7 +13,7 @@ import pytest
 
 from evomsgd.config import LaneSettings, load_settings
 from evomsgd.lanes import Health, Lane
-from tests.conftest import MakeClient, fast_settings, post, wait_status
+from tests.conftest import JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution
 
 # Gaps are enforced when a send is handed out; the arrival at the fake adds loopback and thread
@@ -97,7 +97,7 @@ async def test_paused_instance_leaves_others_at_full_speed(
     }
     assert lanes["main"]["state"] == "paused" and lanes["main"]["paused_reason"] == "maintenance"
     assert (await (await client.get(f"/tasks/{held['task_id']}")).json())["status"] == "PENDING"
-    await client.post("/instances/main/resume")
+    await client.post("/instances/main/resume", headers=JSON)
     assert (await wait_status(client, held["task_id"]))["status"] == "SUCCESS"
 
 
@@ -107,10 +107,10 @@ async def test_high_priority_overtakes_normal_messages_in_its_lane(
     client = await make_client(
         fast_settings(evolution_url=fake.url, send_interval=0.05, send_jitter=0)
     )
-    await client.post("/instances/main/pause")
+    await client.post("/instances/main/pause", headers=JSON)
     normal = [(await post(client, phone=f"+5511{988000000 + i}"))["task_id"] for i in range(3)]
     urgent = (await post(client, phone="+5511988009999", priority="high"))["task_id"]
-    await client.post("/instances/main/resume")
+    await client.post("/instances/main/resume", headers=JSON)
     for task_id in [*normal, urgent]:
         await wait_status(client, task_id)
     assert fake.received[0].number == "5511988009999"
@@ -138,15 +138,15 @@ async def test_a_message_not_sent_in_time_expires_with_the_reason(
     make_client: MakeClient, fake: FakeEvolution
 ) -> None:
     client = await make_client(fast_settings(evolution_url=fake.url))
-    await client.post("/instances/main/pause")
+    await client.post("/instances/main/pause", headers=JSON)
     accepted = await post(client, expires_in=0.3)
     task = await wait_status(client, accepted["task_id"], timeout=5)
     assert task["status"] == "EXPIRED"
     assert "expired" in task["result"]["error"]
     assert task["history"][-1]["event"] == "expired"
-    await client.post("/instances/main/resume")
+    await client.post("/instances/main/resume", headers=JSON)
     assert fake.received == []
-    retried = await client.post(f"/tasks/{accepted['task_id']}/retry")
+    retried = await client.post(f"/tasks/{accepted['task_id']}/retry", headers=JSON)
     assert retried.status == 202
     assert (await wait_status(client, accepted["task_id"]))["status"] == "SUCCESS"
 
@@ -155,14 +155,14 @@ async def test_cancel_before_sending_and_409_after(
     make_client: MakeClient, fake: FakeEvolution
 ) -> None:
     client = await make_client(fast_settings(evolution_url=fake.url))
-    await client.post("/instances/main/pause")
+    await client.post("/instances/main/pause", headers=JSON)
     accepted = await post(client)
-    resp = await client.delete(f"/tasks/{accepted['task_id']}")
+    resp = await client.delete(f"/tasks/{accepted['task_id']}", headers=JSON)
     assert resp.status == 200 and (await resp.json())["status"] == "CANCELED"
-    await client.post("/instances/main/resume")
+    await client.post("/instances/main/resume", headers=JSON)
     sent = await post(client)
     await wait_status(client, sent["task_id"])
-    late = await client.delete(f"/tasks/{sent['task_id']}")
+    late = await client.delete(f"/tasks/{sent['task_id']}", headers=JSON)
     assert late.status == 409 and "SUCCESS" in (await late.json())["error"]["message"]
     assert [r.number for r in fake.received] == ["5511988887777"]  # the canceled one never went out
 
@@ -171,7 +171,7 @@ async def test_backpressure_answers_429_with_retry_after(
     make_client: MakeClient, fake: FakeEvolution
 ) -> None:
     client = await make_client(fast_settings(evolution_url=fake.url, max_waiting=2))
-    await client.post("/instances/main/pause")
+    await client.post("/instances/main/pause", headers=JSON)
     await post(client)
     await post(client)
     resp = await client.post("/messages", json={"phone": "+5511988887777", "message": "third"})
@@ -193,7 +193,7 @@ async def test_backpressure_refuses_what_would_expire_before_its_turn(
     client = await make_client(
         fast_settings(evolution_url=fake.url, send_interval=10, send_jitter=0)
     )
-    await client.post("/instances/main/pause")
+    await client.post("/instances/main/pause", headers=JSON)
     for _ in range(3):
         await post(client)
     resp = await client.post(

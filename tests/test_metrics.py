@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from evomsgd import __version__, clock
 from evomsgd.app import STORE
 from evomsgd.metrics import METRICS
-from tests.conftest import MakeClient, fast_settings, post, wait_status
+from tests.conftest import JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -130,7 +130,7 @@ async def test_waiting_messages_by_status_and_the_oldest_due_one(
 
 
 async def test_expiries_are_counted_once(client: TestClient[Any, Any]) -> None:
-    assert (await client.post("/instances/main/pause")).status == 200
+    assert (await client.post("/instances/main/pause", headers=JSON)).status == 200
     accepted = await post(client, expires_in=0.1)
     assert (await wait_status(client, accepted["task_id"]))["status"] == "EXPIRED"
     expired = "evomsgd_messages_expired_total"

@@ -1,0 +1,281 @@
+"""`evomsgd doctor`: one line per check - OK, WARN, FAIL or SKIP - and for a problem, its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import click
+
+from evomsgd.config import Settings, load_settings, resolve_data_dir
+from evomsgd.errors import ConfigError
+from evomsgd.evolution import EvolutionClient, InstanceState, OutcomeKind, StateProbe
+from evomsgd.schema import MIGRATIONS
+from evomsgd.store import LEDGER_FILE
+
+Verdict = Literal["OK", "WARN", "FAIL", "SKIP"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One line of the report."""
+
+    verdict: Verdict
+    name: str
+    detail: str
+
+
+def diagnose(
+    flags: Mapping[str, Any], *, full: bool = False, env: Mapping[str, str] | None = None
+) -> list[Check]:
+    """Every check, in order; later checks SKIP when what they need failed."""
+    try:
+        settings = load_settings(flags, env)
+    except ConfigError as exc:
+        return [
+            Check("FAIL", "config", str(exc)),
+            Check("SKIP", "the rest", "needs a valid configuration"),
+        ]
+    checks = [_config(settings)]
+    try:
+        data_dir: Path | None = resolve_data_dir(settings, env)
+    except ConfigError as exc:
+        checks.append(Check("FAIL", "data dir", str(exc)))
+        data_dir = None
+    instances: list[str] = []
+    if data_dir is not None:
+        checks.append(_data_dir(data_dir))
+        ledger, instances = _ledger(data_dir / LEDGER_FILE, full)
+        checks.append(ledger)
+    names = list(
+        dict.fromkeys(
+            [n for n in [settings.default_instance] if n]
+            + sorted(set(instances) | set(settings.instances))
+        )
+    )
+    checks += asyncio.run(_evolution(settings, names))
+    return checks
+
+
+def _config(settings: Settings) -> Check:
+    try:
+        settings.require_evolution()
+    except ConfigError as exc:
+        return Check("FAIL", "config", str(exc))
+    source = f"config file {settings.config_file}" if settings.config_file else "no config file"
+    mode = "sandbox mode" if settings.sandbox else f"Evolution at {settings.evolution_url}"
+    if not settings.instance_fallback:
+        return Check(
+            "WARN",
+            "config",
+            "EVOLUTION_INSTANCE_NAME is not set: requests without instance_name get 422 - "
+            "set it to your Evolution instance",
+        )
+    return Check("OK", "config", f"valid ({source}; {mode})")
+
+
+def _data_dir(path: Path) -> Check:
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), Path("/"))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return Check(
+                "FAIL",
+                "data dir",
+                f"{path} does not exist and {parent} is not writable - create it for the "
+                "daemon's user or set EVOMSGD_DATA_DIR",
+            )
+        return Check("OK", "data dir", f"{path} does not exist yet; `evomsgd serve` creates it")
+    if not path.is_dir():
+        return Check("FAIL", "data dir", f"{path} is not a directory - set EVOMSGD_DATA_DIR")
+    if not os.access(path, os.W_OK | os.X_OK):
+        return Check(
+            "FAIL",
+            "data dir",
+            f"{path} is not writable by this user - chown it to the daemon's user "
+            "(or run doctor as that user)",
+        )
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        return Check(
+            "WARN",
+            "data dir",
+            f"{path} is open to other users (mode {mode:04o}); the ledger holds message texts "
+            f"- chmod 700 {path}",
+        )
+    ledger = path / LEDGER_FILE
+    if ledger.exists() and stat.S_IMODE(ledger.stat().st_mode) & 0o077:
+        ledger_mode = stat.S_IMODE(ledger.stat().st_mode)
+        return Check(
+            "WARN",
+            "data dir",
+            f"{ledger} is readable by other users (mode {ledger_mode:04o}) - chmod 600 {ledger}",
+        )
+    return Check("OK", "data dir", f"{path} (mode {mode:04o}, writable)")
+
+
+def _ledger(path: Path, full: bool) -> tuple[Check, list[str]]:
+    """Integrity on a read-only connection, and the instances the ledger has seen."""
+    if not path.exists():
+        return Check("SKIP", "ledger", f"no ledger at {path} yet (created at first start)"), []
+    pragma = "integrity_check" if full else "quick_check"
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            problems = [row[0] for row in conn.execute(f"PRAGMA {pragma}(5)")]
+            if problems != ["ok"]:
+                return Check(
+                    "FAIL",
+                    "ledger",
+                    f"{pragma} found damage in {path}: {'; '.join(problems)} - stop the daemon, "
+                    f"copy the file aside and rebuild it: sqlite3 {path} .recover | sqlite3 "
+                    "recovered.db",
+                ), []
+            version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+            count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            instances = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT DISTINCT instance FROM messages UNION SELECT instance FROM lanes"
+                )
+            ]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return Check(
+            "FAIL",
+            "ledger",
+            f"cannot read {path}: {exc} - is it an evomsgd ledger? restore it from a backup",
+        ), []
+    known = max(v for v, _, _ in MIGRATIONS)
+    size = path.stat().st_size / 1_048_576
+    detail = f"{pragma} ok; schema {version}; {count} messages; {size:.1f} MB"
+    if version is not None and version > known:
+        return Check(
+            "WARN", "ledger", f"{detail}; made by a newer evomsgd (schema {known} here) - upgrade"
+        ), instances
+    return Check("OK", "ledger", detail), instances
+
+
+async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
+    if settings.sandbox:
+        why = "sandbox mode: nothing is sent to Evolution"
+        return [Check("SKIP", name, why) for name in ("evolution", "api key", "instances")]
+    if not settings.evolution_url or not settings.evolution_key:
+        why = "EVOLUTION_API_URL and EVOLUTION_API_KEY are needed (see config)"
+        return [Check("SKIP", name, why) for name in ("evolution", "api key", "instances")]
+    checks: list[Check] = []
+    async with aiohttp.ClientSession() as session:
+        client = EvolutionClient(
+            session,
+            settings.evolution_url,
+            settings.evolution_key.get_secret_value(),
+            timeout=settings.evolution_timeout,
+            api_version=settings.evolution_api_version,
+        )
+        info = await client.server_info()
+        if not info.reachable:
+            checks.append(
+                Check(
+                    "FAIL",
+                    "evolution",
+                    f"{info.reason} - check EVOLUTION_API_URL ({settings.evolution_url}) "
+                    "and that Evolution runs",
+                )
+            )
+            why = "Evolution is not reachable"
+            return [*checks, Check("SKIP", "api key", why), Check("SKIP", "instances", why)]
+        if info.major is not None and info.major != settings.evolution_api_version:
+            checks.append(
+                Check(
+                    "WARN",
+                    "evolution",
+                    f"Evolution {info.version} answers at {settings.evolution_url}, but "
+                    f"EVOMSGD_EVOLUTION_API_VERSION is {settings.evolution_api_version} - "
+                    f"set it to {info.major}",
+                )
+            )
+        else:
+            checks.append(Check("OK", "evolution", f"{info.reason} at {settings.evolution_url}"))
+        if not instances:
+            why = (
+                "no instance to ask: none configured or in the ledger - set EVOLUTION_INSTANCE_NAME"
+            )
+            return [*checks, Check("SKIP", "api key", why), Check("SKIP", "instances", why)]
+        probes = await asyncio.gather(*(client.connection_state(name) for name in instances))
+    first = probes[0]
+    if first.http_status == 401:
+        checks.append(
+            Check(
+                "FAIL",
+                "api key",
+                f"Evolution rejected EVOLUTION_API_KEY (401) asking about {instances[0]} - set "
+                "the server's global key (AUTHENTICATION_API_KEY) or the instance's token",
+            )
+        )
+        return [*checks, Check("SKIP", "instances", "the API key was rejected")]
+    if first.http_status is None:
+        checks.append(Check("FAIL", "api key", f"not checked: {first.reason}"))
+    else:
+        checks.append(
+            Check(
+                "OK",
+                "api key",
+                f"accepted (connectionState {instances[0]}: HTTP {first.http_status})",
+            )
+        )
+    checks += [_instance(name, probe) for name, probe in zip(instances, probes, strict=True)]
+    return checks
+
+
+def _instance(name: str, probe: StateProbe) -> Check:
+    label = f"instance {name}"
+    if probe.state == InstanceState.OPEN:
+        return Check("OK", label, "open (connected to WhatsApp)")
+    if probe.state == InstanceState.CONNECTING:
+        return Check(
+            "WARN",
+            label,
+            "connecting - wait a minute; if it stays so, pair it again in Evolution's manager",
+        )
+    if probe.state == InstanceState.CLOSE:
+        return Check(
+            "FAIL",
+            label,
+            "close: not connected to WhatsApp - pair it: scan the QR code in Evolution's manager",
+        )
+    if probe.kind == OutcomeKind.UNKNOWN_INSTANCE:
+        return Check(
+            "FAIL",
+            label,
+            f"Evolution has no instance {name!r} - create it, or fix EVOLUTION_INSTANCE_NAME "
+            "or the clients' instance_name",
+        )
+    if probe.http_status == 401:
+        return Check(
+            "FAIL",
+            label,
+            "the key is not accepted for this instance (401) - it is another instance's token; "
+            "use the global key",
+        )
+    return Check("FAIL", label, probe.reason)
+
+
+_COLORS = {"OK": "green", "WARN": "yellow", "FAIL": "red", "SKIP": None}
+
+
+def render(checks: list[Check], *, color: bool) -> str:
+    """One line per check: verdict, what, detail."""
+    lines = []
+    for check in checks:
+        verdict = f"{check.verdict:<4}"
+        if color:
+            verdict = click.style(verdict, fg=_COLORS[check.verdict], bold=check.verdict != "SKIP")
+        lines.append(f"{verdict}  {check.name:<16} {check.detail}")
+    return "\n".join(lines)

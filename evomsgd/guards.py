@@ -1,0 +1,234 @@
+"""Who may call the API: tokens, browsers (Origin, Content-Type, CORS) and the bind address.
+
+Both middlewares sit inside `api.errors_middleware`, so each refusal has the one error shape.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from evomsgd.config import Settings
+from evomsgd.errors import ApiError, ConfigError
+from evomsgd.store import TokenRow
+from evomsgd.tokens import TokenCache, match
+
+log = logging.getLogger("evomsgd.guards")
+
+TOKENS = web.AppKey("tokens", TokenCache)
+TOKEN = web.RequestKey("token", TokenRow)  # the token a request authenticated with
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Open without a token even when tokens exist: liveness, the API description, and the
+# dashboard's files (the page holds no data; it asks for a token and sends it on every call).
+_PUBLIC_PATHS = frozenset({"/", "/openapi.json", "/docs", "/dashboard"})
+_PUBLIC_PREFIXES = ("/docs/", "/dashboard/static/")
+_CHALLENGE = 'Bearer realm="evomsgd"'
+NO_TOKEN = (
+    "this request needs an API token - send Authorization: Bearer <token> "
+    "(CLI: --token or EVOMSGD_TOKEN; an operator creates one with `evomsgd token create NAME`)"
+)
+BAD_TOKEN = (
+    "the API token is not valid (mistyped or revoked) - check EVOMSGD_TOKEN, "
+    "or create a new one with `evomsgd token create NAME`"
+)
+_CORS_METHODS = "GET, POST, DELETE"
+_CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key"
+_CORS_EXPOSE = "Retry-After, Idempotent-Replayed, WWW-Authenticate"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings, tokens: int) -> None:
+    """Refuse to listen beyond this machine without tokens unless --insecure-no-auth says so."""
+    if tokens or is_loopback(settings.host):
+        return
+    where = f"{settings.host or '*'}:{settings.port}"
+    if not settings.insecure_no_auth:
+        raise ConfigError(
+            f"refusing to listen on {where} without API tokens: anyone who can reach it could "
+            "send WhatsApp messages from your number - create a token (`evomsgd token create "
+            "NAME`), or listen on 127.0.0.1 (EVOMSGD_HOST), or pass --insecure-no-auth if a "
+            "proxy in front of evomsgd authenticates every request"
+        )
+    log.warning(
+        "INSECURE: listening on %s with no API tokens (--insecure-no-auth): anyone who can "
+        "reach this address can send WhatsApp messages from your number",
+        where,
+    )
+
+
+def _routed(request: web.Request) -> bool:
+    """False for 404/405 requests: let the router's own error answer them."""
+    return request.match_info.http_exception is None
+
+
+def _public(request: web.Request) -> bool:
+    if request.method not in SAFE_METHODS:
+        return False
+    return request.path in _PUBLIC_PATHS or request.path.startswith(_PUBLIC_PREFIXES)
+
+
+def _origin(value: str) -> str:
+    return value.strip().rstrip("/").lower()
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    try:
+        return urlsplit(origin).netloc.lower() == host.lower()
+    except ValueError:
+        return False
+
+
+def browser_middleware(settings: Settings) -> Middleware:
+    """Preflights for configured origins; POST/DELETE only as JSON and not from a foreign site."""
+    allowed = frozenset(settings.cors_origins)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        configured = origin is not None and _origin(origin) in allowed
+        if (
+            request.method == "OPTIONS"
+            and configured
+            and "Access-Control-Request-Method" in request.headers
+        ):
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Methods": _CORS_METHODS,
+                    "Access-Control-Allow-Headers": _CORS_HEADERS,
+                    "Access-Control-Max-Age": "600",
+                },
+            )
+        if request.method not in SAFE_METHODS and _routed(request):
+            if origin is not None and not configured and not _same_origin(origin, request.host):
+                raise ApiError(
+                    403,
+                    "forbidden_origin",
+                    f"requests from web pages at {origin} are refused - add that origin to "
+                    "EVOMSGD_CORS_ORIGINS if it should call evomsgd",
+                )
+            if request.content_type != "application/json":
+                given = request.headers.get("Content-Type") or "none"
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"{request.method} needs the header Content-Type: application/json, even "
+                    f"without a body (got {given}) - it is what keeps web pages from posting "
+                    "forms to evomsgd",
+                )
+        return await handler(request)
+
+    return middleware
+
+
+def cors_headers(
+    settings: Settings,
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """An on_response_prepare hook: CORS headers for configured origins, errors included."""
+    allowed = frozenset(settings.cors_origins)
+
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin is not None and _origin(origin) in allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = _CORS_EXPOSE
+        if allowed:
+            response.headers.add("Vary", "Origin")
+
+    return add
+
+
+def auth_middleware(settings: Settings) -> Middleware:
+    """With tokens: every non-public request needs a valid Bearer token. Without: local Hosts only."""
+    origin_hosts = frozenset(urlsplit(origin).netloc for origin in settings.cors_origins)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rows = await request.app[TOKENS].rows()
+        if not rows:
+            if not settings.insecure_no_auth:
+                _check_host(request, origin_hosts)
+            return await handler(request)
+        if _public(request):
+            return await handler(request)
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        presented = presented.strip()
+        if scheme.lower() != "bearer" or not presented:
+            raise ApiError(401, "unauthorized", NO_TOKEN, headers={"WWW-Authenticate": _CHALLENGE})
+        row = match(rows, presented)
+        if row is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                BAD_TOKEN,
+                headers={"WWW-Authenticate": _CHALLENGE + ', error="invalid_token"'},
+            )
+        request[TOKEN] = row
+        return await handler(request)
+
+    return middleware
+
+
+def _check_host(request: web.Request, origin_hosts: frozenset[str]) -> None:
+    """Without tokens, answer only requests addressed to an IP or localhost.
+
+    A web page can point its own domain name at 127.0.0.1 (DNS rebinding) and then call the API
+    as a same-origin page; such requests carry that domain in Host.
+    """
+    host = request.host
+    try:
+        name = urlsplit("//" + host).hostname or ""
+    except ValueError:  # a malformed Host such as "[::1"
+        name = ""
+    if name == "localhost" or host.lower() in origin_hosts:
+        return
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        raise ApiError(
+            403,
+            "forbidden_host",
+            f"Host {host!r} is refused: without API tokens evomsgd answers only requests for "
+            "localhost or an IP address (this stops DNS-rebinding web pages) - create a token "
+            "(`evomsgd token create NAME`) or list the site in EVOMSGD_CORS_ORIGINS",
+        ) from None
+
+
+def require_instance(request: web.Request, instance: str) -> None:
+    """403 unless the request's token may use `instance` (tokens without a scope may use any)."""
+    token = request.get(TOKEN)
+    if token is not None and token.instances and instance not in token.instances:
+        raise ApiError(
+            403,
+            "forbidden_instance",
+            f"token {token.name!r} may use only {', '.join(token.instances)}, "
+            f"not {instance!r} - use a token made for {instance!r}",
+        )
+
+
+def token_name(request: web.Request) -> str | None:
+    """The name of the token the request came with (None when tokens are not in use)."""
+    token = request.get(TOKEN)
+    return None if token is None else token.name
+
+
+def scoped(request: web.Request) -> bool:
+    """True when the request's token may use only some instances."""
+    token = request.get(TOKEN)
+    return token is not None and bool(token.instances)

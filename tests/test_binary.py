@@ -241,7 +241,7 @@ def test_the_package_declares_the_glibc_the_binary_needs(binary: Path, tmp_path:
     floor = ".".join(map(str, max(versions)))
     nfpm = (ROOT / "packaging" / "nfpm.yaml").read_text()
     assert f"libc6 (>= {floor})" in nfpm
-    assert f"glibc {floor}" in (ROOT / "docs" / "INSTALL.md").read_text()
+    assert f"glibc {floor}" in (ROOT / "README.md").read_text()
 
 
 def test_ready_to_serve_within_0_8_seconds(binary: Path) -> None:

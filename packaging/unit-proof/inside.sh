@@ -71,7 +71,7 @@ wait_for 20 "active again" is ActiveState active
 ok "kill -9 of all: restarted, one unpack dir"
 
 # 6. systemctl stop: SIGTERM reaches the daemon once (KillMode=mixed), it drains, exits 0.
-curl -sf -XPOST $API/instances/main/pause -d '{}' >/dev/null
+curl -sf -XPOST $API/instances/main/pause -H 'content-type: application/json' -d '{}' >/dev/null
 queued=$(post "queued over a stop")
 invocation=$(prop InvocationID)
 systemctl stop evomsgd
@@ -82,7 +82,7 @@ grep -q "drained" <<<"$log" || fail "no drain in the stopped invocation's log"
 [ ! -e /run/evomsgd ] || fail "/run/evomsgd left after stop"
 ok "stop: one SIGTERM, drained, exit 0, /run/evomsgd removed"
 systemctl start evomsgd
-curl -sf -XPOST $API/instances/main/resume -d '{}' >/dev/null
+curl -sf -XPOST $API/instances/main/resume -H 'content-type: application/json' -d '{}' >/dev/null
 wait_for 20 "the queued message after the restart" sent "$queued"
 ok "the message queued before the stop was delivered after the start"
 

@@ -12,7 +12,7 @@ import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from aiohttp import web
 
@@ -22,14 +22,12 @@ from evomsgd.app import create_app
 from evomsgd.config import Settings
 from evomsgd.errors import DataDirError
 from evomsgd.guards import check_bind
+from evomsgd.server import Runner, http_limits
 from evomsgd.store import LEDGER_FILE, Store
 
 log = logging.getLogger("evomsgd.daemon")
 
 LOCK_FILE = "evomsgd.lock"
-MAX_LINE = 8190  # request line (method, URL, version): longer gets 400
-MAX_FIELD = 8190  # one header line
-MAX_HEADERS = 64
 
 
 def prepare_data_dir(path: Path) -> Path:
@@ -91,20 +89,6 @@ def exclusive(data_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def http_limits(settings: Settings) -> dict[str, Any]:
-    """aiohttp's per-connection limits, so slow or huge requests cannot exhaust the daemon."""
-    return {
-        # aiohttp starts this timer when a connection opens and after each response, and does
-        # not restart it while headers trickle in: it bounds slow headers and idle connections.
-        "keepalive_timeout": settings.idle_timeout,
-        "max_line_size": MAX_LINE,
-        "max_field_size": MAX_FIELD,
-        "max_headers": MAX_HEADERS,
-        # After an early answer (413, 408) read at most this long before closing the connection.
-        "lingering_time": 2.0,
-    }
-
-
 def serve(settings: Settings, data_dir: Path) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     os.umask(0o077)  # every file we create (ledger, WAL, queue) is owner-only
@@ -152,7 +136,7 @@ async def _serve(settings: Settings, data_dir: Path) -> int:
     watchdog = asyncio.create_task(systemd.watchdog(interval)) if interval else None
 
     app = create_app(settings, data_dir)
-    runner = web.AppRunner(
+    runner = Runner(
         app,
         handle_signals=False,
         access_log=None,  # an access log line could carry tokens in a URL; never written

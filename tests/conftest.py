@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from evomsgd.app import create_app
 from evomsgd.config import Settings
-from evomsgd.daemon import http_limits
+from evomsgd.server import Runner, http_limits
 from tests.fake_evolution import FakeEvolution
 
 API_KEY = "test-api-key-5f2b9c"
@@ -57,6 +57,13 @@ async def fake() -> AsyncIterator[FakeEvolution]:
 MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
+class DaemonTestServer(TestServer):
+    """aiohttp's test server, started with the daemon's own runner."""
+
+    async def _make_runner(self, **kwargs: Any) -> Runner:
+        return Runner(self.app, **kwargs)
+
+
 @pytest.fixture
 def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
     """Start the real app on a real ledger in tmp_path; returns its test client."""
@@ -67,7 +74,7 @@ def make_client(aiohttp_client: Any, tmp_path: Path) -> MakeClient:
         app = create_app(settings, data_dir or tmp_path, **kwargs)
         # Started here with the daemon's own connection limits (aiohttp_client would start it
         # without them), so tests meet the server `evomsgd serve` runs.
-        server = TestServer(app)
+        server = DaemonTestServer(app)
         await server.start_server(**http_limits(settings))
         client: TestClient[Any, Any] = await aiohttp_client(server)
         return client

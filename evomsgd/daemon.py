@@ -34,16 +34,26 @@ def prepare_data_dir(path: Path) -> Path:
     """Create the data directory owner-only (0700); refuse one we cannot write."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if path.stat().st_uid == os.getuid():
-            os.chmod(path, 0o700)
     except OSError as exc:
         raise DataDirError(
             f"cannot create data directory {path}: {exc.strerror} - "
             "set EVOMSGD_DATA_DIR or --data-dir to a writable directory"
         ) from None
-    if not os.access(path, os.W_OK | os.X_OK):
+    try:
+        if path.stat().st_uid == os.getuid():
+            os.chmod(path, 0o700)
+        writable = os.access(path, os.W_OK | os.X_OK)
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise DataDirError(f"cannot use data directory {path}: {exc.strerror}") from None
+        writable = False
+    if not writable:
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
         raise DataDirError(
-            f"data directory {path} is not writable by this user - fix its owner "
+            f"data directory {path} is on a read-only file system - remount it read-write "
+            "or set EVOMSGD_DATA_DIR"
+            if read_only
+            else f"data directory {path} is not writable by this user - fix its owner "
             "or set EVOMSGD_DATA_DIR"
         )
     return path

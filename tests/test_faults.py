@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,8 +22,10 @@ from evomsgd.models import Status
 from evomsgd.store import Message
 from tests.conftest import (
     API_KEY,
+    ROOT,
     FakeProcess,
     MakeClient,
+    daemon_env,
     fast_settings,
     free_port,
     post,
@@ -241,3 +246,40 @@ def _post_with_key(url: str, payload: dict[str, Any], key: str) -> tuple[int, An
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+def test_a_read_only_data_directory_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """(The kernel will not remount a file system read-only while the daemon holds files open
+    for writing, so the running case is covered by the disk-full test's identical 503 path.)"""
+    data_dir = tmp_path / "data"
+    Daemon(data_dir, free_port(), "--sandbox").stop()  # a ledger that exists
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "--bind", str(data_dir), str(data_dir)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("needs root and bind mounts to make the data directory read-only")
+    try:
+        subprocess.run(
+            ["mount", "-o", "remount,bind,ro", str(data_dir)], check=True, capture_output=True
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "evomsgd", "serve", "--sandbox", "--data-dir", str(data_dir)],
+            cwd=ROOT,
+            env=daemon_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2
+        assert result.stderr.strip() == (
+            f"error: data directory {data_dir} is on a read-only file system - remount it read-write "
+            "or set EVOMSGD_DATA_DIR"
+        )
+    finally:
+        subprocess.run(["umount", str(data_dir)], capture_output=True)
+    with sqlite3.connect(data_dir / "evomsgd.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)

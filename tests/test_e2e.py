@@ -71,6 +71,18 @@ class Daemon:
         return code
 
 
+def serve_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run an `evomsgd serve` that is expected to refuse to start, to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "evomsgd", "serve", *args],
+        cwd=ROOT,
+        env=daemon_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def request(
     url: str, body: Any = None, method: str | None = None, token: str | None = None
 ) -> tuple[int, Any]:
@@ -252,24 +264,7 @@ def test_a_second_daemon_on_the_same_data_dir_refuses_to_start(tmp_path: Path) -
     data_dir = tmp_path / "data"
     first = Daemon(data_dir, free_port(), "--sandbox")
     try:
-        second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "evomsgd",
-                "serve",
-                "--sandbox",
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(free_port()),
-            ],
-            cwd=ROOT,
-            env=daemon_env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = serve_refused("--sandbox", "--data-dir", str(data_dir), "--port", str(free_port()))
         assert second.returncode == 2
         assert f"another evomsgd (pid {first.proc.pid}) is already serving" in second.stderr
     finally:
@@ -291,14 +286,7 @@ def test_data_dir_and_ledger_are_private(tmp_path: Path) -> None:
 
 
 def test_serve_without_evolution_settings_names_what_is_missing(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "evomsgd", "serve", "--data-dir", str(tmp_path)],
-        cwd=ROOT,
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = serve_refused("--data-dir", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: EVOLUTION_API_URL and EVOLUTION_API_KEY are not set - export them (or put them in the env file) or "

@@ -6,7 +6,6 @@ import os
 import random
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,10 +21,8 @@ from evomsgd.models import Status
 from evomsgd.store import Message
 from tests.conftest import (
     API_KEY,
-    ROOT,
     FakeProcess,
     MakeClient,
-    daemon_env,
     fast_settings,
     free_port,
     post,
@@ -33,7 +30,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fake_evolution import FakeEvolution
-from tests.test_e2e import Daemon, ledger_rows, phone, request
+from tests.test_e2e import Daemon, ledger_rows, phone, request, serve_refused
 
 
 def _message(**overrides: Any) -> Message:
@@ -266,14 +263,7 @@ def test_a_read_only_data_directory_is_refused_with_the_reason(tmp_path: Path) -
         subprocess.run(
             ["mount", "-o", "remount,bind,ro", str(data_dir)], check=True, capture_output=True
         )
-        result = subprocess.run(
-            [sys.executable, "-m", "evomsgd", "serve", "--sandbox", "--data-dir", str(data_dir)],
-            cwd=ROOT,
-            env=daemon_env(),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = serve_refused("--sandbox", "--data-dir", str(data_dir))
         assert result.returncode == 2
         assert result.stderr.strip() == (
             f"error: data directory {data_dir} is on a read-only file system - remount it read-write "

@@ -45,6 +45,11 @@ def db_to_rfc3339(text: str | None) -> str | None:
     return text.replace(" ", "T") + "Z"
 
 
+def to_rfc3339(ts: float) -> str:
+    """Epoch seconds as RFC 3339 UTC with milliseconds, the API's time format."""
+    return db_to_rfc3339(to_db(ts)) or ""
+
+
 def from_datetime(value: datetime) -> float:
     """An aware datetime to epoch seconds (naive ones are rejected by the models)."""
     return value.timestamp()

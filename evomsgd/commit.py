@@ -41,8 +41,6 @@ class GroupCommitter:
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Pending | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="evomsgd-commit", daemon=True)
-        self.batches = 0
-        self.committed = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -88,13 +86,10 @@ class GroupCommitter:
         except Exception as exc:  # never leave a request hanging
             log.exception("group commit of %s messages failed", len(batch))
             results = exc
-        if not isinstance(results, BaseException):
-            self.batches += 1
-            self.committed += len(batch)
-            # Before the answers go out: a client that got its 202 must already count in the
-            # lane's backlog (backpressure) and the dispatcher must already know of the message.
-            if self._on_commit is not None:
-                self._on_commit(news, results)
+        # Before the answers go out: a client that got its 202 must already count in the
+        # lane's backlog (backpressure) and the dispatcher must already know of the message.
+        if self._on_commit is not None and not isinstance(results, BaseException):
+            self._on_commit(news, results)
         # One hop to the loop per batch, not one per request.
         self.loop.call_soon_threadsafe(_resolve, futures, results)
 

@@ -57,16 +57,17 @@ async def hourly(request: web.Request) -> web.Response:
         # Clamped: an attempt recorded a moment after `end` belongs to the last hour.
         series[min(max(index, 0), hours - 1)] += count
     buckets = [
-        {"start": _rfc3339(start + i * 3600), "sent": sent[i], "failed": failed[i]}
+        {"start": clock.to_rfc3339(start + i * 3600), "sent": sent[i], "failed": failed[i]}
         for i in range(hours)
     ]
     return web.json_response(
-        {"bucket_seconds": 3600, "start": _rfc3339(start), "end": _rfc3339(end), "buckets": buckets}
+        {
+            "bucket_seconds": 3600,
+            "start": clock.to_rfc3339(start),
+            "end": clock.to_rfc3339(end),
+            "buckets": buckets,
+        }
     )
-
-
-def _rfc3339(ts: float) -> str:
-    return clock.db_to_rfc3339(clock.to_db(ts)) or ""
 
 
 def add_routes(app: web.Application) -> None:

@@ -217,7 +217,7 @@ def _log_outcome(msg: Message, outcome: SendOutcome, transition: Transition) -> 
             outcome.kind.value,
             took,
             transition.detail,
-            clock.db_to_rfc3339(clock.to_db(transition.next_attempt_at or 0)),
+            clock.to_rfc3339(transition.next_attempt_at or 0),
             extra=log_fields(msg.id, msg.instance),
         )
     else:

@@ -67,7 +67,6 @@ class Dispatcher:
         self._next_housekeeping = 0.0
         self._changed = False
         self._thread: threading.Thread | None = None
-        self.last_loop_at = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -139,13 +138,6 @@ class Dispatcher:
                 lane.idle = False
             self._notify()
 
-    def poke(self, instance: str | None = None) -> None:
-        """Something changed in the ledger (retry, requeue, cancel): look again."""
-        with self._cond:
-            for lane in [self._lane(instance)] if instance else list(self._lanes.values()):
-                lane.idle = False
-            self._notify()
-
     def finished(
         self, instance: str, message_id: str, final: bool, effect: LaneEffect | None
     ) -> None:
@@ -175,7 +167,6 @@ class Dispatcher:
             lane.last_error, lane.last_error_at = effect.reason, now
         if effect.hold_for:
             lane.held_until = max(lane.held_until, now + effect.hold_for)
-            lane.hold_reason = effect.reason
             log.warning(
                 "instance %s rests %.0fs: %s",
                 lane.instance,
@@ -246,7 +237,6 @@ class Dispatcher:
         with self._cond:
             self._changed = False
         now = self._time()
-        self.last_loop_at = now
         wake_at = now + _MAX_WAIT
         if now >= self._next_housekeeping:
             self._housekeeping(now)
@@ -382,13 +372,17 @@ class Dispatcher:
                     "health": lane.health.value,
                     "waiting": lane.waiting,
                     "in_flight": len(lane.in_flight),
-                    "next_send_at": _rfc3339(lane.next_send_at)
+                    "next_send_at": clock.to_rfc3339(lane.next_send_at)
                     if lane.next_send_at > now
                     else None,
-                    "held_until": _rfc3339(lane.held_until) if lane.held_until > now else None,
+                    "held_until": clock.to_rfc3339(lane.held_until)
+                    if lane.held_until > now
+                    else None,
                     "paused_reason": lane.operator_reason if lane.operator_paused else None,
                     "last_error": lane.last_error,
-                    "last_error_at": _rfc3339(lane.last_error_at) if lane.last_error_at else None,
+                    "last_error_at": clock.to_rfc3339(lane.last_error_at)
+                    if lane.last_error_at
+                    else None,
                     "send_interval": lane.settings.send_interval,
                     "send_jitter": lane.settings.send_jitter,
                 }
@@ -409,7 +403,3 @@ def _probe_effect(probe: StateProbe) -> LaneEffect | None:
         return LaneEffect(health=Health.CONFIG_ERROR, reason=probe.reason)
     # An unknown instance is not paused: each send fails at once with a clear reason.
     return LaneEffect(reason=probe.reason) if probe.kind == OutcomeKind.UNKNOWN_INSTANCE else None
-
-
-def _rfc3339(ts: float) -> str:
-    return (clock.db_to_rfc3339(clock.to_db(ts))) or ""

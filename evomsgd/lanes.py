@@ -35,7 +35,6 @@ class Lane:
     in_flight: set[str] = field(default_factory=set)
     next_send_at: float = 0.0
     held_until: float = 0.0  # rate-limit rest
-    hold_reason: str | None = None
     operator_paused: bool = False
     operator_reason: str | None = None
     health: Health = Health.UNKNOWN

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -215,8 +214,3 @@ class HealthView(BaseModel):
         description="The newest failed attempt, expiry or recovery: at, task_id, instance, error.",
     )
     problems: list[str]
-
-
-def as_rfc3339(value: datetime) -> str:
-    """Serialise an aware datetime as RFC 3339 UTC."""
-    return value.isoformat().replace("+00:00", "Z")

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
-from evomsgd.log import log_fields
 from evomsgd.models import FINAL, WAITING, Status
 from evomsgd.schema import MIGRATIONS
 
@@ -321,10 +320,6 @@ class Store:
                 )
                 log.info("ledger migrated to schema version %s (%s)", version, description)
 
-    def schema_version(self) -> int:
-        """The newest migration applied."""
-        return int(self._read("SELECT max(version) FROM schema_migrations")[0][0])
-
     # -- accepting ------------------------------------------------------------------------
 
     def insert_messages(
@@ -482,11 +477,6 @@ class Store:
         value = self._read(sql, [instance, *excluded])[0][0]
         return None if value is None else clock.from_db(value)
 
-    def next_expiry(self) -> float | None:
-        """The earliest expiry among waiting messages."""
-        value = self._read(f"SELECT min(expires_at) FROM messages WHERE {_IN_WAITING}")[0][0]
-        return None if value is None else clock.from_db(value)
-
     def attempt_times(self, instance: str, since: float) -> list[float]:
         """Start times of calls to Evolution on one instance since a time (for send caps)."""
         rows = self._read(
@@ -573,19 +563,6 @@ class Store:
             for event, detail in tr.extra_events:
                 self._event(cur, msg.id, msg.instance, now_db, event, detail)
         return True
-
-    def release(self, msg: Message, now: float, reason: str) -> None:
-        """Give back a claimed message that was not sent (draining, lane paused meanwhile)."""
-        with self._write() as cur:
-            cur.execute(
-                "UPDATE messages SET status = CASE WHEN attempts > 1 THEN 'RETRY' ELSE 'PENDING' END,"
-                " attempts = attempts - 1, lease_until = NULL, next_attempt_at = ?"
-                " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
-                (clock.to_db(now), msg.id, msg.started_at),
-            )
-            log.debug(
-                "task %s released: %s", msg.id, reason, extra=log_fields(msg.id, msg.instance)
-            )
 
     @staticmethod
     def _event(

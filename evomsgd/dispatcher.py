@@ -360,6 +360,21 @@ class Dispatcher:
                 lane.settings.send_jitter or 0.0
             ) / 2 if lane.interval else 0.0
 
+    def waiting_because(self, instance: str) -> str | None:
+        """Why an instance is not sending right now, in words; None when it may send."""
+        now = self._time()
+        with self._cond:
+            lane = self._lanes.get(instance)
+            if lane is None:
+                return None
+            if lane.operator_paused:
+                return f"instance {instance} is paused by an operator: {lane.operator_reason}"
+            if lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+                return f"instance {instance} is paused ({lane.health.value}): {lane.last_error}"
+            if lane.held_until > now:
+                return f"instance {instance} rests until {clock.to_rfc3339(lane.held_until)}: {lane.last_error}"
+            return None
+
     def lanes_view(self) -> list[dict[str, object]]:
         """Each lane for /health and `evomsgd status`."""
         now = self._time()

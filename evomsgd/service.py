@@ -186,14 +186,17 @@ class Service:
                 "not_found",
                 f"no task with id {message_id!r} - check the task_id returned by POST /messages",
             )
-        return task_view(msg, self.store.history(message_id))
+        return self._view(msg, self.store.history(message_id))
+
+    def _view(self, msg: Message, history: list[Any] | None) -> TaskView:
+        return task_view(msg, history, self.dispatcher.waiting_because(msg.instance))
 
     async def tasks(self, flt: ListFilter) -> TaskList:
         """A page of messages, newest first."""
 
         def run() -> TaskList:
             rows = self.store.list_messages(flt)
-            views = [task_view(msg, None) for msg in rows]
+            views = [self._view(msg, None) for msg in rows]
             more = len(rows) == flt.limit
             return TaskList(tasks=views, next_before=str(rows[-1].seq) if more and rows else None)
 
@@ -216,7 +219,7 @@ class Service:
                     "(PENDING, SCHEDULED, RETRY) can be canceled",
                 )
             self.dispatcher.finished(msg.instance, msg.id, True, None)
-            return task_view(msg, self.store.history(message_id))
+            return self._view(msg, self.store.history(message_id))
 
         return await asyncio.to_thread(run)
 
@@ -236,7 +239,7 @@ class Service:
                     "or CANCELED messages whose text was not erased can be retried",
                 )
             self.dispatcher.accepted({msg.instance: 1})
-            return task_view(msg, self.store.history(message_id))
+            return self._view(msg, self.store.history(message_id))
 
         return await asyncio.to_thread(run)
 
@@ -314,12 +317,16 @@ def created_per_instance(
     return counts
 
 
-def task_view(msg: Message, history: list[Any] | None) -> TaskView:
-    """The API's view of a ledger row (history omitted in lists)."""
+def task_view(
+    msg: Message, history: list[Any] | None, waiting_because: str | None = None
+) -> TaskView:
+    """The API's view of a ledger row (history omitted in lists); `waiting_because` says why its
+    instance is not sending (paused, down, rejected key), which a message that never reached
+    Evolution cannot know from its own row."""
     return TaskView(
         task_id=msg.id,
         status=msg.status,
-        result=_result(msg),
+        result=_result(msg, waiting_because),
         instance=msg.instance,
         phone=msg.phone,
         phone_input=msg.phone_input,
@@ -346,7 +353,7 @@ def task_view(msg: Message, history: list[Any] | None) -> TaskView:
     )
 
 
-def _result(msg: Message) -> dict[str, Any] | None:
+def _result(msg: Message, waiting_because: str | None = None) -> dict[str, Any] | None:
     common: dict[str, Any] = {
         "phone": msg.phone,
         "instance": msg.instance,
@@ -377,14 +384,17 @@ def _result(msg: Message) -> dict[str, Any] | None:
             "error": msg.last_error or msg.status.value.lower(),
             "error_kind": msg.error_kind,
         }
-    if msg.status in WAITING and msg.last_error:
-        return {
+    if msg.status in WAITING and (msg.last_error or waiting_because):
+        result = {
             "success": False,
             **common,
-            "error": msg.last_error,
+            "error": msg.last_error or waiting_because,
             "error_kind": msg.error_kind,
             "next_attempt_at": clock.db_to_rfc3339(msg.next_attempt_at),
         }
+        if waiting_because:
+            result["waiting_because"] = waiting_because
+        return result
     return None
 
 

@@ -96,7 +96,12 @@ async def test_paused_instance_leaves_others_at_full_speed(
         for lane in (await (await client.get("/instances")).json())["instances"]
     }
     assert lanes["main"]["state"] == "paused" and lanes["main"]["paused_reason"] == "maintenance"
-    assert (await (await client.get(f"/tasks/{held['task_id']}")).json())["status"] == "PENDING"
+    waiting = await (await client.get(f"/tasks/{held['task_id']}")).json()
+    assert waiting["status"] == "PENDING"
+    assert (
+        waiting["result"]["waiting_because"]
+        == "instance main is paused by an operator: maintenance"
+    )
     await client.post("/instances/main/resume", headers=JSON)
     assert (await wait_status(client, held["task_id"]))["status"] == "SUCCESS"
 

@@ -106,9 +106,12 @@ def _json(
 async def _read_json(request: web.Request) -> Any:
     timeout = request.app[SERVICE].settings.idle_timeout
     try:
-        # aiohttp bounds the headers (keepalive timer) but not a body that trickles in.
-        async with asyncio.timeout(timeout):
+        if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
             raw = await request.read()
+        else:
+            # aiohttp bounds the headers (keepalive timer) but not a body that trickles in.
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
     except TimeoutError:
         raise ApiError(
             408,

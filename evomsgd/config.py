@@ -283,6 +283,13 @@ class Settings(BaseModel):
             max_waiting=self.max_waiting if own.max_waiting is None else own.max_waiting,
         )
 
+    def max_waiting_for(self, instance: str) -> int:
+        """The backlog limit of one instance (its own max_waiting, else the global one)."""
+        own = self.instances.get(instance)
+        if own is None or not own.max_waiting:
+            return self.max_waiting
+        return own.max_waiting
+
     def require_evolution(self) -> None:
         """Raise ConfigError naming what is missing unless sends can leave the machine or sandbox."""
         if self.sandbox:

@@ -149,7 +149,7 @@ class Service:
     def _check_backlog(self, new: NewMessage) -> None:
         """429 rather than accept a message the instance cannot send in time (or at all)."""
         waiting, pace = self.dispatcher.backlog(new.instance)
-        cap = self.settings.lane(new.instance).max_waiting or self.settings.max_waiting
+        cap = self.settings.max_waiting_for(new.instance)
         if waiting >= cap:
             retry_after = max(1, math.ceil((waiting - cap + 1) * max(pace, 0.1)))
             raise ApiError(

@@ -327,37 +327,18 @@ class Store:
     ) -> list[InsertResult]:
         """Write a batch in one transaction (group commit); one result per message, in order."""
         results: list[InsertResult] = []
+        rows: list[tuple[Any, ...]] = []  # consecutive plain inserts, written with one executemany
         with self._write() as cur:
             for new in batch:
                 if new.idempotency_key is not None:
+                    _insert_rows(cur, rows)  # keep arrival order (seq) across the lookup
                     replay = self._idempotent(cur, new, idempotency_ttl)
                     if replay is not None:
                         results.append(replay)
                         continue
-                status = new.status
-                created = clock.to_db(new.created_at)
-                cur.execute(
-                    "INSERT INTO messages (id, status, instance, phone, phone_input, text, priority,"
-                    " created_at, send_at, next_attempt_at, expires_at, sandbox, idempotency_key,"
-                    " token_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        new.id,
-                        status.value,
-                        new.instance,
-                        new.phone,
-                        new.phone_input,
-                        new.text,
-                        new.priority,
-                        created,
-                        clock.to_db(new.send_at) if new.send_at else None,
-                        clock.to_db(max(new.send_at or new.created_at, new.created_at)),
-                        clock.to_db(new.expires_at),
-                        int(new.sandbox),
-                        new.idempotency_key,
-                        new.token_name,
-                    ),
-                )
-                results.append(InsertResult("created", new.id, status))
+                rows.append(_row(new))
+                results.append(InsertResult("created", new.id, new.status))
+            _insert_rows(cur, rows)
         return results
 
     def _idempotent(self, cur: sqlite3.Cursor, new: NewMessage, ttl: float) -> InsertResult | None:
@@ -939,3 +920,36 @@ def _restrict(path: Path) -> None:
     for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(candidate, 0o600)
+
+
+_INSERT = (
+    "INSERT INTO messages (id, status, instance, phone, phone_input, text, priority, created_at,"
+    " send_at, next_attempt_at, expires_at, sandbox, idempotency_key, token_name)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _row(new: NewMessage) -> tuple[Any, ...]:
+    return (
+        new.id,
+        new.status.value,
+        new.instance,
+        new.phone,
+        new.phone_input,
+        new.text,
+        new.priority,
+        clock.to_db(new.created_at),
+        clock.to_db(new.send_at) if new.send_at else None,
+        clock.to_db(max(new.send_at or new.created_at, new.created_at)),
+        clock.to_db(new.expires_at),
+        int(new.sandbox),
+        new.idempotency_key,
+        new.token_name,
+    )
+
+
+def _insert_rows(cur: sqlite3.Cursor, rows: list[tuple[Any, ...]]) -> None:
+    """Write and forget the pending plain rows (one executemany: less Python per message)."""
+    if rows:
+        cur.executemany(_INSERT, rows)
+        rows.clear()

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumber, PhoneNumberFormat, ValidationResult
+from phonenumbers import (
+    NumberParseException,
+    PhoneMetadata,
+    PhoneNumber,
+    PhoneNumberFormat,
+    ValidationResult,
+)
+from phonenumbers import phonenumberutil as _util
 
 __all__ = ["PhoneError", "Recipient", "normalize", "validate_region"]
 
@@ -112,7 +119,7 @@ def _international(text: str, digits: str) -> PhoneNumber:
         raise PhoneError(
             f"{text!r} has no digits after the international prefix - {_INTERNATIONAL}"
         )
-    parsed = _parse(text, "+" + digits)
+    parsed = _parse_digits(digits) or _parse(text, "+" + digits)
     usable = _usable(parsed)
     if usable is None:
         raise PhoneError(_reason(text, parsed))
@@ -225,6 +232,46 @@ def _parse(text: str, international: str) -> PhoneNumber:
             ) from None
         # What is left (NOT_A_NUMBER, TOO_SHORT_NSN) means too few digits after the country code.
         raise PhoneError(f"{text!r} is too short to be a phone number - {_INTERNATIONAL}") from None
+
+
+# libphonenumber's own steps for "+<digits>", without its handling of free text (extensions,
+# RFC 3966, letters, Unicode digits) that the input filter above has already ruled out. That
+# handling is half the cost of a POST. The helpers are private, so the fast path switches itself
+# off if they ever go away, and tests/test_phone.py checks it against phonenumbers.parse.
+_FAST_HELPERS = (
+    "_extract_country_code",
+    "_maybe_strip_national_prefix_carrier_code",
+    "_test_number_length",
+    "_set_italian_leading_zeros_for_phone_number",
+)
+_FAST = all(callable(getattr(_util, name, None)) for name in _FAST_HELPERS)
+_KEEP_PREFIX = (
+    ValidationResult.TOO_SHORT,
+    ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+    ValidationResult.INVALID_LENGTH,
+)
+
+
+def _parse_digits(digits: str) -> PhoneNumber | None:
+    """phonenumbers.parse("+" + digits) for ASCII digits; None leaves the case to parse()."""
+    if not _FAST or not 4 <= len(digits) <= _MAX_E164_DIGITS + 2:
+        return None
+    country_code, national = _util._extract_country_code(digits)
+    if country_code == 0 or len(national) < 2:
+        return None  # parse() words these errors
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(
+        country_code, phonenumbers.region_code_for_country_code(country_code)
+    )
+    if metadata is None:
+        return None
+    _, stripped, _ = _util._maybe_strip_national_prefix_carrier_code(national, metadata)
+    if _util._test_number_length(stripped, metadata) not in _KEEP_PREFIX:
+        national = stripped
+    if not 2 <= len(national) <= 17:
+        return None
+    number = PhoneNumber(country_code=country_code, national_number=int(national))
+    _util._set_italian_leading_zeros_for_phone_number(national, number)
+    return number
 
 
 def _parse_or_none(digits: str, region: str | None) -> PhoneNumber | None:

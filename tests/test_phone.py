@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from phonenumbers import PhoneNumberFormat, PhoneNumberType, ValidationResult
 
-from evomsgd.phone import PhoneError, Recipient, normalize, validate_region
+from evomsgd.phone import PhoneError, Recipient, _parse_digits, normalize, validate_region
 
 # (input, default region, number sent to Evolution, region detected)
 PHONES = [
@@ -247,3 +247,56 @@ def test_valid_numbers_in_any_common_format(number: phonenumbers.PhoneNumber, st
     result = normalize(raw, default)
     assert result.number == e164[1:]
     assert result.region == region
+
+
+# -- the fast path for "+<digits>" must be libphonenumber's parse, only faster ------------------
+
+_TYPES = [t for t in vars(PhoneNumberType).values() if isinstance(t, int)]
+
+
+def _slow(digits: str) -> phonenumbers.PhoneNumber | None:
+    try:
+        return phonenumbers.parse("+" + digits, None)
+    except phonenumbers.NumberParseException:
+        return None
+
+
+def test_the_fast_parse_equals_libphonenumber_on_every_example_number() -> None:
+    """Every region's example numbers, plus variants with a trunk "0" and a digit more or less."""
+    compared = 0
+    for region in phonenumbers.SUPPORTED_REGIONS:
+        for kind in _TYPES:
+            example = phonenumbers.example_number_for_type(region, kind)
+            if example is None:
+                continue
+            digits = phonenumbers.format_number(example, PhoneNumberFormat.E164)[1:]
+            for variant in (
+                digits,
+                digits[:2] + "0" + digits[2:],
+                digits[:3] + "00" + digits[3:],
+                digits + "7",
+                digits[:-1],
+            ):
+                fast = _parse_digits(variant)
+                if fast is not None:
+                    assert fast == _slow(variant), variant
+                    compared += 1
+    assert compared > 5000  # the fast path really runs (it declines only error cases)
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=20))
+def test_the_fast_parse_equals_libphonenumber_on_any_digits(digits: str) -> None:
+    fast = _parse_digits(digits)
+    if fast is not None:
+        assert fast == _slow(digits)
+
+
+@given(
+    st.sampled_from(sorted(phonenumbers.COUNTRY_CODE_TO_REGION_CODE)),
+    st.text(alphabet="0123456789", min_size=2, max_size=15),
+)
+def test_the_fast_parse_equals_libphonenumber_after_any_country_code(code: int, rest: str) -> None:
+    digits = f"{code}{rest}"
+    fast = _parse_digits(digits)
+    if fast is not None:
+        assert fast == _slow(digits)

@@ -5,6 +5,7 @@ Both middlewares sit inside `api.errors_middleware`, so each refusal has the one
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
@@ -192,22 +193,29 @@ def _check_host(request: web.Request, origin_hosts: frozenset[str]) -> None:
     as a same-origin page; such requests carry that domain in Host.
     """
     host = request.host
-    try:
-        name = urlsplit("//" + host).hostname or ""
-    except ValueError:  # a malformed Host such as "[::1"
-        name = ""
-    if name == "localhost" or host.lower() in origin_hosts:
-        return
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
+    if not _host_allowed(host, origin_hosts):
         raise ApiError(
             403,
             "forbidden_host",
             f"Host {host!r} is refused: without API tokens evomsgd answers only requests for "
             "localhost or an IP address (this stops DNS-rebinding web pages) - create a token "
             "(`evomsgd token create NAME`) or list the site in EVOMSGD_CORS_ORIGINS",
-        ) from None
+        )
+
+
+@functools.lru_cache(maxsize=256)  # clients send the same few Host values; bounded against floods
+def _host_allowed(host: str, origin_hosts: frozenset[str]) -> bool:
+    try:
+        name = urlsplit("//" + host).hostname or ""
+    except ValueError:  # a malformed Host such as "[::1"
+        name = ""
+    if name == "localhost" or host.lower() in origin_hosts:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def require_instance(request: web.Request, instance: str) -> None:

@@ -104,6 +104,10 @@ def _json(
 
 
 async def _read_json(request: web.Request) -> Any:
+    return _decode_json(await _read_body(request))
+
+
+async def _read_body(request: web.Request) -> bytes:
     timeout = request.app[SERVICE].settings.idle_timeout
     try:
         if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
@@ -118,12 +122,30 @@ async def _read_json(request: web.Request) -> Any:
             "request_timeout",
             f"the request body did not arrive within {timeout:g}s (EVOMSGD_IDLE_TIMEOUT)",
         ) from None
+    return raw
+
+
+def _decode_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(
             400, "invalid_json", f"request body is not valid JSON ({exc}) - send a JSON object"
         ) from None
+
+
+def _send_request(payload: Any) -> SendRequest:
+    if not isinstance(payload, dict):
+        raise ApiError(
+            422,
+            "validation_error",
+            "body must be a JSON object with phone and message",
+            details=[{"field": None, "message": "expected a JSON object"}],
+        )
+    try:
+        return SendRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _validation(exc) from None
 
 
 def _validation(exc: ValidationError) -> ApiError:
@@ -153,18 +175,11 @@ async def health(request: web.Request) -> web.Response:
 async def send_message(request: web.Request) -> web.Response:
     """Queue one message; 202 once it is on disk."""
     service = request.app[SERVICE]
-    payload = await _read_json(request)
-    if not isinstance(payload, dict):
-        raise ApiError(
-            422,
-            "validation_error",
-            "body must be a JSON object with phone and message",
-            details=[{"field": None, "message": "expected a JSON object"}],
-        )
+    raw = await _read_body(request)
     try:
-        req = SendRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise _validation(exc) from None
+        req = SendRequest.model_validate_json(raw)  # a valid body in one pass through pydantic-core
+    except ValidationError:
+        req = _send_request(_decode_json(raw))  # words what is wrong (and reads UTF-16/32 JSON)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 200 and key.isprintable()):
         raise ApiError(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from evomsgd.api import SERVICE
 from evomsgd.app import QUEUE
 from evomsgd.models import ErrorBody
 from tests.conftest import API_KEY, FOREIGN, JSON, MakeClient, fast_settings, post, wait_status
@@ -112,6 +113,16 @@ async def test_missing_default_instance_is_explained(
     data = await resp.json()
     assert resp.status == 422
     assert "EVOLUTION_INSTANCE_NAME" in data["error"]["message"]
+
+
+async def test_json_in_utf16_or_with_a_bom_is_read_like_utf8(client: TestClient[Any, Any]) -> None:
+    """RFC 8259 readers may accept these; json.loads does, and so did evomsgd before its fast path."""
+    body = json.dumps({"phone": "+5511988887777", "message": "olá"})
+    for raw in (body.encode("utf-16"), body.encode("utf-8-sig")):
+        resp = await client.post("/messages", data=raw, headers=JSON)
+        assert resp.status == 202, await resp.text()
+        stored = client.app[SERVICE].store.get((await resp.json())["task_id"])
+        assert stored is not None and stored.text == "olá" and stored.phone == "5511988887777"
 
 
 async def test_every_error_has_the_one_json_shape(client: TestClient[Any, Any]) -> None:
@@ -241,7 +252,6 @@ async def test_health_is_503_when_the_ledger_cannot_take_a_write(
     client: TestClient[Any, Any], tmp_path: Path
 ) -> None:
     """An operator's sqlite3 holding the write lock: /health says so instead of hanging."""
-    from evomsgd.api import SERVICE
 
     client.app[SERVICE].store.busy_timeout = 0.1
     client.app[SERVICE].store._conn.execute("PRAGMA busy_timeout=100")

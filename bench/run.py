@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py            # everything (~4 min; needs `wrk`: apt-get install wrk)
     .venv/bin/python bench/run.py --quick    # smaller counts, for a smoke run
+    .venv/bin/python bench/run.py --only accept   # one part (accept, delivery, memory, ledger)
 
 Ratios matter more than absolutes: the machines are shared and noisy, so every comparison
 (evomsgd vs a bare aiohttp handler, full vs normal durability, empty vs 1M-row ledger) is
@@ -54,6 +55,22 @@ app.router.add_post("/messages", handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
 
+# The bare handler plus only the validation every message needs (JSON, the request model, the
+# phone number) and no storage: the most any design in one Python process could reach.
+VALIDATING_SERVER = """
+import sys
+from aiohttp import web
+from evomsgd.models import SendRequest
+from evomsgd.phone import normalize
+async def handler(request):
+    req = SendRequest.model_validate_json(await request.read())
+    normalize(req.phone)
+    return web.json_response({"success": True, "message": "ok", "task_id": "x"}, status=202)
+app = web.Application()
+app.router.add_post("/messages", handler)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
 
 def wait_http(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
@@ -69,8 +86,17 @@ def wait_http(url: str, timeout: float = 30) -> None:
             time.sleep(0.05)
 
 
-def wrk(url: str, seconds: int, connections: int = 32, lua: str | None = None) -> dict[str, float]:
-    """Run wrk; returns requests/s and latency percentiles in ms."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, seconds: int, connections: int = 32, lua: str | None = None, pid: int | None = None) -> dict[str, float]:
+    """Run wrk; returns requests/s, latency percentiles in ms and CPU microseconds per request
+    of the server `pid` and of wrk itself."""
+    before = cpu_seconds(pid) if pid else 0.0
+    own_before = os.times()
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
     script = None
     if lua:
@@ -90,7 +116,12 @@ def wrk(url: str, seconds: int, connections: int = 32, lua: str | None = None) -
 
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"rps": rate, "p50": ms("50"), "p99": ms("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0}
+    requests = rate * seconds
+    own_after = os.times()
+    wrk_cpu = own_after.children_user + own_after.children_system - own_before.children_user - own_before.children_system
+    return {"rps": rate, "p50": ms("50"), "p99": ms("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0,
+            "server_us": (cpu_seconds(pid) - before) / requests * 1e6 if pid else 0.0,
+            "wrk_us": wrk_cpu / requests * 1e6}
 
 
 class Daemon:
@@ -128,26 +159,56 @@ class Daemon:
 
 def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
     rows = []
-    port = free_port()
-    bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)])
-    wait_http(f"http://127.0.0.1:{port}/")
-    ceiling = wrk(f"http://127.0.0.1:{port}/messages", seconds, lua=POST_LUA)
-    bare.terminate()
-    bare.wait()
-    rows.append(("bare aiohttp handler, POST, 32 connections", _rate(ceiling)))
+    ceiling: dict[str, float] = {}
+    for label, server in (("bare aiohttp handler, POST, 32 connections", BARE_SERVER),
+                          ("bare handler + validation only (JSON, model, phone; no storage)", VALIDATING_SERVER)):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-c", server, str(port)], cwd=ROOT)
+        wait_http(f"http://127.0.0.1:{port}/")
+        result = wrk(f"http://127.0.0.1:{port}/messages", seconds, lua=POST_LUA, pid=proc.pid)
+        proc.terminate()
+        proc.wait()
+        ceiling = ceiling or result
+        rows.append((label, _rate(result, ceiling)))
+    rows.append(insert_cost(tmp))
     for durability in ("full", "normal"):
-        daemon = Daemon(tmp / f"accept-{durability}", "--sandbox", "--instance", "bench", "--durability", durability)
+        # Default settings otherwise: INFO logging writes one line per accepted message.
+        daemon = Daemon(tmp / f"accept-{durability}", "--sandbox", "--instance", "bench", "--durability", durability,
+                        "--log-level", "INFO")
         daemon.call("POST", "/instances/bench/pause")  # measure acceptance alone
-        result = wrk(daemon.url + "/messages", seconds, lua=POST_LUA)
+        result = wrk(daemon.url + "/messages", seconds, lua=POST_LUA, pid=daemon.proc.pid)
         daemon.stop()
-        share = 100 * result["rps"] / ceiling["rps"]
-        rows.append((f"evomsgd POST /messages, durability={durability}", f"{_rate(result)}  = {share:.0f}% of bare"))
+        rows.append((f"evomsgd POST /messages, durability={durability}", _rate(result, ceiling)))
     return rows
 
 
-def _rate(r: dict[str, float]) -> str:
+def insert_cost(tmp: Path, count: int = 32_000, batch: int = 32) -> tuple[str, str]:
+    """The ledger write alone: Store.insert_messages in batches the size of 32 clients' group commit."""
+    from evomsgd import clock
+    from evomsgd.store import NewMessage, Store
+
+    (tmp / "insert").mkdir()
+    store = Store(tmp / "insert", durability="full")
+    now = clock.now()
+    news = [NewMessage(id=str(uuid.uuid4()), instance="bench", phone=f"5511{988000000 + i}", phone_input="+55",
+                       text="Your code is 123456", priority=0, created_at=now, send_at=None, expires_at=now + 86400,
+                       sandbox=True) for i in range(count)]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for start in range(0, count, batch):
+        store.insert_messages(news[start:start + batch])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    store.close()
+    return (f"ledger insert alone, {batch}-row fsynced commits (no HTTP)",
+            f"{count / wall:,.0f} rows/s, CPU/row {cpu / count * 1e6:.0f} us")
+
+
+def _rate(r: dict[str, float], ceiling: dict[str, float] | None = None) -> str:
     errors = f", {r['errors']:.0f} non-2xx" if r["errors"] else ""
-    return f"{r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms{errors}"
+    text = f"{r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms{errors}"
+    if ceiling is not None:
+        text += (f", CPU/request: server {r['server_us']:.0f} us, wrk {r['wrk_us']:.0f} us"
+                 f"  = {100 * r['rps'] / ceiling['rps']:.0f}% of bare")
+    return text
 
 
 def delivery(tmp: Path, count: int) -> list[tuple[str, str]]:
@@ -279,15 +340,22 @@ def big_ledger(tmp: Path, rows: int, seconds: int) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts for a smoke run")
+    parser.add_argument("--only", choices=["accept", "delivery", "memory", "ledger"], action="append",
+                        help="run only these parts (repeatable)")
     args = parser.parse_args()
     seconds = 3 if args.quick else 10
+    parts = set(args.only or ["accept", "delivery", "memory", "ledger"])
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        rows += accept_rate(tmp, seconds)
-        rows += delivery(tmp, 1000 if args.quick else 5000)
-        rows += memory(tmp, 5000 if args.quick else 100_000)
-        rows += big_ledger(tmp, 50_000 if args.quick else 1_000_000, seconds)
+        if "accept" in parts:
+            rows += accept_rate(tmp, seconds)
+        if "delivery" in parts:
+            rows += delivery(tmp, 1000 if args.quick else 5000)
+        if "memory" in parts:
+            rows += memory(tmp, 5000 if args.quick else 100_000)
+        if "ledger" in parts:
+            rows += big_ledger(tmp, 50_000 if args.quick else 1_000_000, seconds)
     width = max(len(name) for name, _ in rows)
     print(f"evomsgd benchmark - {os.cpu_count()} cores, python {sys.version.split()[0]}")
     for name, value in rows:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from evomsgd import __version__, clock
 from evomsgd.errors import ApiError, StoreUnavailable
-from evomsgd.guards import require_instance, scoped, token_name
+from evomsgd.guards import require_instance, scope, scoped, token_name
 from evomsgd.log import log_fields
 from evomsgd.models import (
     Accepted,
@@ -168,7 +168,7 @@ async def root(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """Detailed state; 503 when the daemon cannot do its job."""
-    view = await request.app[SERVICE].health()
+    view = await request.app[SERVICE].health(only=scope(request))
     return _json(view, status=503 if view.status == "down" else 200)
 
 
@@ -269,9 +269,14 @@ async def list_tasks(request: web.Request) -> web.Response:
             f"limit must be between 1 and {MAX_LIST}",
             details=[{"field": "limit", "message": f"must be 1-{MAX_LIST}"}],
         )
+    instance = query.get("instance")
+    only = scope(request)
+    if instance is not None:
+        require_instance(request, instance)
     flt = ListFilter(
         statuses=tuple(statuses),
-        instance=query.get("instance"),
+        instance=instance,
+        instances=tuple(sorted(only)) if only is not None else (),
         phone=query.get("phone"),
         since=_time_param(query.get("since"), "since"),
         until=_time_param(query.get("until"), "until"),
@@ -317,8 +322,17 @@ async def retry_task(request: web.Request) -> web.Response:
 
 async def list_instances(request: web.Request) -> web.Response:
     """Each instance's lane."""
+    only = scope(request)
     lanes = request.app[SERVICE].dispatcher.lanes_view()
-    return _json(Lanes(instances=[Lane.model_validate(lane) for lane in lanes]))
+    return _json(
+        Lanes(
+            instances=[
+                Lane.model_validate(lane)
+                for lane in lanes
+                if only is None or lane["instance"] in only
+            ]
+        )
+    )
 
 
 async def pause_instance(request: web.Request) -> web.Response:

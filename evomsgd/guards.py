@@ -240,3 +240,9 @@ def scoped(request: web.Request) -> bool:
     """True when the request's token may use only some instances."""
     token = request.get(TOKEN)
     return token is not None and bool(token.instances)
+
+
+def scope(request: web.Request) -> frozenset[str] | None:
+    """The instances the request's token may see and use; None when it may use any."""
+    token = request.get(TOKEN)
+    return frozenset(token.instances) if token is not None and token.instances else None

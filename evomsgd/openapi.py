@@ -175,7 +175,7 @@ def spec() -> dict[str, Any]:
                 },
                 parameters=[
                     _query("status", "Comma-separated statuses, e.g. FAILURE,EXPIRED"),
-                    _query("instance", "Instance name"),
+                    _query("instance", "Instance name (a scoped token sees only its own)"),
                     _query("phone", "Normalised phone (E.164 digits) or JID"),
                     _query("since", "RFC 3339 time or a duration back from now (30m, 1h, 7d)"),
                     _query("until", "RFC 3339 time or a duration back from now"),
@@ -232,7 +232,12 @@ def spec() -> dict[str, Any]:
             "get": _operation(
                 "listInstances",
                 "Instance lanes",
-                {"200": {"description": "Each lane", "content": _content(Lanes)}},
+                {
+                    "200": {
+                        "description": "Each lane (a scoped token: its instances only)",
+                        "content": _content(Lanes),
+                    }
+                },
             )
         },
         "/instances/{instance}/pause": {

@@ -250,8 +250,11 @@ class Service:
 
     # -- health ---------------------------------------------------------------------------
 
-    async def health(self) -> HealthView:
-        """Everything /health reports; status 'down' when the daemon cannot do its job."""
+    async def health(self, only: frozenset[str] | None = None) -> HealthView:
+        """Everything /health reports; status 'down' when the daemon cannot do its job.
+
+        `only` limits the instances shown (a scoped token's): their lanes and last error.
+        """
 
         def run() -> tuple[dict[str, int], float | None, bool, dict[str, Any] | None]:
             return (
@@ -274,7 +277,13 @@ class Service:
             problems.append(
                 f"{self.settings.workers - alive} of {self.settings.workers} worker threads are dead"
             )
-        lanes = self.dispatcher.lanes_view()
+        lanes = [
+            lane
+            for lane in self.dispatcher.lanes_view()
+            if only is None or lane["instance"] in only
+        ]
+        if last_error is not None and only is not None and last_error["instance"] not in only:
+            last_error = None
         degraded = [
             f"instance {lane['instance']} is {lane['state']}: {lane['last_error']}"
             for lane in lanes

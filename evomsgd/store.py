@@ -195,6 +195,7 @@ class ListFilter:
 
     statuses: tuple[Status, ...] = ()
     instance: str | None = None
+    instances: tuple[str, ...] = ()  # any of these (a scoped token's); empty = no restriction
     phone: str | None = None
     since: float | None = None
     until: float | None = None
@@ -383,6 +384,9 @@ class Store:
         if flt.statuses:
             where.append(f"status IN ({', '.join('?' * len(flt.statuses))})")
             params.extend(s.value for s in flt.statuses)
+        if flt.instances:
+            where.append(f"instance IN ({', '.join('?' * len(flt.instances))})")
+            params.extend(flt.instances)
         for column, value in (("instance", flt.instance), ("phone", flt.phone)):
             if value is not None:
                 where.append(f"{column} = ?")

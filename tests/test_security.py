@@ -15,7 +15,7 @@ from evomsgd import guards, tokens
 from evomsgd.models import ErrorBody
 from evomsgd.store import Store, TokenRow
 from tests.conftest import FOREIGN, JSON, MakeClient, fast_settings, post, wait_status
-from tests.fake_evolution import FakeEvolution
+from tests.fake_evolution import FakeEvolution, Fault
 
 BODY = {"phone": "+5511988887777", "message": "Your code is 123456"}
 PROTECTED = [
@@ -202,6 +202,48 @@ async def test_a_token_scoped_to_an_instance_cannot_use_others(
         await assert_error(resp, 403, "forbidden_instance")
     assert (await client.post("/instances/main/pause", headers=bearer(shop))).status == 200
     assert count_messages(tmp_path) == 2
+
+
+async def test_a_scoped_token_sees_only_its_instances(
+    make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
+) -> None:
+    """Phone numbers and errors of one tenant's instance are not another tenant's to read."""
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    full = add_token(tmp_path, "ops")
+    shop = add_token(tmp_path, "shop-app", "main")
+    await wait_for_status(client, "/tasks", 401, {})
+    fake.add_instance("other")
+    fake.script([Fault.NOT_ON_WHATSAPP], number="5511977776666")  # a failure, on "other" only
+    mine = await client.post("/messages", json=BODY, headers=bearer(full))
+    theirs = await client.post(
+        "/messages",
+        json={"phone": "+5511977776666", "message": "hi", "instance_name": "other"},
+        headers=bearer(full),
+    )
+    client.session.headers["Authorization"] = f"Bearer {full}"
+    for resp in (mine, theirs):
+        await wait_status(client, (await resp.json())["task_id"])
+    del client.session.headers["Authorization"]
+
+    async def seen(path: str, token: str) -> Any:
+        resp = await client.get(path, headers=bearer(token))
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    assert {t["instance"] for t in (await seen("/tasks", full))["tasks"]} == {"main", "other"}
+    assert {t["instance"] for t in (await seen("/tasks", shop))["tasks"]} == {"main"}
+    assert {t["instance"] for t in (await seen("/tasks?instance=main", shop))["tasks"]} == {"main"}
+    refused = await client.get("/tasks?instance=other", headers=bearer(shop))
+    await assert_error(refused, 403, "forbidden_instance")
+    assert {i["instance"] for i in (await seen("/instances", full))["instances"]} >= {
+        "main",
+        "other",
+    }
+    assert [i["instance"] for i in (await seen("/instances", shop))["instances"]] == ["main"]
+    health = await seen("/health", shop)
+    assert [i["instance"] for i in health["instances"]] == ["main"]
+    assert (await seen("/health", full))["last_error"]["instance"] == "other"
+    assert health["last_error"] is None
 
 
 # -- browsers -------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
 def insert_cost(tmp: Path, count: int = 32_000, batch: int = 32) -> tuple[str, str]:
     """The ledger write alone: Store.insert_messages in batches the size of 32 clients' group commit."""
     from evomsgd import clock
-    from evomsgd.store import NewMessage, Store
+    from evomsgd.records import NewMessage
+    from evomsgd.store import Store
 
     (tmp / "insert").mkdir()
     store = Store(tmp / "insert", durability="full")

@@ -28,8 +28,8 @@ from evomsgd.models import (
     SendRequest,
     Status,
 )
+from evomsgd.records import ListFilter
 from evomsgd.service import Service
-from evomsgd.store import ListFilter
 
 log = logging.getLogger("evomsgd.api")
 

@@ -20,8 +20,9 @@ from evomsgd.delivery import Delivery
 from evomsgd.dispatcher import Dispatcher
 from evomsgd.evolution import EvolutionClient, SandboxClient, Sender, StateProbe
 from evomsgd.queue import TaskQueue
+from evomsgd.records import InsertResult, NewMessage
 from evomsgd.service import Service, created_per_instance
-from evomsgd.store import InsertResult, NewMessage, Store
+from evomsgd.store import Store
 from evomsgd.tokens import TokenCache
 
 log = logging.getLogger("evomsgd.app")

@@ -14,7 +14,8 @@ import threading
 from collections.abc import Callable, Sequence
 
 from evomsgd.errors import StoreUnavailable
-from evomsgd.store import InsertResult, NewMessage, Store
+from evomsgd.records import InsertResult, NewMessage
+from evomsgd.store import Store
 
 log = logging.getLogger("evomsgd.commit")
 

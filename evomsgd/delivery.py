@@ -17,7 +17,8 @@ from evomsgd.evolution import OutcomeKind, Sender, SendOutcome
 from evomsgd.lanes import Health
 from evomsgd.log import log_fields
 from evomsgd.models import FINAL, Status
-from evomsgd.store import Message, Store, Transition
+from evomsgd.records import Message, Transition
+from evomsgd.store import Store
 
 log = logging.getLogger("evomsgd.delivery")
 

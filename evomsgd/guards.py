@@ -16,7 +16,7 @@ from aiohttp.typedefs import Middleware
 
 from evomsgd.config import Settings
 from evomsgd.errors import ApiError, ConfigError
-from evomsgd.store import TokenRow
+from evomsgd.records import TokenRow
 from evomsgd.tokens import TokenCache, match
 
 log = logging.getLogger("evomsgd.guards")

@@ -25,7 +25,8 @@ from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution import OutcomeKind, SendOutcome
 from evomsgd.models import WAITING, Status
-from evomsgd.store import Message, Store, Transition
+from evomsgd.records import Message, Transition
+from evomsgd.store import Store
 
 log = logging.getLogger("evomsgd.metrics")
 

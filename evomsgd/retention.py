@@ -9,7 +9,8 @@ import threading
 from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
-from evomsgd.store import PurgeReport, Retention, Store
+from evomsgd.records import PurgeReport, Retention
+from evomsgd.store import Store
 
 log = logging.getLogger("evomsgd.retention")
 

@@ -29,7 +29,8 @@ from evomsgd.models import (
     TaskView,
 )
 from evomsgd.phone import PhoneError, normalize
-from evomsgd.store import InsertResult, ListFilter, Message, NewMessage, Store
+from evomsgd.records import InsertResult, ListFilter, Message, NewMessage
+from evomsgd.store import Store
 
 
 @dataclass

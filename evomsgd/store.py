@@ -9,13 +9,23 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
 from evomsgd.models import FINAL, WAITING, Status
+from evomsgd.records import (
+    Event,
+    InsertResult,
+    ListFilter,
+    Message,
+    NewMessage,
+    PurgeReport,
+    Retention,
+    TokenRow,
+    Transition,
+)
 from evomsgd.schema import MIGRATIONS
 
 log = logging.getLogger("evomsgd.store")
@@ -52,155 +62,6 @@ def last_error_row(row: Sequence[Any] | None) -> dict[str, Any] | None:
         "instance": row[2],
         "error": row[3],
     }
-
-
-@dataclass(slots=True)
-class NewMessage:
-    """A validated request, ready to be written."""
-
-    id: str
-    instance: str
-    phone: str
-    phone_input: str
-    text: str
-    priority: int
-    created_at: float
-    send_at: float | None
-    expires_at: float
-    sandbox: bool
-    idempotency_key: str | None = None
-    request_hash: str | None = None
-    token_name: str | None = None
-
-    @property
-    def status(self) -> Status:
-        return (
-            Status.SCHEDULED if self.send_at and self.send_at > self.created_at else Status.PENDING
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class InsertResult:
-    """What happened to one NewMessage: created, replayed (same key and body) or conflict."""
-
-    outcome: Literal["created", "replayed", "conflict"]
-    message_id: str
-    status: Status
-
-
-@dataclass(slots=True)
-class Message:
-    """One row of `messages`."""
-
-    seq: int
-    id: str
-    status: Status
-    instance: str
-    phone: str
-    phone_input: str
-    text: str | None
-    priority: int
-    created_at: str
-    send_at: str | None
-    next_attempt_at: str | None
-    expires_at: str
-    attempts: int
-    retries_used: int
-    ambiguous: int
-    recovered: int
-    lease_until: str | None
-    started_at: str | None
-    finished_at: str | None
-    last_error: str | None
-    error_kind: str | None
-    evolution_key: str | None
-    remote_jid: str | None
-    sandbox: bool
-    idempotency_key: str | None
-    token_name: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One row of `events`: a message's history."""
-
-    at: str
-    event: str
-    attempt: int | None
-    outcome: str | None
-    http_status: int | None
-    detail: str | None
-
-
-@dataclass(slots=True)
-class Transition:
-    """The result of one attempt, written with its history event in one transaction."""
-
-    status: Status
-    outcome: str
-    detail: str | None
-    http_status: int | None = None
-    next_attempt_at: float | None = None
-    spend_retry: bool = False
-    ambiguous: bool = False
-    evolution_key: str | None = None
-    remote_jid: str | None = None
-    error_kind: str | None = None
-    extra_events: list[tuple[str, str]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRow:
-    """One row of `tokens`: a name, the token's SHA-256, the instances it may use (empty = all)."""
-
-    name: str
-    sha256: str
-    instances: tuple[str, ...]
-    created_at: str
-
-
-@dataclass(frozen=True, slots=True)
-class Retention:
-    """How long finished messages stay: days after `finished_at`; 0 keeps them, None never erases."""
-
-    success_days: float
-    failed_days: float
-    erase_text_days: float | None = None
-
-
-@dataclass(slots=True)
-class PurgeReport:
-    """What one purge removed (or, in a dry run, would remove)."""
-
-    dry_run: bool
-    success: int = 0  # SUCCESS messages deleted
-    failed: int = 0  # FAILURE, EXPIRED and CANCELED messages deleted
-    events: int = 0  # their history rows
-    texts_erased: int = 0
-    idempotency: int = 0  # expired Idempotency-Key rows
-    vacuum: str = "none"  # how the freed pages were handed back: none, incremental, full
-    bytes_before: int = 0
-    bytes_after: int = 0
-    seconds: float = 0.0
-
-    @property
-    def removed(self) -> int:
-        """Rows changed, all kinds together."""
-        return self.success + self.failed + self.events + self.texts_erased + self.idempotency
-
-
-@dataclass(frozen=True, slots=True)
-class ListFilter:
-    """Filters of GET /tasks and `evomsgd tasks list`."""
-
-    statuses: tuple[Status, ...] = ()
-    instance: str | None = None
-    instances: tuple[str, ...] = ()  # any of these (a scoped token's); empty = no restriction
-    phone: str | None = None
-    since: float | None = None
-    until: float | None = None
-    before_seq: int | None = None
-    limit: int = 50
 
 
 _COLUMNS = ", ".join(Message.__slots__)

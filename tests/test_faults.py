@@ -18,7 +18,7 @@ from evomsgd.api import SERVICE
 from evomsgd.delivery import decide
 from evomsgd.evolution import OutcomeKind, SendOutcome
 from evomsgd.models import Status
-from evomsgd.store import Message
+from evomsgd.records import Message
 from tests.conftest import (
     API_KEY,
     FakeProcess,

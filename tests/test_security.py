@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient
 
 from evomsgd import guards, tokens
 from evomsgd.models import ErrorBody
-from evomsgd.store import Store, TokenRow
+from evomsgd.records import TokenRow
+from evomsgd.store import Store
 from tests.conftest import FOREIGN, JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
 

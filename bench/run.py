@@ -130,8 +130,11 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evomsgd", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
-             "--log-level", "WARNING", *args],
-            cwd=ROOT, env=daemon_env(**{"EVOMSGD_MAX_WAITING": "100000000", **env}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             *args],
+            # Default settings (INFO logging: a line per accepted message), except backpressure:
+            # a paused lane fills up on purpose here, and at the default 1 s pace ~86,000 waiting
+            # messages would already get 429 "would expire first". Pace 0 skips that estimate.
+            cwd=ROOT, env=daemon_env(**{"EVOMSGD_MAX_WAITING": "100000000", "EVOMSGD_SEND_INTERVAL": "0", **env}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_http(self.url + "/health")
 
@@ -172,9 +175,7 @@ def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
         rows.append((label, _rate(result, ceiling)))
     rows.append(insert_cost(tmp))
     for durability in ("full", "normal"):
-        # Default settings otherwise: INFO logging writes one line per accepted message.
-        daemon = Daemon(tmp / f"accept-{durability}", "--sandbox", "--instance", "bench", "--durability", durability,
-                        "--log-level", "INFO")
+        daemon = Daemon(tmp / f"accept-{durability}", "--sandbox", "--instance", "bench", "--durability", durability)
         daemon.call("POST", "/instances/bench/pause")  # measure acceptance alone
         result = wrk(daemon.url + "/messages", seconds, lua=POST_LUA, pid=daemon.proc.pid)
         daemon.stop()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from evomsgd.errors import StoreUnavailable
@@ -20,6 +21,7 @@ from evomsgd.store import Store
 log = logging.getLogger("evomsgd.commit")
 
 MAX_BATCH = 512
+OUTAGE_LOG_EVERY = 10.0  # seconds between two "still refusing" warnings
 _STOP = object()
 
 Pending = tuple[NewMessage, "asyncio.Future[InsertResult]"]
@@ -41,6 +43,8 @@ class GroupCommitter:
         self.idempotency_ttl = idempotency_ttl
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Pending | object] = queue.SimpleQueue()
+        self._refused = 0  # messages refused since the ledger stopped taking writes
+        self._warned_at = 0.0
         self._thread = threading.Thread(target=self._run, name="evomsgd-commit", daemon=True)
 
     def start(self) -> None:
@@ -84,15 +88,35 @@ class GroupCommitter:
             )
         except StoreUnavailable as exc:
             results = exc
+            self._refusing(len(batch), exc)
         except Exception as exc:  # never leave a request hanging
             log.exception("group commit of %s messages failed", len(batch))
             results = exc
+        if self._refused and not isinstance(results, BaseException):
+            log.warning(
+                "the ledger takes writes again (messages refused meanwhile: %s)",
+                self._refused,
+            )
+            self._refused = 0
         # Before the answers go out: a client that got its 202 must already count in the
         # lane's backlog (backpressure) and the dispatcher must already know of the message.
         if self._on_commit is not None and not isinstance(results, BaseException):
             self._on_commit(news, results)
         # One hop to the loop per batch, not one per request.
         self.loop.call_soon_threadsafe(_resolve, futures, results)
+
+    def _refusing(self, count: int, exc: StoreUnavailable) -> None:
+        """Each client gets its 503; the operator gets a warning now and then, not one per request."""
+        now = time.monotonic()
+        first = self._refused == 0
+        self._refused += count
+        if first or now - self._warned_at >= OUTAGE_LOG_EVERY:
+            self._warned_at = now
+            log.error(
+                "refusing new messages (503): %s%s",
+                exc,
+                "" if first else f" ({self._refused} refused so far)",
+            )
 
 
 def _resolve(

@@ -273,7 +273,12 @@ class Service:
             problems.append(str(exc))
         alive = self.alive_workers()
         if not writable:
-            problems.append(f"database not writable ({self.store.path})")
+            problems.append(
+                f"database not writable: data directory {self.data_dir} is on a read-only file "
+                "system - remount it read-write and restart evomsgd"
+                if self.store.read_only_fs()
+                else f"database not writable ({self.store.path})"
+            )
         if alive < self.settings.workers:
             problems.append(
                 f"{self.settings.workers - alive} of {self.settings.workers} worker threads are dead"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -134,14 +135,37 @@ class Store:
                 cur.execute("COMMIT")
             except sqlite3.OperationalError as exc:
                 self._rollback()
-                raise StoreUnavailable(
-                    f"the ledger cannot be written: {exc} ({self.path})"
-                ) from exc
+                raise StoreUnavailable(f"the ledger cannot be written: {self._why(exc)}") from exc
             except BaseException:
                 self._rollback()
                 raise
             finally:
                 cur.close()
+
+    def _why(self, exc: sqlite3.Error) -> str:
+        # SQLite says "disk I/O error" when the file system turned read-only under it.
+        if self.read_only_fs():
+            return (
+                f"data directory {self.data_dir} is on a read-only file system ({exc}) - "
+                "remount it read-write and restart evomsgd; accepted messages are safe on disk"
+            )
+        return f"{exc} ({self.path})"
+
+    def read_only_fs(self) -> bool:
+        """True when the data directory's file system refuses writes (EROFS).
+
+        A real write is the only reliable test: ext4 forced read-only by a disk error still
+        reports itself read-write to statvfs and access().
+        """
+        probe = self.data_dir / ".write-probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            return exc.errno == errno.EROFS
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        return False
 
     def _rollback(self) -> None:
         if self._conn.in_transaction:
@@ -340,6 +364,9 @@ class Store:
 
     def writable(self) -> bool:
         """True when a write transaction can be taken right now (for /health)."""
+        # An empty transaction never touches the disk: a read-only file system would pass it.
+        if self.read_only_fs():
+            return False
         try:
             with self._write() as cur:
                 cur.execute("SELECT 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -122,7 +123,8 @@ def evolution_env(fake: FakeProcess) -> dict[str, str]:
 
 
 def ledger_rows(data_dir: Path) -> dict[str, dict[str, Any]]:
-    with sqlite3.connect(data_dir / "evomsgd.db") as conn:
+    # closing(): sqlite3's own context manager commits but leaves the file open.
+    with contextlib.closing(sqlite3.connect(data_dir / "evomsgd.db")) as conn:
         conn.row_factory = sqlite3.Row
         return {row["id"]: dict(row) for row in conn.execute("SELECT * FROM messages")}
 

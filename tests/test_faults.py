@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +126,7 @@ async def test_a_lost_lease_is_swept_back_and_sent(
 
 
 async def test_a_full_disk_answers_503_and_recovers(
-    make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
+    make_client: MakeClient, fake: FakeEvolution, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = await make_client(fast_settings(evolution_url=fake.url))
     before = await post(client)
@@ -144,9 +146,17 @@ async def test_a_full_disk_answers_503_and_recovers(
             accepted += 1
         else:
             pytest.fail("the ledger never filled up")
+        for i in range(3):  # still full
+            resp = await client.post("/messages", json={"phone": phone(i), "message": "x" * 2000})
+            assert resp.status == 503
     finally:
         store._conn.execute("PRAGMA max_page_count=1073741823")
     after = await post(client)
+    # The operator hears of it once (not once per refused request), and of the recovery.
+    logged = [r.getMessage() for r in caplog.records if r.name == "evomsgd.commit"]
+    assert len(logged) == 2, logged
+    assert logged[0].startswith("refusing new messages (503): the ledger cannot be written: ")
+    assert logged[1] == "the ledger takes writes again (messages refused meanwhile: 4)"
     for task_id in (before["task_id"], after["task_id"]):
         assert (await wait_status(client, task_id))["status"] == "SUCCESS"
     with sqlite3.connect(tmp_path / "evomsgd.db") as conn:
@@ -247,8 +257,7 @@ def _post_with_key(url: str, payload: dict[str, Any], key: str) -> tuple[int, An
 
 @pytest.mark.slow
 def test_a_read_only_data_directory_is_refused_with_the_reason(tmp_path: Path) -> None:
-    """(The kernel will not remount a file system read-only while the daemon holds files open
-    for writing, so the running case is covered by the disk-full test's identical 503 path.)"""
+    """Starting on a read-only mount; the next test turns one read-only under a running daemon."""
     data_dir = tmp_path / "data"
     Daemon(data_dir, free_port(), "--sandbox").stop()  # a ledger that exists
     if (
@@ -273,3 +282,115 @@ def test_a_read_only_data_directory_is_refused_with_the_reason(tmp_path: Path) -
         subprocess.run(["umount", str(data_dir)], capture_output=True)
     with sqlite3.connect(data_dir / "evomsgd.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@contextlib.contextmanager
+def ext4_volume(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A fresh ext4 file system on a loop device, mounted with errors=remount-ro; yields the
+    mount point and the sysfs file that makes the kernel force it read-only. Skips without root
+    or loop devices."""
+    image, mount = tmp_path / "volume.img", tmp_path / "volume"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    steps = [
+        ["mkfs.ext4", "-q", "-F", str(image)],
+        ["mount", "-o", "loop,errors=remount-ro", str(image), str(mount)],
+    ]
+    for step in steps:
+        if os.geteuid() != 0 or subprocess.run(step, capture_output=True).returncode != 0:
+            pytest.skip("needs root, mkfs.ext4 and a loop device to make a file system fail")
+    try:
+        device = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", str(mount)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        trigger = Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error"
+        if not trigger.exists():
+            pytest.skip(f"this kernel has no {trigger}")
+        yield mount, trigger
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _refuses_writes(directory: Path) -> bool:
+    try:
+        (directory / "probe").write_text("x")
+    except OSError:
+        return True
+    (directory / "probe").unlink()
+    return False
+
+
+def test_a_data_directory_that_turns_read_only_under_the_daemon(tmp_path: Path) -> None:
+    """What a failing disk does: ext4 (errors=remount-ro) forces itself read-only while the
+    daemon's ledger, WAL and queue files are open for writing. A plain remount cannot do that
+    ("busy"); the kernel's own error path can."""
+    args = ("--sandbox", "--instance", "main")
+    with (
+        ext4_volume(tmp_path) as (data_dir, trigger),  # its parent, tmp_path, keeps the logs
+        running(Daemon(data_dir, free_port(), *args, EVOMSGD_SEND_INTERVAL="0")) as daemon,
+    ):
+        sent = [post_one(daemon, i) for i in range(5)]
+        wait_until(lambda: statuses(data_dir, sent) == {"SUCCESS"}, 10, "5 sent")
+        assert request(daemon.url + "/instances/main/pause", method="POST")[0] == 200
+        waiting = [post_one(daemon, i) for i in range(5, 25)]
+
+        trigger.write_text("evomsgd fault test\n")
+        wait_until(lambda: _refuses_writes(data_dir), 5, "the file system to turn read-only")
+
+        status, body = request(daemon.url + "/messages", {"phone": phone(99), "message": "x"})
+        assert (status, body["error"]["code"]) == (503, "store_unavailable"), body
+        assert (
+            f"data directory {data_dir} is on a read-only file system" in body["error"]["message"]
+        )
+        assert request(daemon.url + f"/tasks/{waiting[0]}")[1]["status"] == "PENDING"
+        status, health = request(daemon.url + "/health")
+        assert (status, health["status"], health["database_writable"]) == (503, "down", False)
+        assert any("read-only file system" in p for p in health["problems"]), health
+        assert daemon.stop(timeout=45) == 0
+        assert "refusing new messages (503)" in daemon.logs()
+
+    # The operator's fix: fsck, mount again (the kernel will not make it writable in place), start.
+    image = tmp_path / "volume.img"
+    wait_until(  # the loop device lets go of the image a moment after the unmount
+        lambda: not subprocess.run(["losetup", "-j", str(image)], capture_output=True).stdout,
+        10,
+        "the loop device to be released",
+    )
+    assert subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True).returncode in (0, 1)
+    subprocess.run(["mount", "-o", "loop", str(image), str(data_dir)], check=True)
+    try:
+        with contextlib.closing(sqlite3.connect(data_dir / "evomsgd.db")) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        with running(Daemon(data_dir, free_port(), *args, EVOMSGD_SEND_INTERVAL="0")) as daemon:
+            assert request(daemon.url + "/instances/main/resume", method="POST")[0] == 200
+            wait_until(lambda: statuses(data_dir, waiting) == {"SUCCESS"}, 20, "the rest sent")
+            # Every 202 is there, once; the refused message was never written.
+            assert set(ledger_rows(data_dir)) == set(sent) | set(waiting)
+    finally:
+        subprocess.run(["umount", str(data_dir)], capture_output=True)
+
+
+@contextlib.contextmanager
+def running(daemon: Daemon) -> Iterator[Daemon]:
+    """The daemon, killed on the way out if the test did not stop it (a failed assertion)."""
+    try:
+        yield daemon
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def post_one(daemon: Daemon, i: int) -> str:
+    status, body = request(daemon.url + "/messages", {"phone": phone(i), "message": "x"})
+    assert status == 202, body
+    return str(body["task_id"])
+
+
+def statuses(data_dir: Path, task_ids: list[str]) -> set[str]:
+    rows = ledger_rows(data_dir)
+    return {rows[t]["status"] for t in task_ids}

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,14 +185,14 @@ def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
 
 def insert_cost(tmp: Path, count: int = 32_000, batch: int = 32) -> tuple[str, str]:
     """The ledger write alone: Store.insert_messages in batches the size of 32 clients' group commit."""
-    from evomsgd import clock
+    from evomsgd import clock, ids
     from evomsgd.records import NewMessage
     from evomsgd.store import Store
 
     (tmp / "insert").mkdir()
     store = Store(tmp / "insert", durability="full")
     now = clock.now()
-    news = [NewMessage(id=str(uuid.uuid4()), instance="bench", phone=f"5511{988000000 + i}", phone_input="+55",
+    news = [NewMessage(id=ids.task_id(now), instance="bench", phone=f"5511{988000000 + i}", phone_input="+55",
                        text="Your code is 123456", priority=0, created_at=now, send_at=None, expires_at=now + 86400,
                        sandbox=True) for i in range(count)]
     wall, cpu = time.perf_counter(), time.process_time()
@@ -284,6 +284,7 @@ def memory(tmp: Path, count: int) -> list[tuple[str, str]]:
 
 def seed(data_dir: Path, rows: int) -> str:
     """Write `rows` finished messages (and their attempt events) straight into a new ledger."""
+    from evomsgd import clock, ids
     from evomsgd.store import Store
 
     Store(data_dir).close()  # create the schema
@@ -292,10 +293,12 @@ def seed(data_dir: Path, rows: int) -> str:
     conn.execute("BEGIN")
     some_id = ""
     batch = []
+    start = datetime(2026, 11, 1, 10, tzinfo=UTC).timestamp()
     for i in range(rows):
-        task_id = str(uuid.uuid4())
+        created = start + i * 20 * 86_400 / rows  # 20 days of history, oldest first
+        task_id = ids.task_id(created)  # as the daemon would have made it then
         some_id = task_id if i == rows // 2 else some_id
-        ts = f"2026-11-{1 + i * 20 // rows:02d} 10:00:00.000"
+        ts = clock.to_db(created)
         batch.append((task_id, "SUCCESS", "bench", f"5511{980000000 + i % 10_000_000}", "+55", "text", ts, ts,
                       ts, 1, "KEY", f"5511{980000000 + i}@s.whatsapp.net"))
         if len(batch) == 50_000:

@@ -7,13 +7,12 @@ import hashlib
 import json
 import math
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomsgd import __version__, clock
+from evomsgd import __version__, clock, ids
 from evomsgd.commit import GroupCommitter
 from evomsgd.config import Settings
 from evomsgd.dispatcher import Dispatcher
@@ -110,7 +109,7 @@ class Service:
                 json.dumps(canonical, sort_keys=True).encode()
             ).hexdigest()
         return NewMessage(
-            id=str(uuid.uuid4()),
+            id=ids.task_id(now),
             instance=instance,
             phone=recipient.number,
             phone_input=req.phone,

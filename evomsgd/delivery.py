@@ -141,7 +141,7 @@ class Delivery:
         if msg is None:  # canceled, expired, or taken meanwhile
             return False, None
         assert msg.text is not None
-        log.info(
+        log.debug(
             "task %s instance %s: sending (attempt %s)",
             msg.id,
             msg.instance,
@@ -202,9 +202,10 @@ def _log_outcome(msg: Message, outcome: SendOutcome, transition: Transition) -> 
     if transition.status == Status.SUCCESS:
         log.log(
             logging.WARNING if outcome.kind == OutcomeKind.SENT_UNCONFIRMED else logging.INFO,
-            "task %s instance %s: sent (%s, key %s)",
+            "task %s instance %s: sent (attempt %s, %s, key %s)",
             msg.id,
             msg.instance,
+            msg.attempts,
             took,
             outcome.key_id,
             extra=log_fields(msg.id, msg.instance),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 from evomsgd.ids import task_id
@@ -26,3 +27,18 @@ def test_task_ids_sort_in_creation_order_as_plain_strings() -> None:
 
 def test_ids_made_in_the_same_millisecond_differ() -> None:
     assert len({task_id(T0) for _ in range(10_000)}) == 10_000
+
+
+def test_ids_made_by_several_threads_at_once_differ() -> None:
+    """The random bytes come from a shared pool (one getrandom() per ~400 ids) behind a lock."""
+    made: list[list[str]] = [[] for _ in range(4)]
+
+    def make(out: list[str]) -> None:
+        out.extend(task_id(T0) for _ in range(5_000))
+
+    threads = [threading.Thread(target=make, args=(out,)) for out in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({i for out in made for i in out}) == 20_000

@@ -238,8 +238,7 @@ def token_name(request: web.Request) -> str | None:
 
 def scoped(request: web.Request) -> bool:
     """True when the request's token may use only some instances."""
-    token = request.get(TOKEN)
-    return token is not None and bool(token.instances)
+    return scope(request) is not None
 
 
 def scope(request: web.Request) -> frozenset[str] | None:

@@ -131,7 +131,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "evomsgd", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
              *args],
-            # Default settings (INFO logging: a line per accepted message), except backpressure:
+            # Default settings (INFO logging), except backpressure:
             # a paused lane fills up on purpose here, and at the default 1 s pace ~86,000 waiting
             # messages would already get 429 "would expire first". Pace 0 skips that estimate.
             cwd=ROOT, env=daemon_env(**{"EVOMSGD_MAX_WAITING": "100000000", "EVOMSGD_SEND_INTERVAL": "0", **env}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

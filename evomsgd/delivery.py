@@ -151,7 +151,22 @@ class Delivery:
         outcome = self._send(msg)
         now = self._time()
         transition, effect = decide(msg, outcome, now, self.settings, self._rng)
-        self._record(msg, started, now, transition)
+        try:
+            self._record(msg, started, now, transition)
+        except StoreUnavailable as exc:
+            # The row stays STARTED with its lease: the next start (or the lease sweeper, if the
+            # ledger comes back) sends it again, flagged as possibly delivered twice.
+            log.error(
+                "task %s instance %s: attempt %s ended %s, but the ledger cannot record it (%s); "
+                "it will be sent again, flagged as a possible duplicate",
+                msg.id,
+                msg.instance,
+                msg.attempts,
+                outcome.kind.value,
+                exc,
+                extra=log_fields(msg.id, msg.instance),
+            )
+            return False, None
         if self._on_outcome is not None:
             self._on_outcome(msg, outcome, transition)
         _log_outcome(msg, outcome, transition)
@@ -182,7 +197,9 @@ class Delivery:
                     )
                 return
             except StoreUnavailable as exc:
-                if time.monotonic() > deadline:
+                # A read-only file system will not heal by waiting (it needs a remount), and a
+                # worker that waits holds up the drain.
+                if time.monotonic() > deadline or self.store.read_only_fs():
                     raise
                 log.warning(
                     "task %s instance %s: ledger busy (%s); retrying the write",

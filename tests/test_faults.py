@@ -32,7 +32,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fake_evolution import FakeEvolution
-from tests.test_e2e import Daemon, ledger_rows, phone, request, serve_refused
+from tests.test_e2e import Daemon, evolution_env, ledger_rows, phone, request, serve_refused
 
 
 def _message(**overrides: Any) -> Message:
@@ -372,6 +372,57 @@ def test_a_data_directory_that_turns_read_only_under_the_daemon(tmp_path: Path) 
             assert set(ledger_rows(data_dir)) == set(sent) | set(waiting)
     finally:
         subprocess.run(["umount", str(data_dir)], capture_output=True)
+
+
+def test_a_send_in_flight_when_the_disk_fails_is_sent_again_flagged_not_lost(
+    tmp_path: Path,
+) -> None:
+    """Evolution answers after the file system turned read-only: the outcome cannot be written.
+    The worker must not sit out the drain retrying a write that cannot succeed, and the message
+    must come back after the repair (a possible duplicate, flagged) rather than vanish."""
+    fake = FakeProcess("--instances", "main")
+    number = phone(7)
+    request(fake.url + "/_fake/script", {"number": number, "responses": ["hang"]}, "POST")
+    try:
+        with (
+            ext4_volume(tmp_path) as (data_dir, trigger),
+            running(Daemon(data_dir, free_port(), **evolution_env(fake))) as daemon,
+        ):
+            task = post_one(daemon, 7)
+            wait_until(lambda: fake.received(), 10, "the send to reach Evolution")
+            trigger.write_text("evomsgd fault test\n")
+            wait_until(lambda: _refuses_writes(data_dir), 5, "the file system to turn read-only")
+            request(fake.url + "/_fake/release", method="POST")  # Evolution answers 201 now
+            wait_until(lambda: "cannot record it" in daemon.logs(), 10, "the unrecorded outcome")
+            started = time.monotonic()
+            assert daemon.stop(timeout=45) == 0
+            assert time.monotonic() - started < 10  # not the 30 s drain limit
+            line = next(x for x in daemon.logs().splitlines() if "cannot record it" in x)
+            assert f"task {task} instance main: attempt 1 ended sent" in line
+            assert "flagged as a possible duplicate" in line
+
+        image = tmp_path / "volume.img"
+        wait_until(
+            lambda: not subprocess.run(["losetup", "-j", str(image)], capture_output=True).stdout,
+            10,
+            "the loop device to be released",
+        )
+        assert subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True).returncode in (
+            0,
+            1,
+        )
+        subprocess.run(["mount", "-o", "loop", str(image), str(data_dir)], check=True)
+        try:
+            with running(Daemon(data_dir, free_port(), **evolution_env(fake))) as daemon:
+                wait_until(lambda: statuses(data_dir, [task]) == {"SUCCESS"}, 20, "resent")
+                row = ledger_rows(data_dir)[task]
+                assert row["recovered"] == 1  # flagged: the first send may have arrived too
+                assert [r["number"] for r in fake.received()].count(number.lstrip("+")) == 2
+                daemon.stop()
+        finally:
+            subprocess.run(["umount", str(data_dir)], capture_output=True)
+    finally:
+        fake.stop()
 
 
 @contextlib.contextmanager

@@ -256,28 +256,23 @@ class Service:
         `only` limits the instances shown (a scoped token's): their lanes and last error.
         """
 
-        def run() -> tuple[dict[str, int], float | None, bool, dict[str, Any] | None]:
+        def run() -> tuple[dict[str, int], float | None, str | None, dict[str, Any] | None]:
             return (
                 self.store.counts(),
                 self.store.oldest_waiting(clock.now()),
-                self.store.writable(),
+                self.store.write_problem(),
                 self.store.last_error(),
             )
 
         problems: list[str] = []
         try:
-            counts, oldest, writable, last_error = await asyncio.to_thread(run)
+            counts, oldest, write_problem, last_error = await asyncio.to_thread(run)
         except StoreUnavailable as exc:
-            counts, oldest, writable, last_error = {}, None, False, None
-            problems.append(str(exc))
+            counts, oldest, write_problem, last_error = {}, None, str(exc), None
+        writable = write_problem is None
         alive = self.alive_workers()
-        if not writable:
-            problems.append(
-                f"database not writable: data directory {self.data_dir} is on a read-only file "
-                "system - remount it read-write and restart evomsgd"
-                if self.store.read_only_fs()
-                else f"database not writable ({self.store.path})"
-            )
+        if write_problem is not None:
+            problems.append(f"database not writable: {write_problem}")
         if alive < self.settings.workers:
             problems.append(
                 f"{self.settings.workers - alive} of {self.settings.workers} worker threads are dead"

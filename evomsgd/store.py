@@ -145,11 +145,15 @@ class Store:
     def _why(self, exc: sqlite3.Error) -> str:
         # SQLite says "disk I/O error" when the file system turned read-only under it.
         if self.read_only_fs():
-            return (
-                f"data directory {self.data_dir} is on a read-only file system ({exc}) - "
-                "remount it read-write and restart evomsgd; accepted messages are safe on disk"
-            )
+            return f"{self._read_only(exc)}; accepted messages are safe on disk"
         return f"{exc} ({self.path})"
+
+    def _read_only(self, exc: sqlite3.Error | None = None) -> str:
+        cause = f" ({exc})" if exc is not None else ""
+        return (
+            f"data directory {self.data_dir} is on a read-only file system{cause} - "
+            "remount it read-write and restart evomsgd"
+        )
 
     def read_only_fs(self) -> bool:
         """True when the data directory's file system refuses writes (EROFS).
@@ -362,17 +366,17 @@ class Store:
             for row in self._read("SELECT instance, paused_reason FROM lanes WHERE paused = 1")
         }
 
-    def writable(self) -> bool:
-        """True when a write transaction can be taken right now (for /health)."""
+    def write_problem(self) -> str | None:
+        """Why the ledger cannot be written right now (for /health); None when it can."""
         # An empty transaction never touches the disk: a read-only file system would pass it.
         if self.read_only_fs():
-            return False
+            return self._read_only()
         try:
             with self._write() as cur:
                 cur.execute("SELECT 1")
-            return os.access(self.path, os.W_OK)
-        except StoreUnavailable:
-            return False
+        except StoreUnavailable as exc:
+            return str(exc)
+        return None if os.access(self.path, os.W_OK) else f"{self.path} is not writable"
 
     # -- delivering -----------------------------------------------------------------------
 

@@ -280,15 +280,13 @@ class Settings(BaseModel):
             per_minute=own.per_minute,
             per_hour=own.per_hour,
             per_day=own.per_day,
-            max_waiting=self.max_waiting if own.max_waiting is None else own.max_waiting,
+            max_waiting=self.max_waiting_for(instance),
         )
 
     def max_waiting_for(self, instance: str) -> int:
         """The backlog limit of one instance (its own max_waiting, else the global one)."""
         own = self.instances.get(instance)
-        if own is None or not own.max_waiting:
-            return self.max_waiting
-        return own.max_waiting
+        return self.max_waiting if own is None or own.max_waiting is None else own.max_waiting
 
     def require_evolution(self) -> None:
         """Raise ConfigError naming what is missing unless sends can leave the machine or sandbox."""

@@ -353,16 +353,7 @@ def test_a_data_directory_that_turns_read_only_under_the_daemon(tmp_path: Path) 
         assert daemon.stop(timeout=45) == 0
         assert "refusing new messages (503)" in daemon.logs()
 
-    # The operator's fix: fsck, mount again (the kernel will not make it writable in place), start.
-    image = tmp_path / "volume.img"
-    wait_until(  # the loop device lets go of the image a moment after the unmount
-        lambda: not subprocess.run(["losetup", "-j", str(image)], capture_output=True).stdout,
-        10,
-        "the loop device to be released",
-    )
-    assert subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True).returncode in (0, 1)
-    subprocess.run(["mount", "-o", "loop", str(image), str(data_dir)], check=True)
-    try:
+    with repaired(tmp_path, data_dir):
         with contextlib.closing(sqlite3.connect(data_dir / "evomsgd.db")) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         with running(Daemon(data_dir, free_port(), *args, EVOMSGD_SEND_INTERVAL="0")) as daemon:
@@ -370,8 +361,6 @@ def test_a_data_directory_that_turns_read_only_under_the_daemon(tmp_path: Path) 
             wait_until(lambda: statuses(data_dir, waiting) == {"SUCCESS"}, 20, "the rest sent")
             # Every 202 is there, once; the refused message was never written.
             assert set(ledger_rows(data_dir)) == set(sent) | set(waiting)
-    finally:
-        subprocess.run(["umount", str(data_dir)], capture_output=True)
 
 
 def test_a_send_in_flight_when_the_disk_fails_is_sent_again_flagged_not_lost(
@@ -401,28 +390,35 @@ def test_a_send_in_flight_when_the_disk_fails_is_sent_again_flagged_not_lost(
             assert f"task {task} instance main: attempt 1 ended sent" in line
             assert "flagged as a possible duplicate" in line
 
-        image = tmp_path / "volume.img"
-        wait_until(
-            lambda: not subprocess.run(["losetup", "-j", str(image)], capture_output=True).stdout,
-            10,
-            "the loop device to be released",
-        )
-        assert subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True).returncode in (
-            0,
-            1,
-        )
-        subprocess.run(["mount", "-o", "loop", str(image), str(data_dir)], check=True)
-        try:
-            with running(Daemon(data_dir, free_port(), **evolution_env(fake))) as daemon:
-                wait_until(lambda: statuses(data_dir, [task]) == {"SUCCESS"}, 20, "resent")
-                row = ledger_rows(data_dir)[task]
-                assert row["recovered"] == 1  # flagged: the first send may have arrived too
-                assert [r["number"] for r in fake.received()].count(number.lstrip("+")) == 2
-                daemon.stop()
-        finally:
-            subprocess.run(["umount", str(data_dir)], capture_output=True)
+        with (
+            repaired(tmp_path, data_dir),
+            running(Daemon(data_dir, free_port(), **evolution_env(fake))) as daemon,
+        ):
+            wait_until(lambda: statuses(data_dir, [task]) == {"SUCCESS"}, 20, "resent")
+            row = ledger_rows(data_dir)[task]
+            assert row["recovered"] == 1  # flagged: the first send may have arrived too
+            assert [r["number"] for r in fake.received()].count(number.lstrip("+")) == 2
+            daemon.stop()
     finally:
         fake.stop()
+
+
+@contextlib.contextmanager
+def repaired(tmp_path: Path, mount: Path) -> Iterator[None]:
+    """The operator's fix after ext4_volume(): fsck, then mount again (the kernel will not make
+    the file system writable in place); unmounted on the way out."""
+    image = tmp_path / "volume.img"
+    wait_until(  # the loop device lets go of the image a moment after the unmount
+        lambda: not subprocess.run(["losetup", "-j", str(image)], capture_output=True).stdout,
+        10,
+        "the loop device to be released",
+    )
+    assert subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True).returncode in (0, 1)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
 
 
 @contextlib.contextmanager

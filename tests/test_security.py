@@ -169,13 +169,21 @@ async def test_revoked_and_new_tokens_apply_without_a_restart(
     assert (await client.get("/tasks", headers=bearer(second))).status == 200
 
 
-async def test_a_token_scoped_to_an_instance_cannot_use_others(
+async def two_tokens(
     make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
-) -> None:
+) -> tuple[TestClient[Any, Any], str, str]:
+    """A client of an app with an unscoped token "ops" and "shop-app" scoped to main."""
     client = await make_client(fast_settings(evolution_url=fake.url))
     full = add_token(tmp_path, "ops")
     shop = add_token(tmp_path, "shop-app", "main")
     await wait_for_status(client, "/tasks", 401, {})
+    return client, full, shop
+
+
+async def test_a_token_scoped_to_an_instance_cannot_use_others(
+    make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
+) -> None:
+    client, full, shop = await two_tokens(make_client, fake, tmp_path)
     other = await client.post(
         "/messages", json={**BODY, "instance_name": "other"}, headers=bearer(full)
     )
@@ -209,10 +217,7 @@ async def test_a_scoped_token_sees_only_its_instances(
     make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
 ) -> None:
     """Phone numbers and errors of one tenant's instance are not another tenant's to read."""
-    client = await make_client(fast_settings(evolution_url=fake.url))
-    full = add_token(tmp_path, "ops")
-    shop = add_token(tmp_path, "shop-app", "main")
-    await wait_for_status(client, "/tasks", 401, {})
+    client, full, shop = await two_tokens(make_client, fake, tmp_path)
     fake.add_instance("other")
     fake.script([Fault.NOT_ON_WHATSAPP], number="5511977776666")  # a failure, on "other" only
     mine = await client.post("/messages", json=BODY, headers=bearer(full))

@@ -92,7 +92,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wrk(url: str, seconds: int, connections: int = 32, lua: str | None = None, pid: int | None = None) -> dict[str, float]:
+def wrk(
+    url: str, seconds: int, connections: int = 32, lua: str | None = None, pid: int | None = None
+) -> dict[str, float]:
     """Run wrk; returns requests/s, latency percentiles in ms and CPU microseconds per request
     of the server `pid` and of wrk itself."""
     before = cpu_seconds(pid) if pid else 0.0
@@ -118,10 +120,20 @@ def wrk(url: str, seconds: int, connections: int = 32, lua: str | None = None, p
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     requests = rate * seconds
     own_after = os.times()
-    wrk_cpu = own_after.children_user + own_after.children_system - own_before.children_user - own_before.children_system
-    return {"rps": rate, "p50": ms("50"), "p99": ms("99"), "errors": float(non2xx.group(1)) if non2xx else 0.0,
-            "server_us": (cpu_seconds(pid) - before) / requests * 1e6 if pid else 0.0,
-            "wrk_us": wrk_cpu / requests * 1e6}
+    wrk_cpu = (
+        own_after.children_user
+        + own_after.children_system
+        - own_before.children_user
+        - own_before.children_system
+    )
+    return {
+        "rps": rate,
+        "p50": ms("50"),
+        "p99": ms("99"),
+        "errors": float(non2xx.group(1)) if non2xx else 0.0,
+        "server_us": (cpu_seconds(pid) - before) / requests * 1e6 if pid else 0.0,
+        "wrk_us": wrk_cpu / requests * 1e6,
+    }
 
 
 class Daemon:
@@ -129,12 +141,26 @@ class Daemon:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evomsgd", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
-             *args],
+            [
+                sys.executable,
+                "-m",
+                "evomsgd",
+                "serve",
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                *args,
+            ],
             # Default settings (INFO logging), except backpressure:
             # a paused lane fills up on purpose here, and at the default 1 s pace ~86,000 waiting
             # messages would already get 429 "would expire first". Pace 0 skips that estimate.
-            cwd=ROOT, env=daemon_env(**{"EVOMSGD_MAX_WAITING": "100000000", "EVOMSGD_SEND_INTERVAL": "0", **env}), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+            env=daemon_env(
+                **{"EVOMSGD_MAX_WAITING": "100000000", "EVOMSGD_SEND_INTERVAL": "0", **env}
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_http(self.url + "/health")
 
@@ -144,8 +170,9 @@ class Daemon:
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 return resp.status, json.loads(resp.read())
@@ -163,8 +190,10 @@ class Daemon:
 def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
     rows = []
     ceiling: dict[str, float] = {}
-    for label, server in (("bare aiohttp handler, POST, 32 connections", BARE_SERVER),
-                          ("bare handler + validation only (JSON, model, phone; no storage)", VALIDATING_SERVER)):
+    for label, server in (
+        ("bare aiohttp handler, POST, 32 connections", BARE_SERVER),
+        ("bare handler + validation only (JSON, model, phone; no storage)", VALIDATING_SERVER),
+    ):
         port = free_port()
         proc = subprocess.Popen([sys.executable, "-c", server, str(port)], cwd=ROOT)
         wait_http(f"http://127.0.0.1:{port}/")
@@ -175,7 +204,14 @@ def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
         rows.append((label, _rate(result, ceiling)))
     rows.append(insert_cost(tmp))
     for durability in ("full", "normal"):
-        daemon = Daemon(tmp / f"accept-{durability}", "--sandbox", "--instance", "bench", "--durability", durability)
+        daemon = Daemon(
+            tmp / f"accept-{durability}",
+            "--sandbox",
+            "--instance",
+            "bench",
+            "--durability",
+            durability,
+        )
         daemon.call("POST", "/instances/bench/pause")  # measure acceptance alone
         result = wrk(daemon.url + "/messages", seconds, lua=POST_LUA, pid=daemon.proc.pid)
         daemon.stop()
@@ -186,44 +222,68 @@ def accept_rate(tmp: Path, seconds: int) -> list[tuple[str, str]]:
 def insert_cost(tmp: Path, count: int = 32_000, batch: int = 32) -> tuple[str, str]:
     """The ledger write alone: Store.insert_messages in batches the size of 32 clients' group commit."""
     from evomsgd import clock, ids
-    from evomsgd.records import NewMessage
-    from evomsgd.store import Store
+    from evomsgd.ledger.records import NewMessage
+    from evomsgd.ledger.store import Store
 
     (tmp / "insert").mkdir()
     store = Store(tmp / "insert", durability="full")
     now = clock.now()
-    news = [NewMessage(id=ids.task_id(now), instance="bench", phone=f"5511{988000000 + i}", phone_input="+55",
-                       text="Your code is 123456", priority=0, created_at=now, send_at=None, expires_at=now + 86400,
-                       sandbox=True) for i in range(count)]
+    news = [
+        NewMessage(
+            id=ids.task_id(now),
+            instance="bench",
+            phone=f"5511{988000000 + i}",
+            phone_input="+55",
+            text="Your code is 123456",
+            priority=0,
+            created_at=now,
+            send_at=None,
+            expires_at=now + 86400,
+            sandbox=True,
+        )
+        for i in range(count)
+    ]
     wall, cpu = time.perf_counter(), time.process_time()
     for start in range(0, count, batch):
-        store.insert_messages(news[start:start + batch])
+        store.insert_messages(news[start : start + batch])
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     store.close()
-    return (f"ledger insert alone, {batch}-row fsynced commits (no HTTP)",
-            f"{count / wall:,.0f} rows/s, CPU/row {cpu / count * 1e6:.0f} us")
+    return (
+        f"ledger insert alone, {batch}-row fsynced commits (no HTTP)",
+        f"{count / wall:,.0f} rows/s, CPU/row {cpu / count * 1e6:.0f} us",
+    )
 
 
 def _rate(r: dict[str, float], ceiling: dict[str, float] | None = None) -> str:
     errors = f", {r['errors']:.0f} non-2xx" if r["errors"] else ""
     text = f"{r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, p99 {r['p99']:.1f} ms{errors}"
     if ceiling is not None:
-        text += (f", CPU/request: server {r['server_us']:.0f} us, wrk {r['wrk_us']:.0f} us"
-                 f"  = {100 * r['rps'] / ceiling['rps']:.0f}% of bare")
+        text += (
+            f", CPU/request: server {r['server_us']:.0f} us, wrk {r['wrk_us']:.0f} us"
+            f"  = {100 * r['rps'] / ceiling['rps']:.0f}% of bare"
+        )
     return text
 
 
 def delivery(tmp: Path, count: int) -> list[tuple[str, str]]:
     fake = FakeProcess("--instances", "bench")
-    daemon = Daemon(tmp / "delivery", EVOLUTION_API_URL=fake.url, EVOLUTION_API_KEY=API_KEY,
-                    EVOLUTION_INSTANCE_NAME="bench", EVOMSGD_SEND_INTERVAL="0", EVOMSGD_WORKERS="8")
+    daemon = Daemon(
+        tmp / "delivery",
+        EVOLUTION_API_URL=fake.url,
+        EVOLUTION_API_KEY=API_KEY,
+        EVOLUTION_INSTANCE_NAME="bench",
+        EVOMSGD_SEND_INTERVAL="0",
+        EVOMSGD_WORKERS="8",
+    )
     try:
         # Pickup latency: one message at a time into an idle daemon; arrival stamped by the fake
         # with the same CLOCK_MONOTONIC.
         pickups = []
         for i in range(100):
             time.sleep(0.05)  # let the daemon go idle between samples
-            status, body = daemon.call("POST", "/messages", {"phone": f"+5511{988000000 + i}", "message": "p"})
+            status, body = daemon.call(
+                "POST", "/messages", {"phone": f"+5511{988000000 + i}", "message": "p"}
+            )
             accepted_at = time.monotonic()
             assert status == 202, body
             while True:
@@ -246,8 +306,14 @@ def delivery(tmp: Path, count: int) -> list[tuple[str, str]]:
         daemon.stop()
         fake.stop()
     return [
-        ("pickup latency, 202 -> Evolution call (idle daemon)", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (n=100)"),
-        (f"end-to-end delivery, {count:,} messages, no pacing, 8 workers", f"{count / elapsed:,.0f} messages/s"),
+        (
+            "pickup latency, 202 -> Evolution call (idle daemon)",
+            f"p50 {p50:.1f} ms, p99 {p99:.1f} ms (n=100)",
+        ),
+        (
+            f"end-to-end delivery, {count:,} messages, no pacing, 8 workers",
+            f"{count / elapsed:,.0f} messages/s",
+        ),
     ]
 
 
@@ -262,7 +328,9 @@ async def _post_many(url: str, count: int, concurrency: int = 32) -> None:
         async def worker() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
-                async with session.post(url + "/messages", json={"phone": f"+5511{989000000 + i}", "message": "t"}) as r:
+                async with session.post(
+                    url + "/messages", json={"phone": f"+5511{989000000 + i}", "message": "t"}
+                ) as r:
                     assert r.status == 202, await r.text()
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -279,13 +347,16 @@ def memory(tmp: Path, count: int) -> list[tuple[str, str]]:
         after = daemon.rss_mb()
     finally:
         daemon.stop()
-    return [("resident memory, idle", f"{idle:.1f} MB"), (f"resident memory after {count:,} messages", f"{after:.1f} MB")]
+    return [
+        ("resident memory, idle", f"{idle:.1f} MB"),
+        (f"resident memory after {count:,} messages", f"{after:.1f} MB"),
+    ]
 
 
 def seed(data_dir: Path, rows: int) -> str:
     """Write `rows` finished messages (and their attempt events) straight into a new ledger."""
     from evomsgd import clock, ids
-    from evomsgd.store import Store
+    from evomsgd.ledger.store import Store
 
     Store(data_dir).close()  # create the schema
     conn = sqlite3.connect(data_dir / "evomsgd.db", isolation_level=None)
@@ -299,8 +370,22 @@ def seed(data_dir: Path, rows: int) -> str:
         task_id = ids.task_id(created)  # as the daemon would have made it then
         some_id = task_id if i == rows // 2 else some_id
         ts = clock.to_db(created)
-        batch.append((task_id, "SUCCESS", "bench", f"5511{980000000 + i % 10_000_000}", "+55", "text", ts, ts,
-                      ts, 1, "KEY", f"5511{980000000 + i}@s.whatsapp.net"))
+        batch.append(
+            (
+                task_id,
+                "SUCCESS",
+                "bench",
+                f"5511{980000000 + i % 10_000_000}",
+                "+55",
+                "text",
+                ts,
+                ts,
+                ts,
+                1,
+                "KEY",
+                f"5511{980000000 + i}@s.whatsapp.net",
+            )
+        )
         if len(batch) == 50_000:
             _flush(conn, batch)
     _flush(conn, batch)
@@ -312,10 +397,13 @@ def seed(data_dir: Path, rows: int) -> str:
 def _flush(conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
     conn.executemany(
         "INSERT INTO messages (id, status, instance, phone, phone_input, text, created_at, expires_at,"
-        " finished_at, attempts, evolution_key, remote_jid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", batch)
+        " finished_at, attempts, evolution_key, remote_jid) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        batch,
+    )
     conn.executemany(
         "INSERT INTO events (message_id, at, instance, event, attempt, outcome) VALUES (?, ?, 'bench', 'attempt', 1, 'sent')",
-        [(row[0], row[6]) for row in batch])
+        [(row[0], row[6]) for row in batch],
+    )
     batch.clear()
 
 
@@ -337,16 +425,25 @@ def big_ledger(tmp: Path, rows: int, seconds: int) -> list[tuple[str, str]]:
         out.append((f"ledger {label}: POST /messages", _rate(post)))
         out.append((f"ledger {label}: GET /tasks/{{id}}", _rate(get)))
     (empty_post, empty_get), (big_post, big_get) = results.values()
-    out.append(("1M-row ledger vs empty", f"POST {100 * big_post['rps'] / empty_post['rps']:.0f}%, "
-                f"GET p50 {big_get['p50']:.2f} vs {empty_get['p50']:.2f} ms"))
+    out.append(
+        (
+            "1M-row ledger vs empty",
+            f"POST {100 * big_post['rps'] / empty_post['rps']:.0f}%, "
+            f"GET p50 {big_get['p50']:.2f} vs {empty_get['p50']:.2f} ms",
+        )
+    )
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts for a smoke run")
-    parser.add_argument("--only", choices=["accept", "delivery", "memory", "ledger"], action="append",
-                        help="run only these parts (repeatable)")
+    parser.add_argument(
+        "--only",
+        choices=["accept", "delivery", "memory", "ledger"],
+        action="append",
+        help="run only these parts (repeatable)",
+    )
     args = parser.parse_args()
     seconds = 3 if args.quick else 10
     parts = set(args.only or ["accept", "delivery", "memory", "ledger"])

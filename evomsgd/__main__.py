@@ -1,5 +1,5 @@
 """`python -m evomsgd` runs the CLI."""
 
-from evomsgd.cli import main
+from evomsgd.cli.main import main
 
 main()

@@ -13,17 +13,19 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from evomsgd import api, clock, dashboard, guards, metrics, openapi, retention
-from evomsgd.commit import GroupCommitter
+from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.delivery import Delivery
-from evomsgd.dispatcher import Dispatcher
-from evomsgd.evolution import EvolutionClient, SandboxClient, Sender, StateProbe
-from evomsgd.queue import TaskQueue
-from evomsgd.records import InsertResult, NewMessage
+from evomsgd.engine.delivery import Delivery
+from evomsgd.engine.dispatcher import Dispatcher
+from evomsgd.engine.workers import TaskQueue
+from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender, StateProbe
+from evomsgd.ledger import retention
+from evomsgd.ledger.commit import GroupCommitter
+from evomsgd.ledger.records import InsertResult, NewMessage
+from evomsgd.ledger.store import Store
+from evomsgd.ledger.tokens import TokenCache
 from evomsgd.service import Service, created_per_instance
-from evomsgd.store import Store
-from evomsgd.tokens import TokenCache
+from evomsgd.web import api, dashboard, guards, metrics, openapi
 
 log = logging.getLogger("evomsgd.app")
 

@@ -17,13 +17,13 @@ from typing import IO
 from aiohttp import web
 
 from evomsgd import __version__, systemd
-from evomsgd.api import SERVICE
 from evomsgd.app import create_app
 from evomsgd.config import Settings
 from evomsgd.errors import DataDirError
-from evomsgd.guards import check_bind
-from evomsgd.server import Runner, http_limits
-from evomsgd.store import LEDGER_FILE, Store
+from evomsgd.ledger.store import LEDGER_FILE, Store
+from evomsgd.web.api import SERVICE
+from evomsgd.web.guards import check_bind
+from evomsgd.web.server import Runner, http_limits
 
 log = logging.getLogger("evomsgd.daemon")
 

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from evomsgd import __version__, clock, ids
-from evomsgd.commit import GroupCommitter
 from evomsgd.config import Settings
-from evomsgd.dispatcher import Dispatcher
+from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.errors import ApiError, StoreUnavailable
+from evomsgd.ledger.commit import GroupCommitter
+from evomsgd.ledger.records import InsertResult, ListFilter, Message, NewMessage
+from evomsgd.ledger.store import Store
 from evomsgd.models import (
     FINAL,
     WAITING,
@@ -28,8 +30,6 @@ from evomsgd.models import (
     TaskView,
 )
 from evomsgd.phone import PhoneError, normalize
-from evomsgd.records import InsertResult, ListFilter, Message, NewMessage
-from evomsgd.store import Store
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Entry script of the frozen executable: the same CLI as the `evomsgd` console script."""
 
-from evomsgd.cli import main
+from evomsgd.cli.main import main
 
 main()

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from evomsgd.app import create_app
 from evomsgd.config import Settings
-from evomsgd.server import Runner, http_limits
+from evomsgd.web.server import Runner, http_limits
 from tests.fake_evolution import FakeEvolution
 
 API_KEY = "test-api-key-5f2b9c"

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from evomsgd.api import SERVICE
 from evomsgd.app import QUEUE
 from evomsgd.models import ErrorBody
+from evomsgd.web.api import SERVICE
 from tests.conftest import API_KEY, FOREIGN, JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution
 

@@ -31,7 +31,7 @@ from typing import Any
 import click
 import pytest
 
-from evomsgd.cli import cli
+from evomsgd.cli.main import cli
 from evomsgd.config import ENV_VARS
 from tests.conftest import API_KEY, ROOT, FakeProcess, daemon_env, free_port, wait_until
 from tests.test_systemd import notify_conversation

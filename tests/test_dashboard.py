@@ -14,8 +14,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from evomsgd import clock
+from evomsgd.ledger.store import LEDGER_FILE, Store
 from evomsgd.models import ErrorBody
-from evomsgd.store import LEDGER_FILE, Store
 from tests.conftest import MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
 

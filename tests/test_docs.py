@@ -7,7 +7,7 @@ import re
 import click
 
 from evomsgd.app import create_app
-from evomsgd.cli import cli
+from evomsgd.cli.main import cli
 from evomsgd.config import ENV_VARS, Settings
 from tests.conftest import ROOT
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from evomsgd.schema import MIGRATIONS
-from evomsgd.store import LEDGER_FILE, Store
+from evomsgd.ledger.schema import MIGRATIONS
+from evomsgd.ledger.store import LEDGER_FILE, Store
 from tests.conftest import API_KEY, FakeProcess, daemon_env, free_port
 from tests.test_cli import run
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evomsgd.evolution import (
+from evomsgd.evolution.client import (
     DETAIL_LIMIT,
     EvolutionClient,
     InstanceState,

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 
 from evomsgd import clock
-from evomsgd.api import SERVICE
-from evomsgd.delivery import decide
-from evomsgd.evolution import OutcomeKind, SendOutcome
+from evomsgd.engine.delivery import decide
+from evomsgd.evolution.client import OutcomeKind, SendOutcome
+from evomsgd.ledger.records import Message
 from evomsgd.models import Status
-from evomsgd.records import Message
+from evomsgd.web.api import SERVICE
 from tests.conftest import (
     API_KEY,
     FakeProcess,

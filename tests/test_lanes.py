@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from evomsgd.config import LaneSettings, load_settings
-from evomsgd.lanes import Health, Lane
+from evomsgd.engine.lanes import Health, Lane
 from tests.conftest import JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from evomsgd import __version__, clock
 from evomsgd.app import STORE
-from evomsgd.metrics import METRICS
+from evomsgd.web.metrics import METRICS
 from tests.conftest import JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
 

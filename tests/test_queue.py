@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from evomsgd import queue as queue_module
-from evomsgd.queue import TaskQueue
+from evomsgd.engine import workers as queue_module
+from evomsgd.engine.workers import TaskQueue
 
 
 def test_an_idle_worker_wakes_on_enqueue_not_on_a_poll(tmp_path: Path, monkeypatch: object) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from evomsgd import clock
-from evomsgd.records import Retention
-from evomsgd.store import LEDGER_FILE, Store
+from evomsgd.ledger.records import Retention
+from evomsgd.ledger.store import LEDGER_FILE, Store
 from tests.conftest import daemon_env, free_port, wait_until
 from tests.test_cli import run
 from tests.test_e2e import Daemon, request

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from evomsgd import guards, tokens
+from evomsgd.ledger import tokens
+from evomsgd.ledger.records import TokenRow
+from evomsgd.ledger.store import Store
 from evomsgd.models import ErrorBody
-from evomsgd.records import TokenRow
-from evomsgd.store import Store
+from evomsgd.web import guards
 from tests.conftest import FOREIGN, JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomsgd import clock
-from evomsgd.records import NewMessage
-from evomsgd.store import Store
+from evomsgd.ledger.records import NewMessage
+from evomsgd.ledger.store import Store
 
 
 def _new(n: int, key: str | None = None, request_hash: str | None = None) -> NewMessage:

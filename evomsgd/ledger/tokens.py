@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from evomsgd import clock
 from evomsgd.errors import TokenError
-from evomsgd.records import TokenRow
-from evomsgd.store import Store
+from evomsgd.ledger.records import TokenRow
+from evomsgd.ledger.store import Store
 
 PREFIX = "evm_"  # lets secret scanners (and people) recognise a leaked evomsgd token
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

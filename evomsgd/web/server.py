@@ -10,8 +10,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from evomsgd.api import error_body
 from evomsgd.config import Settings
+from evomsgd.web.api import error_body
 
 log = logging.getLogger("evomsgd.server")
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from evomsgd import api, clock
+from evomsgd import clock
 from evomsgd.errors import ApiError
+from evomsgd.web import api
 
 STATIC = Path(__file__).with_name("static")
 MAX_HOURS = 7 * 24

@@ -11,14 +11,14 @@ from typing import Any
 
 from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.dispatcher import Dispatcher, LaneEffect
+from evomsgd.engine.dispatcher import Dispatcher, LaneEffect
+from evomsgd.engine.lanes import Health
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution import OutcomeKind, Sender, SendOutcome
-from evomsgd.lanes import Health
+from evomsgd.evolution.client import OutcomeKind, Sender, SendOutcome
+from evomsgd.ledger.records import Message, Transition
+from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
 from evomsgd.models import FINAL, Status
-from evomsgd.records import Message, Transition
-from evomsgd.store import Store
 
 log = logging.getLogger("evomsgd.delivery")
 

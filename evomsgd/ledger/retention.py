@@ -9,8 +9,8 @@ import threading
 from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
-from evomsgd.records import PurgeReport, Retention
-from evomsgd.store import Store
+from evomsgd.ledger.records import PurgeReport, Retention
+from evomsgd.ledger.store import Store
 
 log = logging.getLogger("evomsgd.retention")
 

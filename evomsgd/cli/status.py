@@ -9,11 +9,11 @@ from typing import Any
 import click
 
 from evomsgd import __version__, clock
-from evomsgd.client import DaemonClient
+from evomsgd.cli.daemon_client import DaemonClient
 from evomsgd.config import Settings, resolve_data_dir
 from evomsgd.errors import ConfigError, DaemonUnreachable
+from evomsgd.ledger.store import LAST_ERROR_SQL, LEDGER_FILE, last_error_row
 from evomsgd.models import Status
-from evomsgd.store import LAST_ERROR_SQL, LEDGER_FILE, last_error_row
 
 
 def gather(settings: Settings, client: DaemonClient) -> dict[str, Any]:

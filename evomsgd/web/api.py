@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from evomsgd import __version__, clock
 from evomsgd.errors import ApiError, StoreUnavailable
-from evomsgd.guards import require_instance, scope, scoped, token_name
+from evomsgd.ledger.records import ListFilter
 from evomsgd.log import log_fields
 from evomsgd.models import (
     Accepted,
@@ -28,8 +28,8 @@ from evomsgd.models import (
     SendRequest,
     Status,
 )
-from evomsgd.records import ListFilter
 from evomsgd.service import Service
+from evomsgd.web.guards import require_instance, scope, scoped, token_name
 
 log = logging.getLogger("evomsgd.api")
 

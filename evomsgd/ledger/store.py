@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
-from evomsgd.models import FINAL, WAITING, Status
-from evomsgd.records import (
+from evomsgd.ledger.records import (
     Event,
     InsertResult,
     ListFilter,
@@ -27,7 +26,8 @@ from evomsgd.records import (
     TokenRow,
     Transition,
 )
-from evomsgd.schema import MIGRATIONS
+from evomsgd.ledger.schema import MIGRATIONS
+from evomsgd.models import FINAL, WAITING, Status
 
 log = logging.getLogger("evomsgd.store")
 

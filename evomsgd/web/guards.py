@@ -16,8 +16,8 @@ from aiohttp.typedefs import Middleware
 
 from evomsgd.config import Settings
 from evomsgd.errors import ApiError, ConfigError
-from evomsgd.records import TokenRow
-from evomsgd.tokens import TokenCache, match
+from evomsgd.ledger.records import TokenRow
+from evomsgd.ledger.tokens import TokenCache, match
 
 log = logging.getLogger("evomsgd.guards")
 

@@ -16,9 +16,9 @@ import click
 
 from evomsgd.config import Settings, load_settings, resolve_data_dir
 from evomsgd.errors import ConfigError
-from evomsgd.evolution import EvolutionClient, InstanceState, OutcomeKind, StateProbe
-from evomsgd.schema import MIGRATIONS
-from evomsgd.store import LEDGER_FILE
+from evomsgd.evolution.client import EvolutionClient, InstanceState, OutcomeKind, StateProbe
+from evomsgd.ledger.schema import MIGRATIONS
+from evomsgd.ledger.store import LEDGER_FILE
 
 Verdict = Literal["OK", "WARN", "FAIL", "SKIP"]
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from evomsgd import __version__
-from evomsgd.client import DaemonClient, Reply, error_text
+from evomsgd.cli.daemon_client import DaemonClient, Reply, error_text
 from evomsgd.config import Settings, load_settings, resolve_data_dir
 from evomsgd.errors import EvomsgdError
 
@@ -200,7 +200,7 @@ def status(
 
         evomsgd status --color | less -R
     """
-    from evomsgd.status import gather, render
+    from evomsgd.cli.status import gather, render
 
     settings = _settings(**flags)
     report = gather(settings, _client(url, token, settings))
@@ -231,7 +231,7 @@ def doctor(full: bool, as_json: bool, color: bool | None, **flags: Any) -> None:
 
         evomsgd doctor
     """
-    from evomsgd.doctor import diagnose, render
+    from evomsgd.cli.doctor import diagnose, render
 
     checks = diagnose(flags, full=full)
     if as_json:
@@ -281,9 +281,10 @@ def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
     import dataclasses
     import time
 
-    from evomsgd import clock, retention
+    from evomsgd import clock
     from evomsgd.errors import DataDirError
-    from evomsgd.store import LEDGER_FILE, Store
+    from evomsgd.ledger import retention
+    from evomsgd.ledger.store import LEDGER_FILE, Store
 
     settings = _settings(**flags)
     data_dir = resolve_data_dir(settings)
@@ -370,7 +371,7 @@ def tasks_show(
 
         evomsgd tasks show 0b6f1c9e-7c1a-4c55-9d49-8f1b7a0f2d11
     """
-    from evomsgd.status import render_task
+    from evomsgd.cli.status import render_task
 
     settings = _settings(**flags)
     data = _expect(_client(url, token, settings).request("GET", f"/tasks/{task_id}"), 200)
@@ -407,7 +408,7 @@ def tasks_list(
     """
     from urllib.parse import urlencode
 
-    from evomsgd.status import render_list
+    from evomsgd.cli.status import render_list
 
     query: list[tuple[str, str]] = [("status", s) for s in statuses]
     query += [(k, v) for k, v in (("instance", instance), ("phone", phone), ("since", since)) if v]
@@ -555,8 +556,8 @@ def token_create(name: str, instances: tuple[str, ...], **flags: Any) -> None:
 
         evomsgd token create shop-backend --instance shop
     """
-    from evomsgd import tokens
     from evomsgd.daemon import open_ledger
+    from evomsgd.ledger import tokens
 
     store = open_ledger(resolve_data_dir(_settings(**flags)))
     try:
@@ -614,8 +615,8 @@ def token_revoke(name: str, **flags: Any) -> None:
 
         evomsgd token revoke shop-backend
     """
-    from evomsgd import tokens
     from evomsgd.daemon import open_ledger
+    from evomsgd.ledger import tokens
 
     store = open_ledger(resolve_data_dir(_settings(**flags)))
     try:

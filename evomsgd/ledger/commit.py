@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from evomsgd.errors import StoreUnavailable
-from evomsgd.records import InsertResult, NewMessage
-from evomsgd.store import Store
+from evomsgd.ledger.records import InsertResult, NewMessage
+from evomsgd.ledger.store import Store
 
 log = logging.getLogger("evomsgd.commit")
 

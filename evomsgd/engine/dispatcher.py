@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from evomsgd import clock
 from evomsgd.config import Settings
+from evomsgd.engine.lanes import Health, Lane
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution import InstanceState, OutcomeKind, StateProbe
-from evomsgd.lanes import Health, Lane
+from evomsgd.evolution.client import InstanceState, OutcomeKind, StateProbe
+from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
-from evomsgd.store import Store
 
 log = logging.getLogger("evomsgd.dispatcher")
 

@@ -17,8 +17,10 @@ from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.delivery import Delivery
 from evomsgd.engine.dispatcher import Dispatcher
+from evomsgd.engine.senders import build_sender
 from evomsgd.engine.workers import TaskQueue
-from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender, StateProbe
+from evomsgd.evolution.client import Sender
+from evomsgd.evolution.outcomes import StateProbe
 from evomsgd.ledger import retention
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import InsertResult, NewMessage
@@ -78,19 +80,11 @@ def create_app(
 
     async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
         async with aiohttp.ClientSession() as session:
-            if sender_factory is not None:
-                app[SENDER] = sender_factory(session)
-            elif settings.sandbox:
-                app[SENDER] = SandboxClient()
-            else:
-                assert settings.evolution_url and settings.evolution_key
-                app[SENDER] = EvolutionClient(
-                    session,
-                    settings.evolution_url,
-                    settings.evolution_key.get_secret_value(),
-                    timeout=settings.evolution_timeout,
-                    api_version=settings.evolution_api_version,
-                )
+            app[SENDER] = (
+                sender_factory(session)
+                if sender_factory is not None
+                else build_sender(settings, session)
+            )
             yield
 
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:

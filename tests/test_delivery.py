@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from evomsgd.evolution.client import OutcomeKind
+from evomsgd.evolution.outcomes import OutcomeKind
 from tests.conftest import MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
 

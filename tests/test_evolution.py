@@ -15,13 +15,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evomsgd.evolution.client import (
+from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender
+from evomsgd.evolution.outcomes import (
     DETAIL_LIMIT,
-    EvolutionClient,
     InstanceState,
     OutcomeKind,
-    SandboxClient,
-    Sender,
     SendOutcome,
     ServerInfo,
     classify_exception,

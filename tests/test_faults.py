@@ -17,7 +17,7 @@ import pytest
 
 from evomsgd import clock
 from evomsgd.engine.delivery import decide
-from evomsgd.evolution.client import OutcomeKind, SendOutcome
+from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.records import Message
 from evomsgd.models import Status
 from evomsgd.web.api import SERVICE

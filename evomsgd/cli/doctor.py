@@ -15,8 +15,9 @@ import aiohttp
 import click
 
 from evomsgd.config import Settings, load_settings, resolve_data_dir
+from evomsgd.engine.senders import build_sender
 from evomsgd.errors import ConfigError
-from evomsgd.evolution.client import EvolutionClient, InstanceState, OutcomeKind, StateProbe
+from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
 from evomsgd.ledger.schema import MIGRATIONS
 from evomsgd.ledger.store import LEDGER_FILE
 
@@ -172,13 +173,7 @@ async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
         return [Check("SKIP", name, why) for name in ("evolution", "api key", "instances")]
     checks: list[Check] = []
     async with aiohttp.ClientSession() as session:
-        client = EvolutionClient(
-            session,
-            settings.evolution_url,
-            settings.evolution_key.get_secret_value(),
-            timeout=settings.evolution_timeout,
-            api_version=settings.evolution_api_version,
-        )
+        client = build_sender(settings, session)
         info = await client.server_info()
         if not info.reachable:
             checks.append(

@@ -14,7 +14,8 @@ from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher, LaneEffect
 from evomsgd.engine.lanes import Health
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution.client import OutcomeKind, Sender, SendOutcome
+from evomsgd.evolution.client import Sender
+from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields

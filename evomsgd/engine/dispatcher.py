@@ -19,7 +19,7 @@ from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.lanes import Health, Lane
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution.client import InstanceState, OutcomeKind, StateProbe
+from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
 

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from evomsgd import __version__, clock
 from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution.client import OutcomeKind, SendOutcome
+from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
 from evomsgd.models import WAITING, Status

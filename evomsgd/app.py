@@ -27,7 +27,7 @@ from evomsgd.ledger.records import InsertResult, NewMessage
 from evomsgd.ledger.store import Store
 from evomsgd.ledger.tokens import TokenCache
 from evomsgd.service import Service, created_per_instance
-from evomsgd.web import api, dashboard, guards, metrics, openapi
+from evomsgd.web import api, dashboard, errors, guards, metrics, openapi
 
 log = logging.getLogger("evomsgd.app")
 
@@ -51,7 +51,7 @@ def create_app(
     # errors_middleware is outermost so every refusal of the guards has the one error shape.
     app = web.Application(
         middlewares=[
-            api.errors_middleware,
+            errors.errors_middleware,
             guards.browser_middleware(settings),
             guards.auth_middleware(settings),
         ],
@@ -106,7 +106,15 @@ def create_app(
         meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
         app[metrics.METRICS] = meter
         queue.register(
-            Delivery(store, dispatcher, sender, loop, settings, on_outcome=meter.on_outcome).run
+            Delivery(
+                store,
+                sender,
+                loop,
+                settings,
+                report=dispatcher.finished,
+                draining=lambda: dispatcher.draining,
+                on_outcome=meter.on_outcome,
+            ).run
         )
 
         def committed(news: Sequence[NewMessage], results: Sequence[InsertResult]) -> None:

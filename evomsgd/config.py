@@ -168,6 +168,14 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds between connection-state probes of an instance with waiting messages.",
     )
+    unknown_instance_grace: float = _env(
+        "EVOMSGD_UNKNOWN_INSTANCE_GRACE",
+        default=900.0,
+        ge=0,
+        description="Seconds an instance that sent before may be missing in Evolution (deleted, "
+        "perhaps to be re-created and paired again) before its waiting messages fail; a name "
+        "that never sent fails at once.",
+    )
     rate_limit_pause: float = _env(
         "EVOMSGD_RATE_LIMIT_PAUSE",
         default=60.0,

@@ -180,7 +180,7 @@ async def _serve(settings: Settings, data_dir: Path) -> int:
         )
         systemd.ready(f"listening on {site.name}")
         await stop.wait()
-        app[SERVICE].dispatcher.drain()
+        app[SERVICE].drain()
     finally:
         await runner.cleanup()
         if watchdog is not None:

@@ -27,12 +27,75 @@ class TokenError(EvomsgdError):
     """A token command cannot do what it was asked (bad or taken name, unknown token)."""
 
 
-class StoreUnavailable(EvomsgdError):
+class DomainError(EvomsgdError):
+    """Something the daemon was asked that it cannot do; each edge maps the kind to its own terms.
+
+    `code` is stable and machine-readable; `retry_after` (seconds) is set when trying again later
+    can succeed.
+    """
+
+    code = "error"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+
+class NotFound(DomainError):
+    """No such task (or other named thing)."""
+
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    """The thing exists but is in a state that forbids the request (too late to cancel, ...)."""
+
+    code = "conflict"
+
+
+class InvalidInput(DomainError):
+    """The request's values break a rule; `details` names each field and what is wrong with it."""
+
+    code = "validation_error"
+
+    def __init__(self, details: list[dict[str, Any]], message: str | None = None) -> None:
+        super().__init__(message or summary(details))
+        self.details = details
+
+
+class Backpressure(DomainError):
+    """Accepting now would queue more than an instance can send in time; retry after a while."""
+
+    code = "queue_full"
+
+
+class ShuttingDown(DomainError):
+    """The daemon is draining and accepts nothing new."""
+
+    code = "shutting_down"
+
+
+class StoreUnavailable(DomainError):
     """The ledger cannot be written right now (locked, disk full, read-only); try again."""
+
+    code = "store_unavailable"
+
+
+def summary(details: list[dict[str, Any]]) -> str:
+    """The one "field: message; field: message" summary of validation problems."""
+    return "; ".join(
+        f"{d['field']}: {d['message']}" if d.get("field") else str(d["message"]) for d in details
+    )
 
 
 class ApiError(EvomsgdError):
-    """An error with an HTTP status and one JSON body shape (see `api.error_body`)."""
+    """An HTTP-level refusal with its status and the one JSON body shape (`web.errors`); raised
+    only by the web room, for what is not a domain error (bad JSON, auth, browser guards)."""
 
     def __init__(
         self,

@@ -154,19 +154,32 @@ class Root(BaseModel):
     sandbox: bool
 
 
-class Lane(BaseModel):
+class LaneView(BaseModel):
     """One instance's lane, as /instances and /health show it."""
 
     instance: str
-    state: str = Field(description="idle, sending, pacing, paused, held, ...")
-    health: str = Field(description="Connection state seen by the probe: open, close, down, ...")
+    state: str = Field(
+        description="sending, idle, paused (by an operator), held (rate limit), or the blocking "
+        "health: close, down, config_error, unknown_instance."
+    )
+    health: str = Field(
+        description="What evomsgd believes of the instance: unknown (not probed yet), open, "
+        "close, down, config_error, unknown_instance."
+    )
     waiting: int
     in_flight: int
     next_send_at: str | None
     held_until: str | None
     paused_reason: str | None
-    last_error: str | None
+    problem: str | None = Field(
+        description="What stops the lane now; null while nothing does (last_error is history)."
+    )
+    last_error: str | None = Field(description="The latest error seen on the lane, however old.")
     last_error_at: str | None
+    recovered_at: str | None = Field(
+        description="When the lane sent (or probed open) again after last_error; null while "
+        "the error lasts or if it never recovered."
+    )
     send_interval: float
     send_jitter: float
 
@@ -174,7 +187,7 @@ class Lane(BaseModel):
 class Lanes(BaseModel):
     """GET /instances."""
 
-    instances: list[Lane]
+    instances: list[LaneView]
 
 
 class PauseRequest(BaseModel):
@@ -206,7 +219,7 @@ class HealthView(BaseModel):
     workers_configured: int
     counts: dict[str, int] = Field(description="Messages by status.")
     oldest_waiting_seconds: float | None
-    instances: list[Lane] = Field(
+    instances: list[LaneView] = Field(
         description="Each instance lane: state, waiting, next send, last error."
     )
     last_error: dict[str, Any] | None = Field(

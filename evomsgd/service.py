@@ -15,21 +15,39 @@ from typing import Any
 from evomsgd import __version__, clock, ids
 from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher
-from evomsgd.errors import ApiError, StoreUnavailable
-from evomsgd.ledger.commit import GroupCommitter
-from evomsgd.ledger.records import InsertResult, ListFilter, Message, NewMessage
-from evomsgd.ledger.store import Store
-from evomsgd.models import (
-    FINAL,
-    WAITING,
-    Attempt,
-    HealthView,
-    SendRequest,
-    Status,
-    TaskList,
-    TaskView,
+from evomsgd.engine.jobs import Finished, Job
+from evomsgd.engine.lanes import BLOCKING
+from evomsgd.errors import (
+    Backpressure,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    ShuttingDown,
+    StoreUnavailable,
 )
+from evomsgd.ledger.commit import GroupCommitter
+from evomsgd.ledger.records import Event, InsertResult, ListFilter, Message, NewMessage
+from evomsgd.ledger.store import Store
+from evomsgd.models import HealthView, LaneView, SendRequest
 from evomsgd.phone import PhoneError, normalize
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One message as the service knows it: its row, its history (None in lists), and why its
+    instance is not sending right now (paused, down, ...), which the row alone cannot tell."""
+
+    message: Message
+    history: list[Event] | None
+    waiting_because: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """A page of messages, newest first; `next_before` is the cursor of the next page."""
+
+    tasks: list[TaskRecord]
+    next_before: str | None
 
 
 @dataclass
@@ -95,7 +113,7 @@ class Service:
                 }
             )
         if problems:
-            raise ApiError(422, "validation_error", _summary(problems), details=problems)
+            raise InvalidInput(problems)
         assert recipient is not None and instance is not None
         request_hash = None
         if idempotency_key is not None:
@@ -129,22 +147,12 @@ class Service:
     async def accept(self, new: NewMessage) -> InsertResult:
         """Write one message durably (group commit); the caller answers 202 after this returns."""
         if self.dispatcher.draining:
-            raise ApiError(
-                503,
-                "shutting_down",
-                "evomsgd is shutting down - retry in a few seconds",
-                headers={"Retry-After": "5"},
-            )
+            raise ShuttingDown("evomsgd is shutting down - retry in a few seconds", retry_after=5)
         self._check_backlog(new)
         try:
             return await self.committer.submit(new)
         except StoreUnavailable as exc:
-            raise ApiError(
-                503,
-                "store_unavailable",
-                f"message not accepted: {exc} - retry later",
-                headers={"Retry-After": "5"},
-            ) from exc
+            raise StoreUnavailable(f"message not accepted: {exc}", retry_after=5) from exc
 
     def _check_backlog(self, new: NewMessage) -> None:
         """429 rather than accept a message the instance cannot send in time (or at all)."""
@@ -152,91 +160,87 @@ class Service:
         cap = self.settings.max_waiting_for(new.instance)
         if waiting >= cap:
             retry_after = max(1, math.ceil((waiting - cap + 1) * max(pace, 0.1)))
-            raise ApiError(
-                429,
-                "queue_full",
+            raise Backpressure(
                 f"instance {new.instance!r} already has {waiting} waiting messages (limit {cap}, "
                 "EVOMSGD_MAX_WAITING) - retry later",
-                headers={"Retry-After": str(retry_after)},
+                code="queue_full",
+                retry_after=retry_after,
             )
         estimated = waiting * pace
         start = max(new.created_at, new.send_at or new.created_at)
         if pace and start + estimated > new.expires_at:
             retry_after = max(1, math.ceil(start + estimated - new.expires_at))
-            raise ApiError(
-                429,
-                "queue_too_slow",
+            raise Backpressure(
                 f"instance {new.instance!r} has {waiting} waiting messages, about {estimated:.0f}s of "
                 f"sending at its pace; this message would expire first - retry later or give it a "
                 "longer expires_in",
-                headers={"Retry-After": str(retry_after)},
+                code="queue_too_slow",
+                retry_after=retry_after,
             )
 
     # -- reading --------------------------------------------------------------------------
 
-    async def task(self, message_id: str) -> TaskView:
-        """One message with its history; 404 when unknown."""
+    async def task(self, message_id: str) -> TaskRecord:
+        """One message with its history; NotFound when unknown."""
         return await asyncio.to_thread(self._task_sync, message_id)
 
-    def _task_sync(self, message_id: str) -> TaskView:
+    def _task_sync(self, message_id: str) -> TaskRecord:
         msg = self.store.get(message_id)
         if msg is None:
-            raise ApiError(
-                404,
-                "not_found",
-                f"no task with id {message_id!r} - check the task_id returned by POST /messages",
+            raise NotFound(
+                f"no task with id {message_id!r} - check the task_id returned by POST /messages"
             )
         return self._view(msg, self.store.history(message_id))
 
-    def _view(self, msg: Message, history: list[Any] | None) -> TaskView:
-        return task_view(msg, history, self.dispatcher.waiting_because(msg.instance))
+    def _view(self, msg: Message, history: list[Event] | None) -> TaskRecord:
+        return TaskRecord(msg, history, self.dispatcher.waiting_because(msg.instance))
 
-    async def tasks(self, flt: ListFilter) -> TaskList:
+    async def tasks(self, flt: ListFilter) -> TaskPage:
         """A page of messages, newest first."""
 
-        def run() -> TaskList:
+        def run() -> TaskPage:
             rows = self.store.list_messages(flt)
-            views = [self._view(msg, None) for msg in rows]
             more = len(rows) == flt.limit
-            return TaskList(tasks=views, next_before=str(rows[-1].seq) if more and rows else None)
+            return TaskPage(
+                [self._view(msg, None) for msg in rows],
+                str(rows[-1].seq) if more and rows else None,
+            )
 
         return await asyncio.to_thread(run)
 
     # -- operators ------------------------------------------------------------------------
 
-    async def cancel(self, message_id: str) -> TaskView:
+    async def cancel(self, message_id: str) -> TaskRecord:
         """Cancel an unsent message; 409 once it is being sent or is final."""
 
-        def run() -> TaskView:
+        def run() -> TaskRecord:
             changed, msg = self.store.cancel(message_id, clock.now())
             if msg is None:
-                raise ApiError(404, "not_found", f"no task with id {message_id!r}")
+                raise NotFound(f"no task with id {message_id!r}")
             if not changed:
-                raise ApiError(
-                    409,
-                    "too_late",
+                raise Conflict(
                     f"task {message_id} is {msg.status.value}; only a message that waits "
                     "(PENDING, SCHEDULED, RETRY) can be canceled",
+                    code="too_late",
                 )
-            self.dispatcher.finished(msg.instance, msg.id, True, None)
+            self.dispatcher.finished(Finished(Job(msg.id, msg.instance), final=True))
             return self._view(msg, self.store.history(message_id))
 
         return await asyncio.to_thread(run)
 
-    async def retry(self, message_id: str) -> TaskView:
+    async def retry(self, message_id: str) -> TaskRecord:
         """Queue a FAILURE/EXPIRED/CANCELED message again, keeping its history."""
 
-        def run() -> TaskView:
+        def run() -> TaskRecord:
             now = clock.now()
             changed, msg = self.store.requeue(message_id, now, now + self.settings.default_expiry)
             if msg is None:
-                raise ApiError(404, "not_found", f"no task with id {message_id!r}")
+                raise NotFound(f"no task with id {message_id!r}")
             if not changed:
-                raise ApiError(
-                    409,
-                    "not_retryable",
+                raise Conflict(
                     f"task {message_id} is {msg.status.value}; only FAILURE, EXPIRED "
                     "or CANCELED messages whose text was not erased can be retried",
+                    code="not_retryable",
                 )
             self.dispatcher.accepted({msg.instance: 1})
             return self._view(msg, self.store.history(message_id))
@@ -247,6 +251,21 @@ class Service:
         """Pause or resume one instance's sending; survives restarts."""
         await asyncio.to_thread(self.store.set_paused, instance, paused, reason, clock.now())
         self.dispatcher.set_operator_pause(instance, paused, reason)
+
+    def lanes(self, only: frozenset[str] | None = None) -> list[LaneView]:
+        """Each instance's lane (only those in `only`, a scoped token's instances, when given)."""
+        return [
+            lane for lane in self.dispatcher.lanes_view() if only is None or lane.instance in only
+        ]
+
+    @property
+    def draining(self) -> bool:
+        """True once the daemon stopped accepting (SIGTERM)."""
+        return self.dispatcher.draining
+
+    def drain(self) -> None:
+        """Stop accepting and dispatching; in-flight sends finish."""
+        self.dispatcher.drain()
 
     # -- health ---------------------------------------------------------------------------
 
@@ -277,17 +296,13 @@ class Service:
             problems.append(
                 f"{self.settings.workers - alive} of {self.settings.workers} worker threads are dead"
             )
-        lanes = [
-            lane
-            for lane in self.dispatcher.lanes_view()
-            if only is None or lane["instance"] in only
-        ]
+        lanes = self.lanes(only)
         if last_error is not None and only is not None and last_error["instance"] not in only:
             last_error = None
         degraded = [
-            f"instance {lane['instance']} is {lane['state']}: {lane['last_error']}"
+            f"instance {lane.instance} is {lane.state}: {lane.problem}"
             for lane in lanes
-            if lane["state"] in ("close", "down", "config_error")
+            if lane.state in BLOCKING
         ]
         status = (
             "down"
@@ -324,88 +339,3 @@ def created_per_instance(
         if result.outcome == "created":
             counts[new.instance] = counts.get(new.instance, 0) + 1
     return counts
-
-
-def task_view(
-    msg: Message, history: list[Any] | None, waiting_because: str | None = None
-) -> TaskView:
-    """The API's view of a ledger row (history omitted in lists); `waiting_because` says why its
-    instance is not sending (paused, down, rejected key), which a message that never reached
-    Evolution cannot know from its own row."""
-    return TaskView(
-        task_id=msg.id,
-        status=msg.status,
-        result=_result(msg, waiting_because),
-        instance=msg.instance,
-        phone=msg.phone,
-        phone_input=msg.phone_input,
-        priority="high" if msg.priority else "normal",
-        attempts=msg.attempts,
-        created_at=clock.db_to_rfc3339(msg.created_at) or "",
-        send_at=clock.db_to_rfc3339(msg.send_at),
-        next_attempt_at=clock.db_to_rfc3339(msg.next_attempt_at),
-        expires_at=clock.db_to_rfc3339(msg.expires_at) or "",
-        finished_at=clock.db_to_rfc3339(msg.finished_at),
-        last_error=msg.last_error,
-        sandbox=msg.sandbox,
-        history=[
-            Attempt(
-                at=clock.db_to_rfc3339(ev.at) or "",
-                event=ev.event,
-                attempt=ev.attempt,
-                outcome=ev.outcome,
-                http_status=ev.http_status,
-                detail=ev.detail,
-            )
-            for ev in history or []
-        ],
-    )
-
-
-def _result(msg: Message, waiting_because: str | None = None) -> dict[str, Any] | None:
-    common: dict[str, Any] = {
-        "phone": msg.phone,
-        "instance": msg.instance,
-        "attempts": msg.attempts,
-    }
-    if msg.recovered:
-        common["recovered_after_crash"] = msg.recovered
-    if msg.ambiguous:
-        common["possibly_duplicated"] = True
-    if msg.status == Status.SUCCESS:
-        result = {
-            "success": True,
-            **common,
-            "evolution_key": msg.evolution_key,
-            "remote_jid": msg.remote_jid,
-            "sent_at": clock.db_to_rfc3339(msg.finished_at),
-        }
-        if msg.sandbox:
-            result["sandbox"] = True
-        if msg.error_kind == "sent_unconfirmed":
-            result["unconfirmed"] = True
-            result["note"] = msg.last_error
-        return result
-    if msg.status in FINAL:
-        return {
-            "success": False,
-            **common,
-            "error": msg.last_error or msg.status.value.lower(),
-            "error_kind": msg.error_kind,
-        }
-    if msg.status in WAITING and (msg.last_error or waiting_because):
-        result = {
-            "success": False,
-            **common,
-            "error": msg.last_error or waiting_because,
-            "error_kind": msg.error_kind,
-            "next_attempt_at": clock.db_to_rfc3339(msg.next_attempt_at),
-        }
-        if waiting_because:
-            result["waiting_because"] = waiting_because
-        return result
-    return None
-
-
-def _summary(problems: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{p['field']}: {p['message']}" for p in problems)

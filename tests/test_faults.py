@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from evomsgd import clock
-from evomsgd.engine.delivery import decide
+from evomsgd.engine.rules import decide
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.records import Message
 from evomsgd.models import Status

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from evomsgd.engine import workers as queue_module
+from evomsgd.engine.jobs import Job
 from evomsgd.engine.workers import TaskQueue
 
 
@@ -16,7 +17,7 @@ def test_an_idle_worker_wakes_on_enqueue_not_on_a_poll(tmp_path: Path, monkeypat
     monkeypatch.setattr(queue_module, "_IDLE_WAIT", 60.0)  # type: ignore[attr-defined]
     ran = threading.Event()
     tq = TaskQueue(tmp_path, workers=1)
-    tq.register(lambda message_id, instance: ran.set())
+    tq.register(lambda job: ran.set())
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     tq.start()
     try:
@@ -27,7 +28,7 @@ def test_an_idle_worker_wakes_on_enqueue_not_on_a_poll(tmp_path: Path, monkeypat
                 if tq.storage._cond._waiters:  # type: ignore[attr-defined]
                     break
             time.sleep(0.001)
-        tq.submit("m1", "shop")
+        tq.submit(Job("m1", "shop"))
         assert ran.wait(5), "the worker did not wake up on enqueue"
         assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # aiohttp keeps signals
     finally:
@@ -37,8 +38,8 @@ def test_an_idle_worker_wakes_on_enqueue_not_on_a_poll(tmp_path: Path, monkeypat
 
 def test_the_queue_file_is_rebuilt_at_every_start(tmp_path: Path) -> None:
     first = TaskQueue(tmp_path, workers=1)
-    first.register(lambda message_id, instance: None)
-    first.submit("stale", "shop")  # never consumed: no consumer started
+    first.register(lambda job: None)
+    first.submit(Job("stale", "shop"))  # never consumed: no consumer started
     assert first.huey.pending_count() == 1
     first.huey.storage.close()
     second = TaskQueue(tmp_path, workers=1)

@@ -7,12 +7,11 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any
 
 from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.engine.dispatcher import Dispatcher, LaneEffect
-from evomsgd.engine.lanes import Health
+from evomsgd.engine.jobs import Finished, Job, LaneEffect
+from evomsgd.engine.rules import decide
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import Sender
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
@@ -27,79 +26,24 @@ log = logging.getLogger("evomsgd.delivery")
 LEASE_MARGIN = 30.0
 
 
-def decide(
-    msg: Message, outcome: SendOutcome, now: float, settings: Settings, rng: random.Random
-) -> tuple[Transition, LaneEffect | None]:
-    """The retry policy: what a send outcome does to the message and to its instance's lane."""
-    kind = outcome.kind
-    detail = outcome.reason
-    if outcome.detail and outcome.detail not in detail:
-        detail = f"{detail} (Evolution said: {outcome.detail})"
-
-    def to(status: Status, text: str | None = detail, **changes: Any) -> Transition:
-        return Transition(
-            status, kind.value, text, outcome.http_status, error_kind=kind.value, **changes
-        )
-
-    if kind == OutcomeKind.SENT:
-        sent = Transition(
-            Status.SUCCESS,
-            kind.value,
-            None,
-            outcome.http_status,
-            evolution_key=outcome.key_id,
-            remote_jid=outcome.remote_jid,
-        )
-        return sent, LaneEffect(health=Health.OPEN)
-    if kind == OutcomeKind.SENT_UNCONFIRMED:
-        return to(Status.SUCCESS), None  # WhatsApp has it: resending would duplicate it
-    if kind in (OutcomeKind.PERMANENT, OutcomeKind.UNKNOWN_INSTANCE):
-        return to(Status.FAILURE), None
-    if kind == OutcomeKind.RATE_LIMITED:
-        hold = settings.rate_limit_pause
-        return to(Status.RETRY, next_attempt_at=now + hold), LaneEffect(
-            hold_for=hold, reason=detail
-        )
-    if kind in (OutcomeKind.UPSTREAM_DOWN, OutcomeKind.CONFIG_ERROR):
-        # Not the message's fault: it waits, without spending retries, until the lane resumes.
-        health = Health.DOWN if kind == OutcomeKind.UPSTREAM_DOWN else Health.CONFIG_ERROR
-        return to(Status.RETRY, next_attempt_at=now), LaneEffect(health=health, reason=detail)
-    if kind == OutcomeKind.AMBIGUOUS:
-        earlier = msg.ambiguous - msg.recovered  # a resend owed after a crash does not count
-        if earlier < settings.ambiguous_retries:
-            text = f"{detail} - it may have been delivered; one more try in {settings.ambiguous_delay:g}s"
-            return to(
-                Status.RETRY, text, next_attempt_at=now + settings.ambiguous_delay, ambiguous=True
-            ), None
-        text = f"{detail} - it may have been delivered; not sent again to avoid a duplicate"
-        return to(Status.FAILURE, text, ambiguous=True), None
-    # TRANSIENT: spend the retry budget.
-    if msg.retries_used < settings.max_retries:
-        delay = settings.retry_delay * settings.retry_backoff**msg.retries_used
-        if settings.retry_jitter:
-            delay += rng.uniform(0.0, settings.retry_jitter)
-        return to(Status.RETRY, next_attempt_at=now + delay, spend_retry=True), None
-    return to(
-        Status.FAILURE, f"gave up after {msg.attempts} attempts: {detail}", spend_retry=True
-    ), None
-
-
 class Delivery:
     """Runs inside Huey worker threads; talks to Evolution through the event loop's client."""
 
     def __init__(
         self,
         store: Store,
-        dispatcher: Dispatcher,
         sender: Sender,
         loop: asyncio.AbstractEventLoop,
         settings: Settings,
         *,
+        report: Callable[[Finished], None],
+        draining: Callable[[], bool] = lambda: False,
         time_source: Callable[[], float] = clock.now,
         on_outcome: Callable[[Message, SendOutcome, Transition], None] | None = None,
     ) -> None:
         self.store = store
-        self.dispatcher = dispatcher
+        self._report = report
+        self._draining = draining
         self.sender = sender
         self.loop = loop
         self.settings = settings
@@ -107,23 +51,24 @@ class Delivery:
         self._rng = random.Random()
         self._on_outcome = on_outcome
 
-    def run(self, message_id: str, instance: str) -> None:
-        """Deliver one message; always tells the dispatcher when done, whatever happens."""
+    def run(self, job: Job) -> None:
+        """Deliver one message; always reports back when done, whatever happens."""
         final, effect = False, None
         try:
-            final, effect = self._attempt(message_id, instance)
+            final, effect = self._attempt(job)
         except Exception:
             log.exception(
                 "task %s instance %s: delivery crashed; the lease sweeper will retry it",
-                message_id,
-                instance,
-                extra=log_fields(message_id, instance),
+                job.message_id,
+                job.instance,
+                extra=log_fields(job.message_id, job.instance),
             )
         finally:
-            self.dispatcher.finished(instance, message_id, final, effect)
+            self._report(Finished(job, final, effect))
 
-    def _attempt(self, message_id: str, instance: str) -> tuple[bool, LaneEffect | None]:
-        if self.dispatcher.draining:
+    def _attempt(self, job: Job) -> tuple[bool, LaneEffect | None]:
+        message_id, instance = job.message_id, job.instance
+        if self._draining():
             return False, None
         started = self._time()
         try:
@@ -151,7 +96,7 @@ class Delivery:
         )
         outcome = self._send(msg)
         now = self._time()
-        transition, effect = decide(msg, outcome, now, self.settings, self._rng)
+        transition, effect = decide(msg, outcome, now, self.settings, self._rng, job)
         try:
             self._record(msg, started, now, transition)
         except StoreUnavailable as exc:
@@ -168,10 +113,19 @@ class Delivery:
                 extra=log_fields(msg.id, msg.instance),
             )
             return False, None
+        if outcome.kind == OutcomeKind.SENT and not job.instance_known and not msg.sandbox:
+            self._first_send(msg, now)
         if self._on_outcome is not None:
             self._on_outcome(msg, outcome, transition)
         _log_outcome(msg, outcome, transition)
         return transition.status in FINAL, effect
+
+    def _first_send(self, msg: Message, now: float) -> None:
+        """Record that the instance has sent, so a later "no such instance" waits out a grace."""
+        try:
+            self.store.mark_sent_once(msg.instance, now)
+        except StoreUnavailable as exc:  # known again at its next success; nothing is lost
+            log.warning("instance %s: cannot record its first send (%s)", msg.instance, exc)
 
     def _send(self, msg: Message) -> SendOutcome:
         assert msg.text is not None

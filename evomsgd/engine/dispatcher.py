@@ -13,32 +13,25 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from evomsgd import clock
 from evomsgd.config import Settings
+from evomsgd.engine.jobs import Finished, Job, LaneEffect
 from evomsgd.engine.lanes import Health, Lane
+from evomsgd.engine.rules import probe_effect
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
+from evomsgd.evolution.outcomes import StateProbe
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
+from evomsgd.models import LaneView
 
 log = logging.getLogger("evomsgd.dispatcher")
 
-Submit = Callable[[str, str], None]
+Submit = Callable[[Job], None]
 Probe = Callable[[str], "concurrent.futures.Future[StateProbe]"]
 
 HOUSEKEEPING_EVERY = 1.0
 _MAX_WAIT = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class LaneEffect:
-    """What one send outcome means for its lane."""
-
-    health: Health | None = None  # new health, None to keep
-    hold_for: float = 0.0  # seconds of rest (rate limit)
-    reason: str | None = None
 
 
 class Dispatcher:
@@ -81,9 +74,11 @@ class Dispatcher:
         now = self._time()
         waiting = self.store.waiting_by_instance()
         paused = self.store.paused_lanes()
+        known = self.store.known_instances()
         with self._cond:
             for instance in set(waiting) | set(paused) | set(self.settings.instances):
                 lane = self._lane(instance)
+                lane.known = instance in known
                 lane.waiting = waiting.get(instance, (0, None))[0]
                 lane.operator_paused = instance in paused
                 lane.operator_reason = paused.get(instance)
@@ -138,19 +133,17 @@ class Dispatcher:
                 lane.idle = False
             self._notify()
 
-    def finished(
-        self, instance: str, message_id: str, final: bool, effect: LaneEffect | None
-    ) -> None:
-        """A worker is done with a message (sent, failed, rescheduled, or not claimed)."""
+    def finished(self, report: Finished) -> None:
+        """A worker is done with a job (sent, failed, rescheduled, or not claimed)."""
         now = self._time()
         with self._cond:
-            lane = self._lane(instance)
-            lane.in_flight.discard(message_id)
-            if final:
+            lane = self._lane(report.job.instance)
+            lane.in_flight.discard(report.job.message_id)
+            if report.final:
                 lane.waiting = max(0, lane.waiting - 1)
             lane.idle = False
-            if effect is not None:
-                self._apply(lane, effect, now)
+            if report.effect is not None:
+                self._apply(lane, report.effect, now)
             self._notify()
 
     def set_operator_pause(self, instance: str, paused: bool, reason: str | None) -> None:
@@ -174,26 +167,41 @@ class Dispatcher:
                 effect.reason,
                 extra=log_fields(instance=lane.instance),
             )
-        if effect.health is None or effect.health == lane.health:
+        health = effect.health
+        if health == Health.OPEN:
+            lane.known = lane.known or not effect.from_probe
+            if lane.last_error_at is not None and (lane.recovered_at or 0.0) < lane.last_error_at:
+                lane.recovered_at = now
+        if health is None or health == lane.health:
             return
-        if effect.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+        if lane.blocking and health != Health.OPEN and not effect.from_probe:
+            # The lane is already paused and probing: the probe, which asks Evolution for the
+            # instance's state, says which kind of pause it is. A failed send changing it would
+            # make the log flap between two words for one problem.
+            return
+        was_blocking = lane.blocking
+        lane.health = health
+        if health == Health.UNKNOWN_INSTANCE:
+            lane.missing_since = now
+        else:
+            lane.missing_since = None
+        if lane.blocking:
             lane.probe_backoff = min(1.0, self.settings.probe_interval)
             lane.next_probe_at = now + lane.probe_backoff
             log.warning(
                 "instance %s paused (%s): %s",
                 lane.instance,
-                effect.health,
+                health,
                 effect.reason,
                 extra=log_fields(instance=lane.instance),
             )
-        elif lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+        elif was_blocking:
             log.info(
                 "instance %s resumed (%s)",
                 lane.instance,
-                effect.health,
+                health,
                 extra=log_fields(instance=lane.instance),
             )
-        lane.health = effect.health
 
     def _notify(self) -> None:
         """Wake the loop (caller holds the lock)."""
@@ -205,7 +213,12 @@ class Dispatcher:
         if lane is None:
             settings = self.settings.lane(instance)
             concurrency = 1 if (settings.send_interval or 0) > 0 else self.settings.workers
-            lane = Lane(instance=instance, settings=settings, concurrency=concurrency)
+            lane = Lane(
+                instance=instance,
+                settings=settings,
+                concurrency=concurrency,
+                unknown_grace=self.settings.unknown_instance_grace,
+            )
             self._lanes[instance] = lane
         return lane
 
@@ -258,8 +271,12 @@ class Dispatcher:
             blocked = lane.blocked_until(now)
             if blocked is not None:
                 return blocked
+            gone = lane.gone(now)
             room = lane.concurrency - len(lane.in_flight)
             exclude = list(lane.in_flight)
+            known = lane.known
+        if gone:
+            return self._fail_gone(lane, now, exclude)
         ids = self.store.ready(lane.instance, now, room, exclude)
         if not ids:
             due = self.store.next_due(lane.instance, exclude)
@@ -275,7 +292,7 @@ class Dispatcher:
                 lane.in_flight.add(message_id)
                 lane.record_send(now, self._rng)
             try:
-                self._submit(message_id, lane.instance)
+                self._submit(Job(message_id, lane.instance, known))
             except Exception:
                 log.exception(
                     "task %s instance %s: could not hand to a worker",
@@ -288,11 +305,32 @@ class Dispatcher:
                 return now + 1.0
         return None if lane.concurrency > len(lane.in_flight) else lane.next_send_at
 
+    def _fail_gone(self, lane: Lane, now: float, exclude: list[str]) -> float:
+        """A missing instance's grace is over: its waiting messages fail now, without a send."""
+        reason = (
+            f"instance {lane.instance} does not exist in Evolution (for over "
+            f"{lane.unknown_grace:g}s, EVOMSGD_UNKNOWN_INSTANCE_GRACE): {lane.last_error}"
+        )
+        failed = self.store.fail_waiting(lane.instance, now, reason, "unknown_instance", exclude)
+        for message_id in failed:
+            log.error(
+                "task %s instance %s: failed (unknown_instance): %s",
+                message_id,
+                lane.instance,
+                reason,
+                extra=log_fields(message_id, lane.instance),
+            )
+        with self._cond:
+            lane.waiting = max(0, lane.waiting - len(failed))
+            if not lane.in_flight:
+                lane.waiting = 0
+            return lane.next_probe_at
+
     def _maybe_probe(self, lane: Lane, now: float) -> None:
         """Probe instances with waiting messages every probe_interval, or sooner while paused."""
         if self._probe is None or lane.probing or now < lane.next_probe_at:
             return
-        if lane.health not in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+        if not lane.blocking:
             lane.next_probe_at = now + self.settings.probe_interval
             if lane.health != Health.UNKNOWN and not lane.waiting:
                 return
@@ -314,11 +352,11 @@ class Dispatcher:
             probe = None
         with self._cond:
             lane.probing = False
-            paused = lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE)
-            effect = _probe_effect(probe) if probe is not None else None
+            paused = lane.blocking
+            effect = probe_effect(probe, lane.known) if probe is not None else None
             if effect is not None:
                 self._apply(lane, effect, now)
-            if lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+            if lane.blocking:
                 if paused:
                     lane.probe_backoff = min(lane.probe_backoff * 2, self.settings.probe_interval)
                 lane.next_probe_at = now + lane.probe_backoff
@@ -369,52 +407,39 @@ class Dispatcher:
                 return None
             if lane.operator_paused:
                 return f"instance {instance} is paused by an operator: {lane.operator_reason}"
-            if lane.health in (Health.DOWN, Health.CONFIG_ERROR, Health.CLOSE):
+            if lane.gone(now):
+                return None  # its messages fail now; nothing to wait for
+            if lane.blocking:
                 return f"instance {instance} is paused ({lane.health.value}): {lane.last_error}"
             if lane.held_until > now:
                 return f"instance {instance} rests until {clock.to_rfc3339(lane.held_until)}: {lane.last_error}"
             return None
 
-    def lanes_view(self) -> list[dict[str, object]]:
-        """Each lane for /health and `evomsgd status`."""
+    def lanes_view(self) -> list[LaneView]:
+        """Each lane for /instances, /health and `evomsgd status`."""
         now = self._time()
+
+        def at(ts: float | None) -> str | None:
+            return clock.to_rfc3339(ts) if ts else None
+
         with self._cond:
             lanes = sorted(self._lanes.values(), key=lambda lane: lane.instance)
             return [
-                {
-                    "instance": lane.instance,
-                    "state": lane.state(now),
-                    "health": lane.health.value,
-                    "waiting": lane.waiting,
-                    "in_flight": len(lane.in_flight),
-                    "next_send_at": clock.to_rfc3339(lane.next_send_at)
-                    if lane.next_send_at > now
-                    else None,
-                    "held_until": clock.to_rfc3339(lane.held_until)
-                    if lane.held_until > now
-                    else None,
-                    "paused_reason": lane.operator_reason if lane.operator_paused else None,
-                    "last_error": lane.last_error,
-                    "last_error_at": clock.to_rfc3339(lane.last_error_at)
-                    if lane.last_error_at
-                    else None,
-                    "send_interval": lane.settings.send_interval,
-                    "send_jitter": lane.settings.send_jitter,
-                }
+                LaneView(
+                    instance=lane.instance,
+                    state=lane.state(now),
+                    health=lane.health.value,
+                    waiting=lane.waiting,
+                    in_flight=len(lane.in_flight),
+                    next_send_at=at(lane.next_send_at) if lane.next_send_at > now else None,
+                    held_until=at(lane.held_until) if lane.held_until > now else None,
+                    paused_reason=lane.operator_reason if lane.operator_paused else None,
+                    problem=lane.problem(now),
+                    last_error=lane.last_error,
+                    last_error_at=at(lane.last_error_at),
+                    recovered_at=at(lane.recovered_at),
+                    send_interval=lane.settings.send_interval or 0.0,
+                    send_jitter=lane.settings.send_jitter or 0.0,
+                )
                 for lane in lanes
             ]
-
-
-def _probe_effect(probe: StateProbe) -> LaneEffect | None:
-    if probe.kind is None:
-        if probe.state == InstanceState.OPEN:
-            return LaneEffect(health=Health.OPEN)
-        if probe.state in (InstanceState.CLOSE, InstanceState.CONNECTING):
-            return LaneEffect(health=Health.CLOSE, reason=probe.reason)
-        return None
-    if probe.kind == OutcomeKind.UPSTREAM_DOWN:
-        return LaneEffect(health=Health.DOWN, reason=probe.reason)
-    if probe.kind == OutcomeKind.CONFIG_ERROR:
-        return LaneEffect(health=Health.CONFIG_ERROR, reason=probe.reason)
-    # An unknown instance is not paused: each send fails at once with a clear reason.
-    return LaneEffect(reason=probe.reason) if probe.kind == OutcomeKind.UNKNOWN_INSTANCE else None

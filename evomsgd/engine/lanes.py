@@ -20,9 +20,13 @@ class Health(StrEnum):
     CLOSE = "close"  # not paired or disconnected: paused until a probe says open
     DOWN = "down"  # Evolution unreachable: paused until a probe answers
     CONFIG_ERROR = "config_error"  # bad key, wrong URL, licence: paused until a probe succeeds
+    # Evolution says the instance does not exist although it sent before (deleted, perhaps to be
+    # re-created): paused for a grace period, then its messages fail until it exists again.
+    UNKNOWN_INSTANCE = "unknown_instance"
 
 
-_BLOCKING = {Health.CLOSE, Health.DOWN, Health.CONFIG_ERROR}
+# The states in which a lane sends nothing and probes until a probe says otherwise.
+BLOCKING = frozenset({Health.CLOSE, Health.DOWN, Health.CONFIG_ERROR, Health.UNKNOWN_INSTANCE})
 
 
 @dataclass
@@ -32,14 +36,18 @@ class Lane:
     instance: str
     settings: LaneSettings
     concurrency: int = 1
+    unknown_grace: float = 900.0  # seconds a known instance may be missing before messages fail
     in_flight: set[str] = field(default_factory=set)
     next_send_at: float = 0.0
     held_until: float = 0.0  # rate-limit rest
     operator_paused: bool = False
     operator_reason: str | None = None
     health: Health = Health.UNKNOWN
+    known: bool = False  # has sent at least once (recorded in the ledger)
+    missing_since: float | None = None  # when Evolution first said it has no such instance
     last_error: str | None = None
     last_error_at: float | None = None
+    recovered_at: float | None = None  # when it sent (or probed open) again after last_error
     next_probe_at: float = 0.0
     probe_backoff: float = 1.0
     probing: bool = False
@@ -51,21 +59,44 @@ class Lane:
     def interval(self) -> float:
         return self.settings.send_interval or 0.0
 
+    @property
+    def blocking(self) -> bool:
+        """The lane's health stops it sending (it probes until that changes)."""
+        return self.health in BLOCKING
+
+    def gone(self, now: float) -> bool:
+        """A missing instance's grace period is over: its messages fail instead of waiting."""
+        return (
+            self.health == Health.UNKNOWN_INSTANCE
+            and self.missing_since is not None
+            and now >= self.missing_since + self.unknown_grace
+        )
+
     def state(self, now: float) -> str:
-        """One word for operators: sending, idle, paused, held, close, down, config_error."""
+        """One word for operators: sending, idle, paused, held, or the blocking health."""
         if self.operator_paused:
             return "paused"
-        if self.health in _BLOCKING:
+        if self.blocking:
             return self.health.value
         if self.held_until > now:
             return "held"
         return "sending" if self.in_flight or self.waiting else "idle"
 
+    def problem(self, now: float) -> str | None:
+        """What stops the lane now, in words; None while nothing does (the last error is history)."""
+        if self.operator_paused:
+            return self.operator_reason or "paused by an operator"
+        if self.blocking or self.held_until > now:
+            return self.last_error
+        return None
+
     def blocked_until(self, now: float) -> float | None:
         """None when the lane may send now; otherwise when to look again (inf: wait for an event)."""
         if self.operator_paused:
             return float("inf")
-        if self.health in _BLOCKING:
+        if self.blocking and not self.gone(now):
+            if self.health == Health.UNKNOWN_INSTANCE and self.missing_since is not None:
+                return min(self.next_probe_at, self.missing_since + self.unknown_grace)
             return self.next_probe_at
         if self.held_until > now:
             return self.held_until

@@ -19,6 +19,8 @@ from huey import SqliteHuey
 from huey.consumer import Consumer
 from huey.storage import SqliteStorage
 
+from evomsgd.engine.jobs import Job
+
 log = logging.getLogger("evomsgd.queue")
 
 QUEUE_FILE = "queue.db"
@@ -109,7 +111,7 @@ class TaskQueue:
         )
         self.workers = workers
 
-    def register(self, deliver: Callable[[str, str], None]) -> None:
+    def register(self, deliver: Callable[[Job], None]) -> None:
         """Register the delivery function as Huey's one task (retries are the ledger's job)."""
         self._task = self.huey.task(name=TASK_NAME, retries=0)(deliver)
 
@@ -118,9 +120,9 @@ class TaskQueue:
         storage: WakeableSqliteStorage = self.huey.storage
         return storage
 
-    def submit(self, message_id: str, instance: str) -> None:
-        """Hand one message to a worker."""
-        self._task(message_id, instance)
+    def submit(self, job: Job) -> None:
+        """Hand one job to a worker."""
+        self._task(job)
 
     def start(self) -> None:
         self.consumer.start()

@@ -46,6 +46,10 @@ class SendOutcome:
     remote_jid: str | None = None
     detail: str | None = None
     elapsed: float = 0.0
+    # What the answer says of the instance's connection, when it says anything: Evolution's
+    # "reading 'onWhatsApp'" 500 means the instance is not paired (CLOSE), not that Evolution is
+    # down, so the lane pauses in the state a probe would report and the two agree.
+    instance_state: InstanceState | None = None
 
 
 class InstanceState(enum.StrEnum):
@@ -172,6 +176,8 @@ def _has(env: _Envelope, needles: tuple[str, ...]) -> bool:
 _K = OutcomeKind
 _MAYBE_SENT = "may have been sent; check before resending"
 
+_NOT_PAIRED = ("reading 'onwhatsapp'",)
+
 # Known messages, first match wins; mirrors the error table in shared/evolution-api.md.
 # (HTTP status, lower-case substrings of response.message, kind, reason)
 _MESSAGE_RULES: tuple[tuple[int, tuple[str, ...], OutcomeKind, str], ...] = (
@@ -188,7 +194,7 @@ _MESSAGE_RULES: tuple[tuple[int, tuple[str, ...], OutcomeKind, str], ...] = (
      "Evolution has no such instance (404) - check the instance name"),
     (500, ("not allowed by cors",), _K.CONFIG_ERROR,
      "Evolution refused the request by its CORS settings (500) - set CORS_ORIGIN=* there"),
-    (500, ("reading 'onwhatsapp'",), _K.UPSTREAM_DOWN,
+    (500, _NOT_PAIRED, _K.UPSTREAM_DOWN,
      "the instance is not connected to WhatsApp (500) - pair it with the QR code in Evolution"),
     (500, ("reading 'textmessage'",), _K.TRANSIENT,
      "the instance is still loading (500) - retry shortly"),
@@ -227,7 +233,15 @@ def classify_response(status: int, body: bytes, *, elapsed: float = 0.0) -> Send
             )
         env = _envelope(body)
         kind, reason = _verdict(status, env)
-        return SendOutcome(kind, reason, status, detail=_excerpt(env), elapsed=elapsed)
+        paired = kind is _K.UPSTREAM_DOWN and status == 500 and _has(env, _NOT_PAIRED)
+        return SendOutcome(
+            kind,
+            reason,
+            status,
+            detail=_excerpt(env),
+            elapsed=elapsed,
+            instance_state=InstanceState.CLOSE if paired else None,
+        )
     except Exception as exc:  # a parser bug must not lose the verdict on a send
         logger.exception("could not classify Evolution answer (HTTP %s)", status)
         detail = _clip(f"{type(exc).__name__}: {exc}")

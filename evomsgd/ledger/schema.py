@@ -93,4 +93,21 @@ CREATE TABLE tokens (
 );
 """,
     ),
+    (
+        3,
+        "per-recipient order, first sends",
+        """
+-- Messages to one recipient on one instance go out in the order they were accepted: a message
+-- is held back while an earlier one to the same recipient (same priority) is still unsent.
+CREATE INDEX messages_recipient ON messages (instance, phone, priority, seq)
+    WHERE status IN ('PENDING', 'SCHEDULED', 'RETRY', 'STARTED');
+-- When the instance first sent (outside sandbox mode): an instance that has sent before and then
+-- is missing in Evolution was deleted, perhaps to be re-created, and gets a grace period.
+ALTER TABLE lanes ADD COLUMN first_sent_at TEXT;
+INSERT INTO lanes (instance, first_sent_at)
+    SELECT instance, min(finished_at) FROM messages
+    WHERE status = 'SUCCESS' AND sandbox = 0 AND evolution_key IS NOT NULL GROUP BY instance
+    ON CONFLICT (instance) DO UPDATE SET first_sent_at = excluded.first_sent_at;
+""",
+    ),
 ]

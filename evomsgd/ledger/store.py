@@ -37,6 +37,15 @@ _FINAL = tuple(s.value for s in FINAL)
 _IN_WAITING = "status IN ('PENDING', 'SCHEDULED', 'RETRY')"
 _IN_FINAL = "+status IN ('SUCCESS', 'FAILURE', 'CANCELED', 'EXPIRED')"
 # After a purge the WAL is cut back to this size at its next reset, not left at its peak.
+# An earlier message to the same recipient on the same instance and of the same priority that is
+# still to be sent - waiting (a SCHEDULED one only once due) or being sent - holds `m` back.
+# The only parameter is now. Served by the messages_recipient partial index.
+_EARLIER_UNSENT = (
+    "SELECT 1 FROM messages e WHERE e.instance = m.instance AND e.phone = m.phone"
+    " AND e.priority = m.priority AND e.seq < m.seq"
+    " AND e.status IN ('PENDING', 'RETRY', 'STARTED', 'SCHEDULED')"
+    " AND (e.status != 'SCHEDULED' OR e.next_attempt_at <= ?)"
+)
 _WAL_LIMIT = 8 * 1024 * 1024
 
 Durability = Literal["full", "normal"]
@@ -331,25 +340,73 @@ class Store:
     def ready(
         self, instance: str, now: float, limit: int, exclude: Iterable[str] = ()
     ) -> list[str]:
-        """Ids due on one instance, best first: high priority, then the longest waiting."""
+        """Ids due on one instance, best first: high priority, then the longest waiting.
+
+        A message whose recipient has an earlier one of its priority still unsent (waiting for
+        a retry, or being sent) is not ready: one recipient gets its messages in the order they
+        were accepted, one at a time.
+        """
         excluded = list(exclude)
+        now_db = clock.to_db(now)
         sql = (
-            f"SELECT id FROM messages WHERE instance = ? AND {_IN_WAITING} AND next_attempt_at <= ?"
+            f"SELECT id FROM messages m WHERE instance = ? AND {_IN_WAITING} AND next_attempt_at <= ?"
+            f" AND NOT EXISTS ({_EARLIER_UNSENT})"
         )
         if excluded:
             sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
         sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
-        rows = self._read(sql, [instance, clock.to_db(now), *excluded, limit])
+        rows = self._read(sql, [instance, now_db, now_db, *excluded, limit])
         return [row[0] for row in rows]
 
     def next_due(self, instance: str, exclude: Iterable[str] = ()) -> float | None:
-        """When the next waiting message of an instance becomes due."""
+        """When the next waiting message of an instance that is not held back becomes due."""
         excluded = list(exclude)
-        sql = f"SELECT min(next_attempt_at) FROM messages WHERE instance = ? AND {_IN_WAITING}"
+        # Held-back messages are left out: they become ready when the message ahead of them is
+        # attempted, which wakes the dispatcher anyway; counting them would wake it in a loop.
+        sql = (
+            f"SELECT min(next_attempt_at) FROM messages m WHERE instance = ? AND {_IN_WAITING}"
+            f" AND NOT EXISTS ({_EARLIER_UNSENT})"
+        )
         if excluded:
             sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
-        value = self._read(sql, [instance, *excluded])[0][0]
+        value = self._read(sql, [instance, clock.to_db(clock.now()), *excluded])[0][0]
         return None if value is None else clock.from_db(value)
+
+    def known_instances(self) -> set[str]:
+        """Instances that have sent at least once (outside sandbox mode)."""
+        return {
+            row[0]
+            for row in self._read("SELECT instance FROM lanes WHERE first_sent_at IS NOT NULL")
+        }
+
+    def mark_sent_once(self, instance: str, now: float) -> None:
+        """Record an instance's first send (kept; later calls change nothing)."""
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO lanes (instance, first_sent_at) VALUES (?, ?) ON CONFLICT (instance)"
+                " DO UPDATE SET first_sent_at = coalesce(first_sent_at, excluded.first_sent_at)",
+                (instance, clock.to_db(now)),
+            )
+
+    def fail_waiting(
+        self, instance: str, now: float, reason: str, kind: str, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        """End every waiting message of an instance FAILURE without a send; returns their ids."""
+        excluded = list(exclude)
+        now_db = clock.to_db(now)
+        sql = f"SELECT id FROM messages WHERE instance = ? AND {_IN_WAITING}"
+        if excluded:
+            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
+        with self._write() as cur:
+            ids = [row[0] for row in cur.execute(sql + " LIMIT 1000", [instance, *excluded])]
+            for message_id in ids:
+                cur.execute(
+                    "UPDATE messages SET status = 'FAILURE', finished_at = ?, next_attempt_at = NULL,"
+                    " last_error = ?, error_kind = ? WHERE id = ?",
+                    (now_db, reason, kind, message_id),
+                )
+                self._event(cur, message_id, instance, now_db, "failed", reason)
+        return ids
 
     def attempt_times(self, instance: str, since: float) -> list[float]:
         """Start times of calls to Evolution on one instance since a time (for send caps)."""

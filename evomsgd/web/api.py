@@ -13,15 +13,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from evomsgd import __version__, clock
-from evomsgd.errors import ApiError, StoreUnavailable
+from evomsgd.errors import ApiError, InvalidInput
 from evomsgd.ledger.records import ListFilter
 from evomsgd.log import log_fields
 from evomsgd.models import (
     Accepted,
-    ErrorBody,
-    ErrorDetail,
-    ErrorInfo,
-    Lane,
     Lanes,
     Paused,
     Root,
@@ -30,6 +26,7 @@ from evomsgd.models import (
 )
 from evomsgd.service import Service
 from evomsgd.web.guards import require_instance, scope, scoped, token_name
+from evomsgd.web.views import task_list, task_view
 
 log = logging.getLogger("evomsgd.api")
 
@@ -37,59 +34,6 @@ SERVICE = web.AppKey("service", Service)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIST = 500
-
-
-def error_body(
-    status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
-) -> web.Response:
-    """The one error shape: {"success": false, "error": {"code", "message", "details"}}."""
-    body = ErrorBody(
-        error=ErrorInfo(
-            code=code, message=message, details=[ErrorDetail(**d) for d in details or []]
-        )
-    )
-    return web.Response(status=status, body=body.model_dump_json(), content_type="application/json")
-
-
-_HTTP_CODES = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    413: "payload_too_large",
-    415: "unsupported_media_type",
-}
-
-
-@web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Translate every failure to the one JSON error shape; never leak internals or secrets."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        response = error_body(exc.status, exc.code, exc.message, exc.details)
-        response.headers.update(exc.headers)
-        return response
-    except StoreUnavailable as exc:
-        return error_body(503, "store_unavailable", f"{exc} - retry later")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = _HTTP_CODES.get(exc.status, "http_error")
-        message = {
-            404: f"no route {request.method} {request.path} - see GET /docs for the API",
-            405: f"{request.method} is not allowed on {request.path}",
-            413: "request body is too large",
-        }.get(exc.status, exc.reason)
-        response = error_body(exc.status, code, message)
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_body(500, "internal_error", "internal error - see the daemon's log")
 
 
 def _json(
@@ -148,13 +92,12 @@ def _send_request(payload: Any) -> SendRequest:
         raise _validation(exc) from None
 
 
-def _validation(exc: ValidationError) -> ApiError:
+def _validation(exc: ValidationError) -> InvalidInput:
     details = []
     for err in exc.errors(include_url=False):
         field = ".".join(str(part) for part in err["loc"]) or None
         details.append({"field": field, "message": err["msg"]})
-    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-    return ApiError(422, "validation_error", summary, details=details)
+    return InvalidInput(details)
 
 
 # -- handlers -------------------------------------------------------------------------------
@@ -222,13 +165,13 @@ async def _task_in_scope(request: web.Request) -> str:
     """The path's task id, after checking that a scoped token may touch its instance."""
     task_id = request.match_info["task_id"]
     if scoped(request):
-        require_instance(request, (await request.app[SERVICE].task(task_id)).instance)
+        require_instance(request, (await request.app[SERVICE].task(task_id)).message.instance)
     return task_id
 
 
 async def get_task(request: web.Request) -> web.Response:
     """One task with its status, result and history."""
-    return _json(await request.app[SERVICE].task(await _task_in_scope(request)))
+    return _json(task_view(await request.app[SERVICE].task(await _task_in_scope(request))))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -286,7 +229,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         before_seq=before,
         limit=limit,
     )
-    return _json(await request.app[SERVICE].tasks(flt))
+    return _json(task_list(await request.app[SERVICE].tasks(flt)))
 
 
 def _time_param(value: str | None, name: str) -> float | None:
@@ -315,27 +258,17 @@ def _time_param(value: str | None, name: str) -> float | None:
 
 async def cancel_task(request: web.Request) -> web.Response:
     """Cancel a message that has not been sent; 409 when too late."""
-    return _json(await request.app[SERVICE].cancel(await _task_in_scope(request)))
+    return _json(task_view(await request.app[SERVICE].cancel(await _task_in_scope(request))))
 
 
 async def retry_task(request: web.Request) -> web.Response:
     """Queue a failed, expired or canceled message again."""
-    return _json(await request.app[SERVICE].retry(await _task_in_scope(request)), 202)
+    return _json(task_view(await request.app[SERVICE].retry(await _task_in_scope(request))), 202)
 
 
 async def list_instances(request: web.Request) -> web.Response:
     """Each instance's lane."""
-    only = scope(request)
-    lanes = request.app[SERVICE].dispatcher.lanes_view()
-    return _json(
-        Lanes(
-            instances=[
-                Lane.model_validate(lane)
-                for lane in lanes
-                if only is None or lane["instance"] in only
-            ]
-        )
-    )
+    return _json(Lanes(instances=request.app[SERVICE].lanes(only=scope(request))))
 
 
 async def pause_instance(request: web.Request) -> web.Response:

@@ -26,11 +26,11 @@ from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
-from evomsgd.models import WAITING, Status
+from evomsgd.models import WAITING, LaneView, Status
 
 log = logging.getLogger("evomsgd.metrics")
 
-LanesView = Callable[[], list[dict[str, object]]]
+LanesView = Callable[[], list[LaneView]]
 
 # Not `instance`: Prometheus gives that label to the scraped target and would rename ours.
 LABEL = "evolution_instance"
@@ -156,7 +156,7 @@ class LedgerCollector(Collector):
         uptime.add_metric([], time.monotonic() - self.started)
         yield uptime
         lanes = self.lanes()
-        instances = self.instances | {str(lane["instance"]) for lane in lanes}
+        instances = self.instances | {lane.instance for lane in lanes}
         yield _lane_states(lanes)
         up = GaugeMetricFamily("evomsgd_ledger_up", "1 when this scrape could read the ledger.")
         try:
@@ -189,7 +189,7 @@ class LedgerCollector(Collector):
             return dict(self._expired)
 
 
-def _lane_states(lanes: list[dict[str, object]]) -> Metric:
+def _lane_states(lanes: list[LaneView]) -> Metric:
     family = GaugeMetricFamily(
         "evomsgd_instance_state",
         "1 for each instance's current lane state: sending, idle, paused, held, close, down"
@@ -197,9 +197,9 @@ def _lane_states(lanes: list[dict[str, object]]) -> Metric:
         labels=[LABEL, "state"],
     )
     for lane in lanes:
-        current = str(lane["state"])
+        current = lane.state
         for state in dict.fromkeys((*LANE_STATES, current)):
-            family.add_metric([str(lane["instance"]), state], 1 if state == current else 0)
+            family.add_metric([lane.instance, state], 1 if state == current else 0)
     return family
 
 

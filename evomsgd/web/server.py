@@ -11,7 +11,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from evomsgd.config import Settings
-from evomsgd.web.api import error_body
+from evomsgd.web.errors import error_body
 
 log = logging.getLogger("evomsgd.server")
 

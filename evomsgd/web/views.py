@@ -1,0 +1,95 @@
+"""Presentation: the service's records as the API's wire models (GET /tasks, /tasks/{id})."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomsgd import clock
+from evomsgd.ledger.records import Message
+from evomsgd.models import FINAL, WAITING, Attempt, Status, TaskList, TaskView
+from evomsgd.service import TaskPage, TaskRecord
+
+
+def task_list(page: TaskPage) -> TaskList:
+    """GET /tasks: a page of views, newest first."""
+    return TaskList(tasks=[task_view(r) for r in page.tasks], next_before=page.next_before)
+
+
+def task_view(record: TaskRecord) -> TaskView:
+    """The API's view of a ledger row (history omitted in lists); `waiting_because` says why its
+    instance is not sending (paused, down, rejected key), which a message that never reached
+    Evolution cannot know from its own row."""
+    msg, history, waiting_because = record.message, record.history, record.waiting_because
+    return TaskView(
+        task_id=msg.id,
+        status=msg.status,
+        result=_result(msg, waiting_because),
+        instance=msg.instance,
+        phone=msg.phone,
+        phone_input=msg.phone_input,
+        priority="high" if msg.priority else "normal",
+        attempts=msg.attempts,
+        created_at=clock.db_to_rfc3339(msg.created_at) or "",
+        send_at=clock.db_to_rfc3339(msg.send_at),
+        next_attempt_at=clock.db_to_rfc3339(msg.next_attempt_at),
+        expires_at=clock.db_to_rfc3339(msg.expires_at) or "",
+        finished_at=clock.db_to_rfc3339(msg.finished_at),
+        last_error=msg.last_error,
+        sandbox=msg.sandbox,
+        history=[
+            Attempt(
+                at=clock.db_to_rfc3339(ev.at) or "",
+                event=ev.event,
+                attempt=ev.attempt,
+                outcome=ev.outcome,
+                http_status=ev.http_status,
+                detail=ev.detail,
+            )
+            for ev in history or []
+        ],
+    )
+
+
+def _result(msg: Message, waiting_because: str | None = None) -> dict[str, Any] | None:
+    common: dict[str, Any] = {
+        "phone": msg.phone,
+        "instance": msg.instance,
+        "attempts": msg.attempts,
+    }
+    if msg.recovered:
+        common["recovered_after_crash"] = msg.recovered
+    if msg.ambiguous:
+        common["possibly_duplicated"] = True
+    if msg.status == Status.SUCCESS:
+        result = {
+            "success": True,
+            **common,
+            "evolution_key": msg.evolution_key,
+            "remote_jid": msg.remote_jid,
+            "sent_at": clock.db_to_rfc3339(msg.finished_at),
+        }
+        if msg.sandbox:
+            result["sandbox"] = True
+        if msg.error_kind == "sent_unconfirmed":
+            result["unconfirmed"] = True
+            result["note"] = msg.last_error
+        return result
+    if msg.status in FINAL:
+        return {
+            "success": False,
+            **common,
+            "error": msg.last_error or msg.status.value.lower(),
+            "error_kind": msg.error_kind,
+        }
+    if msg.status in WAITING and (msg.last_error or waiting_because):
+        result = {
+            "success": False,
+            **common,
+            "error": msg.last_error or waiting_because,
+            "error_kind": msg.error_kind,
+            "next_attempt_at": clock.db_to_rfc3339(msg.next_attempt_at),
+        }
+        if waiting_because:
+            result["waiting_because"] = waiting_because
+        return result
+    return None

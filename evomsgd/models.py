@@ -5,7 +5,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 
 class Status(StrEnum):
@@ -94,14 +101,65 @@ class Attempt(BaseModel):
     detail: str | None = Field(None, description="Reason in words.")
 
 
+class TaskResult(BaseModel):
+    """`result` of a task: what happened to it, Celery-style. A field that does not apply is absent."""
+
+    success: bool | None = Field(
+        None,
+        description="true for SUCCESS; false for RETRY, FAILURE, EXPIRED and CANCELED; absent while "
+        "a message waits without having failed.",
+    )
+    phone: str = Field(description="The number or JID sent to Evolution.")
+    instance: str = Field(description="The Evolution instance it is sent through.")
+    attempts: int = Field(description="Calls made to Evolution for this message.")
+    recovered_after_crash: int | None = Field(
+        None, description="Times it was re-queued after a crash or a lost lease."
+    )
+    possibly_duplicated: bool | None = Field(
+        None, description="true when a send whose outcome was unknown was repeated."
+    )
+    evolution_key: str | None = Field(
+        None, description="SUCCESS: Evolution's key.id (the WhatsApp message id)."
+    )
+    remote_jid: str | None = Field(None, description="SUCCESS: the JID Evolution used.")
+    sent_at: str | None = Field(None, description="SUCCESS: when Evolution took it (RFC 3339).")
+    sandbox: bool | None = Field(None, description="true when recorded in sandbox mode, not sent.")
+    unconfirmed: bool | None = Field(
+        None,
+        description="true when WhatsApp took it but Evolution failed to store it (no key): never "
+        "resent.",
+    )
+    note: str | None = Field(None, description="With unconfirmed: what Evolution said.")
+    error: str | None = Field(
+        None, description="RETRY and the failed final states: what went wrong, in words."
+    )
+    error_kind: str | None = Field(
+        None, description="The error's class: transient, permanent, ambiguous, expired, ..."
+    )
+    next_attempt_at: str | None = Field(None, description="RETRY: when it is tried again.")
+    waiting_because: str | None = Field(
+        None,
+        description="A waiting message whose instance is not sending: why (paused, not paired, "
+        "rejected key, ...).",
+    )
+
+    # Unannotated on purpose: pydantic takes a return annotation as the serialization schema,
+    # which would hide these fields from /openapi.json.
+    @model_serializer(mode="wrap")
+    def _present_only(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        """Fields that do not apply are left out, not sent as null."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class TaskView(BaseModel):
     """GET /tasks/{task_id}: the Celery-compatible trio plus the ledger's columns."""
 
     task_id: str
     status: Status
-    result: dict[str, Any] | None = Field(
+    result: TaskResult | None = Field(
         description="SUCCESS: {success, phone, evolution_key, remote_jid, ...}; "
-        "FAILURE/EXPIRED/CANCELED: {success: false, error, ...}; waiting: last error if any, else null."
+        "RETRY/FAILURE/EXPIRED/CANCELED: {success: false, error, ...}; a waiting message whose "
+        "instance is not sending: {waiting_because, ...}; otherwise null."
     )
     instance: str
     phone: str = Field(description="Normalised number or JID sent to Evolution.")

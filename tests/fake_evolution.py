@@ -275,6 +275,10 @@ class FakeEvolution:
         self.instances[name] = inst
         return inst
 
+    def delete_instance(self, name: str) -> None:
+        """Delete an instance as Evolution's DELETE /instance/delete does: it no longer exists."""
+        self.instances.pop(name, None)
+
     def release(self) -> None:
         """Let every request hanging on Fault.HANG answer now."""
         self._released.set()

@@ -113,7 +113,7 @@ async def test_sent_but_evolution_db_failed_is_never_resent(
     task = await wait_status(client, (await post(client))["task_id"])
     assert task["status"] == "SUCCESS"
     assert task["result"]["unconfirmed"] is True
-    assert task["result"]["evolution_key"] is None
+    assert "evolution_key" not in task["result"]  # no key: absent, never null
     assert len(fake.received) == 1
 
 
@@ -141,14 +141,20 @@ async def test_config_error_says_so_plainly_while_the_message_waits(
     accepted = await post(client)
     # Whichever meets the 401 first - a send (RETRY, the message's own error) or the probe (the
     # lane pauses and the message, never sent, is PENDING) - the task says why it waits.
+    # A message never attempted has no error, only why it waits; a failed attempt has its error.
     deadline = time.monotonic() + 10
     while True:
         task = await (await client.get(f"/tasks/{accepted['task_id']}")).json()
-        if task["result"] and "EVOLUTION_API_KEY" in task["result"]["error"]:
+        why = (task["result"] or {}).get(
+            "error" if task["status"] == "RETRY" else "waiting_because"
+        )
+        if why and "EVOLUTION_API_KEY" in why:
             break
         assert time.monotonic() < deadline, task
         await asyncio.sleep(0.02)
     assert task["status"] in ("PENDING", "RETRY")
+    if task["status"] == "PENDING":
+        assert "error" not in task["result"] and "success" not in task["result"], task
     health = await (await client.get("/health")).json()
     lane = health["instances"][0]
     assert lane["state"] == "config_error" and "401" in lane["last_error"]

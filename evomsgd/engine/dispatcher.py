@@ -55,6 +55,7 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._cond = threading.Condition()
         self._lanes: dict[str, Lane] = {}
+        self._known: set[str] = set()  # instances that have sent (from the ledger at start)
         self._stopping = False
         self._draining = False
         self._next_housekeeping = 0.0
@@ -76,9 +77,11 @@ class Dispatcher:
         paused = self.store.paused_lanes()
         known = self.store.known_instances()
         with self._cond:
+            self._known = known
+            for lane in self._lanes.values():
+                lane.known = lane.known or lane.instance in known
             for instance in set(waiting) | set(paused) | set(self.settings.instances):
                 lane = self._lane(instance)
-                lane.known = instance in known
                 lane.waiting = waiting.get(instance, (0, None))[0]
                 lane.operator_paused = instance in paused
                 lane.operator_reason = paused.get(instance)
@@ -218,6 +221,7 @@ class Dispatcher:
                 settings=settings,
                 concurrency=concurrency,
                 unknown_grace=self.settings.unknown_instance_grace,
+                known=instance in self._known,
             )
             self._lanes[instance] = lane
         return lane
@@ -279,7 +283,7 @@ class Dispatcher:
             return self._fail_gone(lane, now, exclude)
         ids = self.store.ready(lane.instance, now, room, exclude)
         if not ids:
-            due = self.store.next_due(lane.instance, exclude)
+            due = self.store.next_due(lane.instance, now, exclude)
             with self._cond:
                 if due is None and not lane.in_flight:
                     lane.idle = True

@@ -358,7 +358,7 @@ class Store:
         rows = self._read(sql, [instance, now_db, now_db, *excluded, limit])
         return [row[0] for row in rows]
 
-    def next_due(self, instance: str, exclude: Iterable[str] = ()) -> float | None:
+    def next_due(self, instance: str, now: float, exclude: Iterable[str] = ()) -> float | None:
         """When the next waiting message of an instance that is not held back becomes due."""
         excluded = list(exclude)
         # Held-back messages are left out: they become ready when the message ahead of them is
@@ -369,7 +369,7 @@ class Store:
         )
         if excluded:
             sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
-        value = self._read(sql, [instance, clock.to_db(clock.now()), *excluded])[0][0]
+        value = self._read(sql, [instance, clock.to_db(now), *excluded])[0][0]
         return None if value is None else clock.from_db(value)
 
     def known_instances(self) -> set[str]:
@@ -471,7 +471,8 @@ class Store:
                     now_db if final else None,
                     int(tr.spend_retry),
                     int(tr.ambiguous),
-                    None if tr.status is Status.SUCCESS else tr.detail,
+                    # A SUCCESS keeps no error, except what Evolution said of an unconfirmed one.
+                    tr.detail if tr.status is not Status.SUCCESS or tr.error_kind else None,
                     tr.error_kind,
                     tr.evolution_key,
                     tr.remote_jid,

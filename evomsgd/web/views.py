@@ -6,7 +6,7 @@ from typing import Any
 
 from evomsgd import clock
 from evomsgd.ledger.records import Message
-from evomsgd.models import FINAL, WAITING, Attempt, Status, TaskList, TaskView
+from evomsgd.models import FINAL, WAITING, Attempt, Status, TaskList, TaskResult, TaskView
 from evomsgd.service import TaskPage, TaskRecord
 
 
@@ -50,46 +50,43 @@ def task_view(record: TaskRecord) -> TaskView:
     )
 
 
-def _result(msg: Message, waiting_because: str | None = None) -> dict[str, Any] | None:
+def _result(msg: Message, waiting_because: str | None = None) -> TaskResult | None:
     common: dict[str, Any] = {
         "phone": msg.phone,
         "instance": msg.instance,
         "attempts": msg.attempts,
+        "recovered_after_crash": msg.recovered or None,
+        "possibly_duplicated": True if msg.ambiguous else None,
     }
-    if msg.recovered:
-        common["recovered_after_crash"] = msg.recovered
-    if msg.ambiguous:
-        common["possibly_duplicated"] = True
     if msg.status == Status.SUCCESS:
-        result = {
-            "success": True,
+        unconfirmed = msg.error_kind == "sent_unconfirmed"
+        return TaskResult(
+            success=True,
             **common,
-            "evolution_key": msg.evolution_key,
-            "remote_jid": msg.remote_jid,
-            "sent_at": clock.db_to_rfc3339(msg.finished_at),
-        }
-        if msg.sandbox:
-            result["sandbox"] = True
-        if msg.error_kind == "sent_unconfirmed":
-            result["unconfirmed"] = True
-            result["note"] = msg.last_error
-        return result
+            evolution_key=msg.evolution_key,
+            remote_jid=msg.remote_jid,
+            sent_at=clock.db_to_rfc3339(msg.finished_at),
+            sandbox=True if msg.sandbox else None,
+            unconfirmed=True if unconfirmed else None,
+            note=msg.last_error if unconfirmed else None,
+        )
     if msg.status in FINAL:
-        return {
-            "success": False,
+        return TaskResult(
+            success=False,
             **common,
-            "error": msg.last_error or msg.status.value.lower(),
-            "error_kind": msg.error_kind,
-        }
-    if msg.status in WAITING and (msg.last_error or waiting_because):
-        result = {
-            "success": False,
+            error=msg.last_error or msg.status.value.lower(),
+            error_kind=msg.error_kind,
+        )
+    if msg.status == Status.RETRY:
+        return TaskResult(
+            success=False,
             **common,
-            "error": msg.last_error or waiting_because,
-            "error_kind": msg.error_kind,
-            "next_attempt_at": clock.db_to_rfc3339(msg.next_attempt_at),
-        }
-        if waiting_because:
-            result["waiting_because"] = waiting_because
-        return result
+            error=msg.last_error,
+            error_kind=msg.error_kind,
+            next_attempt_at=clock.db_to_rfc3339(msg.next_attempt_at),
+            waiting_because=waiting_because,
+        )
+    if msg.status in WAITING and waiting_because:
+        # Never attempted (or re-queued): nothing failed, so no error - only why it waits.
+        return TaskResult(**common, waiting_because=waiting_because)
     return None

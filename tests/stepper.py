@@ -1,0 +1,102 @@
+"""A dispatcher over a real ledger, driven one step at a time with a controllable clock.
+
+No threads and no sleeps: `step()` is one pass of the dispatcher's loop, the jobs it hands out
+are collected in `jobs`, and `attempt()` plays a worker - claim, an outcome, the ledger write,
+the report back - the way `engine.delivery.Delivery` does, with the same rules (`decide`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+from pathlib import Path
+from typing import Any
+
+from evomsgd import ids
+from evomsgd.engine.dispatcher import Dispatcher
+from evomsgd.engine.jobs import Finished, Job
+from evomsgd.engine.rules import decide
+from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, SendOutcome, StateProbe
+from evomsgd.ledger.records import Message, NewMessage
+from evomsgd.ledger.store import Store
+from evomsgd.models import FINAL
+from tests.conftest import fast_settings
+
+T0 = 1_800_000_000.0
+
+SENT = SendOutcome(OutcomeKind.SENT, "handed to WhatsApp (201)", 201, "3EB0KEY", "x@s.whatsapp.net")
+TRANSIENT = SendOutcome(OutcomeKind.TRANSIENT, "Evolution server error (500) - retry later", 500)
+DOWN = SendOutcome(OutcomeKind.UPSTREAM_DOWN, "cannot connect to Evolution - is it running?")
+OPEN = StateProbe(InstanceState.OPEN, None, "instance main is connected to WhatsApp", 200)
+
+
+class Stepper:
+    def __init__(self, data_dir: Path, **settings: Any) -> None:
+        self.now = T0
+        self.settings = fast_settings(**settings)
+        self.store = Store(data_dir, durability="normal")
+        self.jobs: list[Job] = []
+        self.rng = random.Random(0)
+        self.probe_answer = OPEN  # what a state probe of any instance answers
+        self.probes: list[str] = []
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.settings,
+            self.jobs.append,
+            self._probe,
+            time_source=lambda: self.now,
+            rng=random.Random(0),
+        )
+        self.dispatcher.reload_lanes()
+        self.started: list[str] = []  # message ids in the order their attempts started
+
+    def _probe(self, instance: str) -> concurrent.futures.Future[StateProbe]:
+        self.probes.append(instance)
+        future: concurrent.futures.Future[StateProbe] = concurrent.futures.Future()
+        future.set_result(self.probe_answer)  # answered at once: applied within the same step
+        return future
+
+    def close(self) -> None:
+        self.store.close()
+
+    def accept(
+        self, phone: str, *, priority: int = 0, instance: str = "main", send_at: float | None = None
+    ) -> str:
+        """Queue one message as the API would (already normalised), and wake its lane."""
+        new = NewMessage(
+            id=ids.task_id(self.now),
+            instance=instance,
+            phone=phone,
+            phone_input=phone,
+            text=f"text for {phone}",
+            priority=priority,
+            created_at=self.now,
+            send_at=send_at,
+            expires_at=self.now + 86_400.0,
+            sandbox=False,
+        )
+        self.store.insert_messages([new])
+        self.dispatcher.accepted({instance: 1})
+        return new.id
+
+    def step(self) -> float:
+        return self.dispatcher.step()
+
+    def take(self) -> list[Job]:
+        """The jobs handed out since the last call."""
+        jobs, self.jobs[:] = list(self.jobs), []
+        return jobs
+
+    def attempt(self, job: Job, outcome: SendOutcome) -> Message:
+        """Play a worker: claim the message, record `outcome` under the rules, report back."""
+        msg = self.store.claim(job.message_id, self.now, 60.0)
+        if msg is None:
+            self.dispatcher.finished(Finished(job))
+            raise AssertionError(f"could not claim {job.message_id}")
+        self.started.append(msg.id)
+        transition, effect = decide(msg, outcome, self.now, self.settings, self.rng, job)
+        assert self.store.finish_attempt(msg, self.now, self.now, transition)
+        self.dispatcher.finished(Finished(job, transition.status in FINAL, effect))
+        row = self.store.get(msg.id)
+        assert row is not None
+        return row

@@ -103,6 +103,14 @@ class Settings(BaseModel):
     workers: int = _env(
         "EVOMSGD_WORKERS", default=4, ge=1, le=64, description="Huey worker threads."
     )
+    max_in_flight: int = _env(
+        "EVOMSGD_MAX_IN_FLIGHT",
+        default=1024,
+        ge=1,
+        le=65_536,
+        description="Sends to Evolution in flight at once, all instances together: a safety valve, "
+        "not the pace (a paced instance has at most one send in flight).",
+    )
     sandbox: bool = _env(
         "EVOMSGD_SANDBOX",
         default=False,

@@ -37,9 +37,10 @@ async def test_one_instance_sends_one_at_a_time_with_the_minimum_gap(
         assert (await wait_status(client, task_id))["status"] == "SUCCESS"
     arrivals = [r.at for r in fake.received]
     assert len(arrivals) == 5
-    # The wall-clock smoke test of pacing (the exact gaps are checked step by step below): on a
-    # loaded machine one arrival can lag its hand-out, so only the whole span is bounded.
-    assert arrivals[-1] - arrivals[0] >= 4 * 0.15 - NOISE, gaps(arrivals)
+    # The wall-clock smoke test of pacing (the exact gaps are checked step by step below). On a
+    # loaded machine the first arrival can lag its hand-out by a lot, so only the whole span is
+    # bounded, at half the ideal: unpaced, the five would arrive within milliseconds.
+    assert arrivals[-1] - arrivals[0] >= 4 * 0.15 / 2, gaps(arrivals)
     # one at a time: each send was answered before the next arrived
     assert [r.number for r in fake.received] == [f"5511{988000000 + i}" for i in range(5)]
 
@@ -83,12 +84,19 @@ def test_a_slow_instance_does_not_hold_up_the_others(tmp_path: Path) -> None:
     s.close()
 
 
-def test_an_unpaced_lane_sends_as_fast_as_the_workers_take_them(tmp_path: Path) -> None:
-    s = Stepper(tmp_path, send_interval=0, workers=2)
+def test_in_flight_sends_are_bounded_by_the_setting_not_by_threads(tmp_path: Path) -> None:
+    s = Stepper(tmp_path, send_interval=0, workers=1, max_in_flight=3)
     for i in range(4):
-        s.accept(f"5511{988000000 + i}")
+        s.accept(f"5511{988000000 + i}", instance="main")
+        s.accept(f"5511{988100000 + i}", instance="other")
     s.step()
-    assert len(s.take()) == 2  # as many at once as there are workers, no gap
+    first = s.take()
+    assert len(first) == 3  # more than the one worker thread, and no more than the bound
+    s.step()
+    assert s.take() == []  # full: nothing more until one finishes
+    s.attempt(first[0], SENT)
+    s.step()
+    assert len(s.take()) == 1  # one finished, one more goes
     s.close()
 
 

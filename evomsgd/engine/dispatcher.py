@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import heapq
 import logging
 import random
 import threading
@@ -56,6 +57,13 @@ class Dispatcher:
         self._cond = threading.Condition()
         self._lanes: dict[str, Lane] = {}
         self._known: set[str] = set()  # instances that have sent (from the ledger at start)
+        # Work per event is O(log lanes): a step looks only at the lanes an event touched
+        # (_dirty) and those whose timer is due (_timers: a heap of (time, instance), stale
+        # entries skipped lazily against Lane.wake_at), never at every lane.
+        self._dirty: set[str] = set()
+        self._timers: list[tuple[float, str]] = []
+        self._starved: set[str] = set()  # lanes with work waiting for in-flight room
+        self._in_flight = 0  # sends handed out and not finished, all lanes
         self._stopping = False
         self._draining = False
         self._next_housekeeping = 0.0
@@ -85,7 +93,7 @@ class Dispatcher:
                 lane.waiting = waiting.get(instance, (0, None))[0]
                 lane.operator_paused = instance in paused
                 lane.operator_reason = paused.get(instance)
-                lane.idle = False
+                self._dirty.add(lane.instance)
                 if any(
                     getattr(lane.settings, cap) for cap in ("per_minute", "per_hour", "per_day")
                 ):
@@ -133,7 +141,7 @@ class Dispatcher:
             for instance, count in instances.items():
                 lane = self._lane(instance)
                 lane.waiting += count
-                lane.idle = False
+                self._dirty.add(lane.instance)
             self._notify()
 
     def finished(self, report: Finished) -> None:
@@ -141,10 +149,10 @@ class Dispatcher:
         now = self._time()
         with self._cond:
             lane = self._lane(report.job.instance)
-            lane.in_flight.discard(report.job.message_id)
+            self._release(lane, report.job.message_id)
             if report.final:
                 lane.waiting = max(0, lane.waiting - 1)
-            lane.idle = False
+            self._dirty.add(lane.instance)
             if report.effect is not None:
                 self._apply(lane, report.effect, now)
             self._notify()
@@ -155,7 +163,7 @@ class Dispatcher:
             lane = self._lane(instance)
             lane.operator_paused = paused
             lane.operator_reason = reason
-            lane.idle = False
+            self._dirty.add(lane.instance)
             self._notify()
 
     def _apply(self, lane: Lane, effect: LaneEffect, now: float) -> None:
@@ -206,6 +214,21 @@ class Dispatcher:
                 extra=log_fields(instance=lane.instance),
             )
 
+    def _release(self, lane: Lane, message_id: str) -> None:
+        """A send is no longer in flight: free its room, and wake lanes that waited for room."""
+        if message_id in lane.in_flight:
+            lane.in_flight.discard(message_id)
+            self._in_flight -= 1
+            if self._starved:
+                self._dirty |= self._starved
+                self._starved.clear()
+
+    def _schedule(self, lane: Lane, at: float) -> None:
+        """Look at the lane again at `at` (caller holds the lock)."""
+        if at < lane.wake_at:
+            lane.wake_at = at
+            heapq.heappush(self._timers, (at, lane.instance))
+
     def _notify(self) -> None:
         """Wake the loop (caller holds the lock)."""
         self._changed = True
@@ -215,7 +238,10 @@ class Dispatcher:
         lane = self._lanes.get(instance)
         if lane is None:
             settings = self.settings.lane(instance)
-            concurrency = 1 if (settings.send_interval or 0) > 0 else self.settings.workers
+            # A paced lane sends one at a time; an unpaced one as many as the in-flight bound allows
+            # (one per recipient: the ledger holds later messages to a recipient back).
+            paced = (settings.send_interval or 0) > 0
+            concurrency = 1 if paced else self.settings.max_in_flight
             lane = Lane(
                 instance=instance,
                 settings=settings,
@@ -250,50 +276,66 @@ class Dispatcher:
                     self._cond.wait(min(delay, _MAX_WAIT))
 
     def step(self) -> float:
-        """One pass: housekeeping if due, then dispatch every lane that may send; returns next wake."""
+        """One pass: housekeeping if due, then the lanes an event touched or whose timer is due;
+        returns when to wake next."""
         with self._cond:
             self._changed = False
         now = self._time()
-        wake_at = now + _MAX_WAIT
         if now >= self._next_housekeeping:
             self._housekeeping(now)
             self._next_housekeeping = now + HOUSEKEEPING_EVERY
-        wake_at = min(wake_at, self._next_housekeeping)
         if self._draining:
-            return wake_at
+            return min(now + _MAX_WAIT, self._next_housekeeping)
         with self._cond:
-            lanes = [lane for lane in self._lanes.values() if not lane.idle]
-        for lane in lanes:
+            while self._timers and self._timers[0][0] <= now:
+                at, instance = heapq.heappop(self._timers)
+                lane = self._lanes[instance]
+                if lane.wake_at == at:
+                    lane.wake_at = float("inf")
+                    self._dirty.add(instance)
+            todo = [self._lanes[instance] for instance in sorted(self._dirty)]
+            self._dirty.clear()
+        for lane in todo:
             lane_wake = self._dispatch_lane(lane, now)
-            if lane_wake is not None:
-                wake_at = min(wake_at, lane_wake)
-        return wake_at
+            if lane_wake is not None and lane_wake != float("inf"):
+                with self._cond:
+                    self._schedule(lane, max(lane_wake, now))
+        with self._cond:
+            wake_at = min(now + _MAX_WAIT, self._next_housekeeping)
+            if self._timers:
+                wake_at = min(wake_at, self._timers[0][0])
+            return now if self._dirty else wake_at
 
     def _dispatch_lane(self, lane: Lane, now: float) -> float | None:
+        """Hand out what may go now; returns when the lane needs a look again (None: only on
+        an event)."""
         with self._cond:
             self._maybe_probe(lane, now)
             blocked = lane.blocked_until(now)
             if blocked is not None:
                 return blocked
             gone = lane.gone(now)
-            room = lane.concurrency - len(lane.in_flight)
+            room = min(
+                lane.concurrency - len(lane.in_flight),
+                self.settings.max_in_flight - self._in_flight,
+            )
+            if room <= 0:
+                self._starved.add(lane.instance)
+                return None
             exclude = list(lane.in_flight)
             known = lane.known
         if gone:
             return self._fail_gone(lane, now, exclude)
         ids = self.store.ready(lane.instance, now, room, exclude)
-        if not ids:
-            due = self.store.next_due(lane.instance, now, exclude)
-            with self._cond:
-                if due is None and not lane.in_flight:
-                    lane.idle = True
-                    lane.waiting = 0
-            return due
         for message_id in ids:
             with self._cond:
-                if lane.blocked_until(now) is not None:
+                if (
+                    lane.blocked_until(now) is not None
+                    or self._in_flight >= self.settings.max_in_flight
+                ):
                     break
                 lane.in_flight.add(message_id)
+                self._in_flight += 1
                 lane.record_send(now, self._rng)
             try:
                 self._submit(Job(message_id, lane.instance, known))
@@ -305,9 +347,20 @@ class Dispatcher:
                     extra=log_fields(message_id, lane.instance),
                 )
                 with self._cond:
-                    lane.in_flight.discard(message_id)
+                    self._release(lane, message_id)
                 return now + 1.0
-        return None if lane.concurrency > len(lane.in_flight) else lane.next_send_at
+        if len(ids) < room:
+            # Nothing more is due now: wake when the next waiting message becomes due.
+            with self._cond:
+                exclude = list(lane.in_flight)
+            due = self.store.next_due(lane.instance, now, exclude)
+            with self._cond:
+                if due is None and not lane.in_flight:
+                    lane.waiting = 0
+            if due is not None:
+                return due
+        with self._cond:
+            return lane.blocked_until(now)
 
     def _fail_gone(self, lane: Lane, now: float, exclude: list[str]) -> float:
         """A missing instance's grace is over: its waiting messages fail now, without a send."""
@@ -366,7 +419,7 @@ class Dispatcher:
                 lane.next_probe_at = now + lane.probe_backoff
             else:
                 lane.next_probe_at = now + self.settings.probe_interval
-            lane.idle = False
+            self._dirty.add(lane.instance)
             self._notify()
 
     def _housekeeping(self, now: float) -> None:
@@ -379,8 +432,8 @@ class Dispatcher:
             )
             with self._cond:
                 lane = self._lane(instance)
-                lane.in_flight.discard(message_id)
-                lane.idle = False
+                self._release(lane, message_id)
+                self._dirty.add(lane.instance)
         for message_id, instance in self.store.expire_due(now):
             log.info(
                 "task %s instance %s: expired",

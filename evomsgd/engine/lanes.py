@@ -52,7 +52,7 @@ class Lane:
     probe_backoff: float = 1.0
     probing: bool = False
     waiting: int = 0
-    idle: bool = False  # nothing due and nothing scheduled: skip until notified
+    wake_at: float = float("inf")  # the dispatcher's timer for this lane (inf: none set)
     sends: deque[float] = field(default_factory=deque)  # attempt start times, newest last
 
     @property

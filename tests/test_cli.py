@@ -534,6 +534,44 @@ def test_tasks_show_of_an_unknown_id_fails_with_the_daemons_message(app: ServedA
     )
 
 
+def test_tasks_list_shows_long_and_group_jids_whole(app: ServedApp) -> None:
+    assert invoke("pause", "shop", **app.env).exit_code == 0
+    phones = ["+5215512345678", "120363025246125486@g.us", "5215512345678@s.whatsapp.net"]
+    ids = [send(app, phone) for phone in phones]
+    created = [app.get(f"/tasks/{task_id}")["created_at"] for task_id in ids]
+    result = invoke("tasks", "list", **app.env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    # Newest first; the PHONE column is as wide as the longest JID, nothing is cut.
+    assert result.stdout == (
+        "TASK ID                               STATUS     INSTANCE        PHONE"
+        "                         CREATED\n"
+        f"{ids[2]}  PENDING    shop            5215512345678@s.whatsapp.net  {created[2]}\n"
+        f"{ids[1]}  PENDING    shop            120363025246125486@g.us       {created[1]}\n"
+        f"{ids[0]}  PENDING    shop            525512345678                  {created[0]}\n"
+    )
+    # What the table shows is what --phone takes.
+    group = invoke("tasks", "list", "--phone", "120363025246125486@g.us", **app.env)
+    assert group.stdout.splitlines()[1:] == [
+        f"{ids[1]}  PENDING    shop            120363025246125486@g.us  {created[1]}"
+    ]
+    listed = json.loads(invoke("tasks", "list", "--json", **app.env).stdout)
+    assert [t["task_id"] for t in listed["tasks"]] == ids[::-1]
+
+
+def test_tasks_list_keeps_the_columns_of_short_values_and_says_when_empty(app: ServedApp) -> None:
+    empty = invoke("tasks", "list", **app.env)
+    assert (empty.exit_code, empty.stdout) == (0, "no tasks\n")
+    instance = "a-very-long-instance-name"
+    assert invoke("pause", instance, **app.env).exit_code == 0  # so that it stays PENDING
+    task_id = send(app, "+5511988887777", "--instance", instance)
+    created = app.get(f"/tasks/{task_id}")["created_at"]
+    assert invoke("tasks", "list", **app.env).stdout == (
+        "TASK ID                               STATUS     INSTANCE                   PHONE"
+        "             CREATED\n"
+        f"{task_id}  PENDING    a-very-long-instance-name  5511988887777     {created}\n"
+    )
+
+
 def test_cancel_retry_pause_resume_in_process(app: ServedApp) -> None:
     assert invoke("pause", "shop", **app.env).stdout == "shop paused\n"
     [lane] = [i for i in app.get("/instances")["instances"] if i["instance"] == "shop"]

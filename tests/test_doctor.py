@@ -16,9 +16,14 @@ from evomsgd.ledger.schema import MIGRATIONS
 from evomsgd.ledger.store import LEDGER_FILE, Store
 from tests.conftest import API_KEY, FakeProcess, daemon_env, free_port
 from tests.fake_evolution import FakeEvolution
-from tests.test_cli import LoopThread, invoke, run
+from tests.test_cli import LoopThread, invoke, loop_thread, run
 
 SCHEMA = MIGRATIONS[-1][0]  # the newest migration the ledger was brought to
+__all__ = ["loop_thread"]  # a fixture, used by name
+
+NOTHING_ANSWERS = "not checked: nothing answers at EVOLUTION_API_URL"
+NOT_EVOLUTION = "not checked: the server at EVOLUTION_API_URL answers, but not as Evolution API"
+NO_INSTANCE = "no instance to ask: none configured or in the ledger - set EVOLUTION_INSTANCE_NAME"
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +55,6 @@ def lines(result: object) -> list[str]:
 
 
 @pytest.fixture
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture
 def fake(loop_thread: LoopThread) -> Iterator[FakeEvolution]:
     """The fake Evolution in this process, on the loop thread: doctor runs its own event loop."""
     server = FakeEvolution(api_key=API_KEY, instances=["main", "other", "pairing"])
@@ -69,6 +67,15 @@ def fake(loop_thread: LoopThread) -> Iterator[FakeEvolution]:
 
 def doctor(data_dir: Path, *args: str, **env: str) -> Result:
     return invoke("doctor", "--data-dir", str(data_dir), *args, **env)
+
+
+def evolution_failed(detail: str, why: str) -> list[str]:
+    """The last three lines when the evolution check fails: it, and the two it stops."""
+    return [
+        f"FAIL  evolution        {detail}",
+        f"SKIP  api key          {why}",
+        f"SKIP  instances        {why}",
+    ]
 
 
 def evolution_env(url: str, key: str = API_KEY, instance: str = "main") -> dict[str, str]:
@@ -144,31 +151,14 @@ def test_refused_connection_says_so_once_with_one_fix_and_open_permissions(tmp_p
         f"WARN  data dir         {data_dir} is open to other users (mode 0755); the ledger holds "
         f"message texts - chmod 700 {data_dir}"
     )
-    assert out[3:] == [
-        f"FAIL  evolution        cannot connect to Evolution at {url} - is it running? check "
-        "EVOLUTION_API_URL",
-        "SKIP  api key          not checked: nothing answers at EVOLUTION_API_URL",
-        "SKIP  instances        not checked: nothing answers at EVOLUTION_API_URL",
-    ]
+    refused = f"cannot connect to Evolution at {url} - is it running? check EVOLUTION_API_URL"
+    assert out[3:] == evolution_failed(refused, NOTHING_ANSWERS)
     assert API_KEY not in result.output
     as_json = json.loads(doctor(data_dir, "--json", **evolution_env(url)).stdout)
     assert as_json[3:] == [
-        {
-            "check": "evolution",
-            "verdict": "FAIL",
-            "detail": f"cannot connect to Evolution at {url} - is it running? check "
-            "EVOLUTION_API_URL",
-        },
-        {
-            "check": "api key",
-            "verdict": "SKIP",
-            "detail": "not checked: nothing answers at EVOLUTION_API_URL",
-        },
-        {
-            "check": "instances",
-            "verdict": "SKIP",
-            "detail": "not checked: nothing answers at EVOLUTION_API_URL",
-        },
+        {"check": "evolution", "verdict": "FAIL", "detail": refused},
+        {"check": "api key", "verdict": "SKIP", "detail": NOTHING_ANSWERS},
+        {"check": "instances", "verdict": "SKIP", "detail": NOTHING_ANSWERS},
     ]
 
 
@@ -177,13 +167,9 @@ def test_a_wrong_path_is_not_called_unreachable(tmp_path: Path, fake: FakeEvolut
     url = fake.url + "/evolution"  # Evolution answers at its root, not under a path
     result = doctor(data_dir, **evolution_env(url))
     assert result.exit_code == 1
-    why = "not checked: the server at EVOLUTION_API_URL answers, but not as Evolution API"
-    assert lines(result)[3:] == [
-        f"FAIL  evolution        Evolution has no such route (404) at {url} - check "
-        "EVOLUTION_API_URL",
-        f"SKIP  api key          {why}",
-        f"SKIP  instances        {why}",
-    ]
+    assert lines(result)[3:] == evolution_failed(
+        f"Evolution has no such route (404) at {url} - check EVOLUTION_API_URL", NOT_EVOLUTION
+    )
     assert API_KEY not in result.output
 
 
@@ -211,32 +197,26 @@ def test_a_server_that_is_not_evolution(tmp_path: Path, loop_thread: LoopThread)
     finally:
         loop_thread.run(runner.cleanup())
     assert result.exit_code == 1
-    why = "not checked: the server at EVOLUTION_API_URL answers, but not as Evolution API"
-    assert lines(result)[3:] == [
-        f"FAIL  evolution        the server at {url} does not answer like Evolution API - check "
-        "the URL",
-        f"SKIP  api key          {why}",
-        f"SKIP  instances        {why}",
-    ]
+    assert lines(result)[3:] == evolution_failed(
+        f"the server at {url} does not answer like Evolution API - check the URL", NOT_EVOLUTION
+    )
 
 
 def test_without_an_instance_the_key_is_not_checked(tmp_path: Path, fake: FakeEvolution) -> None:
     data_dir = ledger(tmp_path / "data")
-    why = "no instance to ask: none configured or in the ledger - set EVOLUTION_INSTANCE_NAME"
     answered = doctor(data_dir, **evolution_env(fake.url, instance=""))
     assert lines(answered)[3:] == [
         f"OK    evolution        Evolution 2.3.7 is reachable at {fake.url}",
-        f"SKIP  api key          {why}",
-        f"SKIP  instances        {why}",
+        f"SKIP  api key          {NO_INSTANCE}",
+        f"SKIP  instances        {NO_INSTANCE}",
     ]
+    # Nothing to probe: whether anything listens is unknown, so the lines name what is missing.
     url = f"http://127.0.0.1:{free_port()}"
     refused = doctor(data_dir, **evolution_env(url, instance=""))
-    assert lines(refused)[3:] == [
-        f"FAIL  evolution        cannot connect to Evolution at {url} - is it running? check "
-        "EVOLUTION_API_URL",
-        f"SKIP  api key          {why}",
-        f"SKIP  instances        {why}",
-    ]
+    assert lines(refused)[3:] == evolution_failed(
+        f"cannot connect to Evolution at {url} - is it running? check EVOLUTION_API_URL",
+        NO_INSTANCE,
+    )
 
 
 def test_a_version_mismatch_warns_with_the_setting_to_change(

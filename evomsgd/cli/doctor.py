@@ -241,7 +241,7 @@ def _at_url(reason: str, url: str) -> str:
 
 
 def _not_checked(probes: list[StateProbe]) -> str:
-    """Why the key and the instances were not checked after GET / failed, in the probes' words."""
+    """Why the key and the instances were not checked after GET / failed, as the probes tell."""
     if not probes:
         return _NO_INSTANCE
     # An HTTP status means something listens there: a wrong path or another program, which

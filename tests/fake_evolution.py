@@ -493,6 +493,7 @@ class FakeEvolution:
                 "message": {"conversation": text},
                 "messageType": "conversation",
                 "messageTimestamp": now,
+                "source": "unknown",  # as a real 2.3.7 EVOLUTION instance answered
                 "instanceId": inst.instance_id,
             }
         record.key_id = "3EB0" + secrets.token_hex(9).upper()

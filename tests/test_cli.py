@@ -1,20 +1,35 @@
-"""The `evomsgd` command against a real sandbox daemon, and offline against the SQLite file."""
+"""The `evomsgd` command: in-process with click's CliRunner against the real app served on a
+thread (exact output), and end-to-end as real processes against a real sandbox daemon."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import re
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from aiohttp import web
+from click.testing import CliRunner, Result
 
-from evomsgd import __version__
-from tests.conftest import ROOT, daemon_env, free_port, wait_until
+from evomsgd import __version__, clock
+from evomsgd.app import create_app
+from evomsgd.cli.daemon_client import DaemonClient
+from evomsgd.cli.main import cli
+from evomsgd.config import Settings
+from evomsgd.ledger.store import LEDGER_FILE
+from evomsgd.web.server import Runner, http_limits
+from tests.conftest import ROOT, daemon_env, fast_settings, free_port, wait_until
 from tests.test_e2e import Daemon
 
-pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -42,6 +57,7 @@ def cli_env(daemon: Daemon) -> dict[str, str]:
     return daemon_env(EVOMSGD_PORT=str(daemon.port), EVOMSGD_DATA_DIR=str(daemon.data_dir))
 
 
+@pytest.mark.slow
 def test_version_from_both_entry_points() -> None:
     assert run("--version").stdout.strip() == f"evomsgd, version {__version__}"
     console = subprocess.run(
@@ -53,6 +69,7 @@ def test_version_from_both_entry_points() -> None:
     assert console.stdout.strip() == f"evomsgd, version {__version__}"
 
 
+@pytest.mark.slow
 def test_send_then_show_reaches_success_in_sandbox(sandbox: Daemon) -> None:
     env = cli_env(sandbox)
     sent = run("send", "--phone", "+5215512345678", "--message", "Hola Carlos", env=env)
@@ -72,12 +89,14 @@ def test_send_then_show_reaches_success_in_sandbox(sandbox: Daemon) -> None:
     assert task_id in listing
 
 
+@pytest.mark.slow
 def test_send_reports_validation_errors(sandbox: Daemon) -> None:
     result = run("send", "--phone", "12", "--message", "x", env=cli_env(sandbox))
     assert result.returncode == 1
     assert result.stderr.startswith("error: 422 validation_error: phone:")
 
 
+@pytest.mark.slow
 def test_status_of_a_running_daemon(sandbox: Daemon) -> None:
     result = run("status", env=cli_env(sandbox))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -88,6 +107,7 @@ def test_status_of_a_running_daemon(sandbox: Daemon) -> None:
     assert data["daemon"] == "up" and data["status"] == "ok" and data["sandbox"] is True
 
 
+@pytest.mark.slow
 def test_status_reads_the_ledger_when_the_daemon_is_down(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     daemon = Daemon(data_dir, free_port(), "--sandbox", "--instance", "shop")
@@ -116,6 +136,7 @@ def test_status_reads_the_ledger_when_the_daemon_is_down(tmp_path: Path) -> None
     assert data["instances"][0]["state"] == "paused"
 
 
+@pytest.mark.slow
 def test_cancel_retry_pause_resume(sandbox: Daemon) -> None:
     env = cli_env(sandbox)
     assert run("pause", "shop", env=env).stdout.strip() == "shop paused"
@@ -137,12 +158,14 @@ def test_cancel_retry_pause_resume(sandbox: Daemon) -> None:
     assert [h["event"] for h in history] == ["canceled", "requeued", "attempt"]
 
 
+@pytest.mark.slow
 def test_bulk_retry_needs_filters() -> None:
     result = run("retry")
     assert result.returncode == 2
     assert "give a task id, or --status FAILURE" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_without_a_daemon_says_how_to_fix_it(tmp_path: Path) -> None:
     result = run(
         "send",
@@ -156,6 +179,7 @@ def test_cli_without_a_daemon_says_how_to_fix_it(tmp_path: Path) -> None:
     assert "is `evomsgd serve` running?" in result.stderr
 
 
+@pytest.mark.slow
 def test_bulk_retry_requeues_failures_and_keeps_their_history(tmp_path: Path) -> None:
     from tests.conftest import API_KEY, FakeProcess
 
@@ -225,6 +249,7 @@ def run_on_tty(*args: str, env: dict[str, str]) -> str:
     return b"".join(chunks).decode()
 
 
+@pytest.mark.slow
 def test_status_colours_follow_the_terminal_flags_and_no_color(sandbox: Daemon) -> None:
     env = cli_env(sandbox)
     green_head = "\x1b[32m\x1b[1mevomsgd is UP (ok)\x1b[0m"
@@ -237,6 +262,7 @@ def test_status_colours_follow_the_terminal_flags_and_no_color(sandbox: Daemon) 
     assert run("status", "--color", env={**env, "NO_COLOR": "1"}).stdout.startswith(green_head)
 
 
+@pytest.mark.slow
 def test_status_is_degraded_with_exit_code_1_when_evolution_rejects_the_key(
     tmp_path: Path,
 ) -> None:
@@ -275,3 +301,386 @@ def test_status_is_degraded_with_exit_code_1_when_evolution_rejects_the_key(
     finally:
         daemon.stop()
         fake.stop()
+
+
+# --- in-process: CliRunner against the real app, exact output --------------------------------
+
+
+class LoopThread:
+    """An asyncio loop on its own thread: a server answers there while CliRunner blocks here."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop")
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class ServedApp:
+    """The real app on a real ledger, listening on 127.0.0.1 with the daemon's own runner."""
+
+    def __init__(self, loop: LoopThread, settings: Settings, data_dir: Path) -> None:
+        self.loop, self.settings, self.data_dir = loop, settings, data_dir
+        self._runner: Runner | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        async def start() -> Runner:
+            runner = Runner(
+                create_app(self.settings, self.data_dir),
+                handle_signals=False,
+                access_log=None,
+                **http_limits(self.settings),
+            )
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            return runner
+
+        self._runner = self.loop.run(start())
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            self.loop.run(self._runner.cleanup())
+            self._runner = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a shell beside this daemon would export for the CLI."""
+        return {"EVOMSGD_URL": self.url, "EVOMSGD_DATA_DIR": str(self.data_dir)}
+
+    def get(self, path: str, token: str | None = None) -> Any:
+        reply = DaemonClient(self.url, token).request("GET", path)
+        assert reply.status == 200, (path, reply)
+        return reply.body
+
+    def wait_status(self, task_id: str, status: str) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            task: dict[str, Any] = self.get(f"/tasks/{task_id}")
+            return task if task["status"] == status else None
+
+        found: dict[str, Any] = wait_until(reached, 10, f"task {task_id} {status}")
+        return found
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    # The token commands set umask 077 as the daemon does; in-process, that would outlive them.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    yield
+    os.umask(mask)
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture
+def app(loop_thread: LoopThread, tmp_path: Path) -> Iterator[ServedApp]:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    served = ServedApp(loop_thread, fast_settings(sandbox=True, default_instance="shop"), data_dir)
+    served.start()
+    yield served
+    served.stop()
+
+
+def invoke(*args: str, **env: str) -> Result:
+    """Run `evomsgd ARGS` in this process with only the given EVOMSGD_/EVOLUTION_ variables."""
+    clean: dict[str, str | None] = {
+        k: None for k in os.environ if k.startswith(("EVOMSGD_", "EVOLUTION_"))
+    }
+    clean.update(env)
+    return CliRunner(env=clean).invoke(cli, list(args), catch_exceptions=False)
+
+
+def send(app: ServedApp, phone: str, *extra: str) -> str:
+    result = invoke("send", "--phone", phone, "--message", "Hola Carlos", *extra, **app.env)
+    assert result.exit_code == 0, result.output
+    task_id = result.stdout.strip()
+    assert result.stdout == task_id + "\n" and UUID.fullmatch(task_id), result.stdout
+    return task_id
+
+
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+UNREACHABLE = (
+    "no evomsgd answering at {url} ([Errno 111] Connection refused) - is `evomsgd serve` "
+    "running? (set EVOMSGD_URL or --url if it listens elsewhere)"
+)
+COUNTS = "PENDING {}  STARTED 0  RETRY 0  SUCCESS {}  FAILURE 0  SCHEDULED 0  CANCELED 0  EXPIRED 0"
+
+
+def seconds(text: str, label: str) -> str:
+    """`text` with the one genuinely variable duration after `label` replaced by `Ns`."""
+    normalised, count = re.subn(rf"^(  {label}\s+)\d+s$", r"\1Ns", text, flags=re.M)
+    assert count == 1, f"no '{label} <seconds>' line in:\n{text}"
+    return normalised
+
+
+def test_status_of_a_running_daemon_is_printed_whole(app: ServedApp) -> None:
+    assert invoke("pause", "shop", **app.env).exit_code == 0
+    send(app, "+5215512345678")
+    result = invoke("status", **app.env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert seconds(seconds(result.stdout, "uptime"), "oldest waiting") == (
+        "evomsgd is UP (ok)\n"
+        "SANDBOX MODE: messages are recorded, never sent\n"
+        f"  version    {__version__}\n"
+        "  uptime     Ns\n"
+        f"  url        {app.url}\n"
+        "  mode       sandbox\n"
+        f"  data dir   {app.data_dir}\n"
+        "  workers    2/2 alive\n"
+        f"  messages   {COUNTS.format(1, 0)}\n"
+        "  oldest waiting Ns\n"
+        "  instance shop             paused       waiting 1\n"
+        "  ! SANDBOX MODE: messages are recorded, never sent to Evolution\n"
+    )
+    data = json.loads(invoke("status", "--json", **app.env).stdout)
+    assert (data["daemon"], data["status"], data["url"]) == ("up", "ok", app.url)
+    assert data["counts"]["PENDING"] == 1
+
+
+def test_status_reads_the_ledger_when_nothing_answers(app: ServedApp) -> None:
+    assert invoke("pause", "shop", **app.env).exit_code == 0
+    send(app, "+5215512345678")
+    app.stop()
+    result = invoke("status", **app.env)
+    assert (result.exit_code, result.stderr) == (2, ""), result.output
+    assert seconds(result.stdout, "oldest waiting") == (
+        "evomsgd is DOWN (down)\n"
+        "SANDBOX MODE: messages are recorded, never sent\n"
+        f"  version    {__version__}\n"
+        "  mode       sandbox\n"
+        f"  data dir   {app.data_dir}\n"
+        f"  messages   {COUNTS.format(1, 0)}\n"
+        "  oldest waiting Ns\n"
+        "  instance shop             paused       waiting 1\n"
+        f"  ! {UNREACHABLE.format(url=app.url)}\n"
+    )
+
+
+def test_every_daemon_command_says_how_to_fix_an_unreachable_daemon(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    task_id = "01a21fde-0dd2-726f-825e-65960dff246d"
+    for args in (
+        ("send", "--phone", "+5215512345678", "--message", "x"),
+        ("tasks", "show", task_id),
+        ("tasks", "list"),
+        ("cancel", task_id),
+        ("retry", task_id),
+        ("retry", "--status", "FAILURE"),
+        ("pause", "shop"),
+        ("resume", "shop"),
+    ):
+        result = invoke(*args, "--url", url)
+        assert (result.exit_code, result.stdout) == (2, ""), args
+        assert result.stderr == f"error: {UNREACHABLE.format(url=url)}\n", args
+
+
+def test_send_prints_the_task_id_and_queues_what_it_was_given(app: ServedApp) -> None:
+    task_id = send(app, "+5215512345678", "--priority", "high", "--instance", "shop")
+    task = app.wait_status(task_id, "SUCCESS")
+    assert (task["phone"], task["phone_input"]) == ("525512345678", "+5215512345678")
+    assert (task["instance"], task["priority"]) == ("shop", "high")
+    # The same idempotency key and body queue once: the first id comes back.
+    first = send(app, "+5215512345678", "--idempotency-key", "order-1042")
+    assert send(app, "+5215512345678", "--idempotency-key", "order-1042") == first
+
+
+def test_send_reports_the_daemons_validation_error_exactly(app: ServedApp) -> None:
+    result = invoke("send", "--phone", "12", "--message", "x", **app.env)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        "error: 422 validation_error: phone: '12' is too short to be a phone number - send it in "
+        "international format, e.g. +5215512345678\n"
+    )
+
+
+def test_tasks_show_prints_the_task_and_its_history(app: ServedApp) -> None:
+    task_id = send(app, "+5215512345678")
+    task = app.wait_status(task_id, "SUCCESS")
+    result = invoke("tasks", "show", task_id, **app.env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    [attempt] = task["history"]
+    assert result.stdout == (
+        f"{task_id}  SUCCESS  instance shop  phone 525512345678\n"
+        f"  created {task['created_at']}  attempts 1  expires {task['expires_at']}\n"
+        f"  evolution key {task['result']['evolution_key']}  jid 525512345678@s.whatsapp.net\n"
+        f"  {attempt['at']}  attempt sent\n"
+    )
+    as_json = invoke("tasks", "show", task_id, "--json", **app.env)
+    assert json.loads(as_json.stdout) == task
+
+
+def test_tasks_show_of_an_unknown_id_fails_with_the_daemons_message(app: ServedApp) -> None:
+    task_id = "01a21fde-0dd2-726f-825e-65960dff246d"
+    result = invoke("tasks", "show", task_id, **app.env)
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"error: 404 not_found: no task with id '{task_id}' - check the task_id returned by "
+        "POST /messages\n"
+    )
+
+
+def test_tasks_list_shows_long_and_group_jids_whole(app: ServedApp) -> None:
+    assert invoke("pause", "shop", **app.env).exit_code == 0
+    phones = ["+5215512345678", "120363025246125486@g.us", "5215512345678@s.whatsapp.net"]
+    ids = [send(app, phone) for phone in phones]
+    created = [app.get(f"/tasks/{task_id}")["created_at"] for task_id in ids]
+    result = invoke("tasks", "list", **app.env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    # Newest first; the PHONE column is as wide as the longest JID, nothing is cut.
+    assert result.stdout == (
+        "TASK ID                               STATUS     INSTANCE        PHONE"
+        "                         CREATED\n"
+        f"{ids[2]}  PENDING    shop            5215512345678@s.whatsapp.net  {created[2]}\n"
+        f"{ids[1]}  PENDING    shop            120363025246125486@g.us       {created[1]}\n"
+        f"{ids[0]}  PENDING    shop            525512345678                  {created[0]}\n"
+    )
+    # What the table shows is what --phone takes.
+    group = invoke("tasks", "list", "--phone", "120363025246125486@g.us", **app.env)
+    assert group.stdout.splitlines()[1:] == [
+        f"{ids[1]}  PENDING    shop            120363025246125486@g.us  {created[1]}"
+    ]
+    listed = json.loads(invoke("tasks", "list", "--json", **app.env).stdout)
+    assert [t["task_id"] for t in listed["tasks"]] == ids[::-1]
+
+
+def test_tasks_list_keeps_the_columns_of_short_values_and_says_when_empty(app: ServedApp) -> None:
+    empty = invoke("tasks", "list", **app.env)
+    assert (empty.exit_code, empty.stdout) == (0, "no tasks\n")
+    instance = "a-very-long-instance-name"
+    assert invoke("pause", instance, **app.env).exit_code == 0  # so that it stays PENDING
+    task_id = send(app, "+5511988887777", "--instance", instance)
+    created = app.get(f"/tasks/{task_id}")["created_at"]
+    assert invoke("tasks", "list", **app.env).stdout == (
+        "TASK ID                               STATUS     INSTANCE                   PHONE"
+        "             CREATED\n"
+        f"{task_id}  PENDING    a-very-long-instance-name  5511988887777     {created}\n"
+    )
+
+
+def test_cancel_retry_pause_resume_in_process(app: ServedApp) -> None:
+    assert invoke("pause", "shop", **app.env).stdout == "shop paused\n"
+    [lane] = [i for i in app.get("/instances")["instances"] if i["instance"] == "shop"]
+    assert lane["state"] == "paused"
+    task_id = send(app, "+5215512345678")
+    assert invoke("cancel", task_id, **app.env).stdout == f"{task_id} CANCELED\n"
+    again = invoke("cancel", task_id, **app.env)
+    assert (again.exit_code, again.stdout) == (1, "")
+    assert again.stderr == (
+        f"error: 409 too_late: task {task_id} is CANCELED; only a message that waits "
+        "(PENDING, SCHEDULED, RETRY) can be canceled\n"
+    )
+    assert invoke("retry", task_id, **app.env).stdout == f"{task_id} PENDING\n"
+    assert invoke("resume", "shop", **app.env).stdout == "shop resumed\n"
+    task = app.wait_status(task_id, "SUCCESS")
+    assert [h["event"] for h in task["history"]] == ["canceled", "requeued", "attempt"]
+
+
+def test_bulk_retry_requeues_every_match_and_refuses_mixed_arguments(app: ServedApp) -> None:
+    assert invoke("pause", "shop", **app.env).exit_code == 0
+    ids = [send(app, f"+551198800000{i}") for i in (1, 2)]
+    for task_id in ids:
+        assert invoke("cancel", task_id, **app.env).exit_code == 0
+    result = invoke("retry", "--status", "CANCELED", "--instance", "shop", **app.env)
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "requeued 2 task(s)\n", "")
+    assert [app.get(f"/tasks/{t}")["status"] for t in ids] == ["PENDING", "PENDING"]
+    nothing = invoke("retry", "--status", "CANCELED", **app.env)
+    assert (nothing.exit_code, nothing.stdout) == (0, "requeued 0 task(s)\n")
+    both = invoke("retry", ids[0], "--status", "FAILURE", **app.env)
+    assert (both.exit_code, both.stdout) == (2, "")
+    assert both.stderr == (
+        "error: give a task id or bulk filters (--status/--since/--instance), not both\n"
+    )
+    neither = invoke("retry", **app.env)
+    assert (neither.exit_code, neither.stdout) == (2, "")
+    assert neither.stderr == (
+        "error: give a task id, or --status FAILURE (with --since/--instance) for a bulk retry\n"
+    )
+
+
+def test_tokens_created_listed_and_revoked_take_effect_on_a_running_daemon(
+    app: ServedApp,
+) -> None:
+    none = invoke("token", "list", **app.env)
+    assert none.stdout == "no tokens: the API answers without authentication (on loopback only)\n"
+    made = invoke("token", "create", "shop-backend", "--instance", "shop", **app.env)
+    assert made.exit_code == 0, made.output
+    secret = made.stdout.strip()
+    assert made.stdout == secret + "\n" and re.fullmatch(r"evm_[\w-]{43}", secret), made.stdout
+    assert made.stderr == (
+        "token 'shop-backend' created for shop. Store it now: it cannot be shown again.\n"
+    )
+    ops = invoke("token", "create", "ops", **app.env)
+    assert ops.stderr == (
+        "token 'ops' created for every instance. Store it now: it cannot be shown again.\n"
+    )
+    rows = json.loads(invoke("token", "list", "--json", **app.env).stdout)
+    assert [(r["name"], r["instances"]) for r in rows] == [("ops", []), ("shop-backend", ["shop"])]
+    listing = invoke("token", "list", **app.env).stdout
+    assert listing == (
+        f"ops                      *                        {rows[0]['created_at']}\n"
+        f"shop-backend             shop                     {rows[1]['created_at']}\n"
+    )
+    assert secret not in listing and ops.stdout.strip() not in listing
+
+    # The daemon picks tokens up from the ledger without a restart.
+    def status_without_token() -> int:
+        return DaemonClient(app.url).request("GET", "/tasks").status
+
+    wait_until(lambda: status_without_token() == 401, 10, "the daemon to require a token")
+    refused = invoke("tasks", "list", **app.env)
+    assert (refused.exit_code, refused.stdout) == (1, "")
+    assert refused.stderr.startswith("error: 401 unauthorized: ")
+    assert invoke("tasks", "list", "--token", secret, **app.env).stdout == "no tasks\n"
+
+    assert invoke("token", "revoke", "shop-backend", **app.env).stdout == (
+        "token 'shop-backend' revoked\n"
+    )
+    wait_until(
+        lambda: DaemonClient(app.url, secret).request("GET", "/tasks").status == 401,
+        10,
+        "the revoked token to be refused",
+    )
+    gone = invoke("token", "revoke", "shop-backend", **app.env)
+    assert (gone.exit_code, gone.stdout) == (1, "")
+    assert gone.stderr == "error: no token named 'shop-backend' - see `evomsgd token list`\n"
+
+
+def test_purge_dry_run_counts_and_changes_nothing(app: ServedApp) -> None:
+    task_id = send(app, "+5215512345678")
+    app.wait_status(task_id, "SUCCESS")
+    app.stop()
+    # Age the message as 40 days would: the retention rules read finished_at.
+    old = clock.to_db(clock.now() - 40 * 86_400)
+    with sqlite3.connect(app.data_dir / LEDGER_FILE) as conn:
+        conn.execute("UPDATE messages SET finished_at = ? WHERE id = ?", (old, task_id))
+    conn.close()
+    result = invoke("purge", "--dry-run", **app.env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    # The file's size is the one figure that depends on SQLite's page layout, not on evomsgd.
+    out = re.sub(r"\(ledger \d+\.\d MB\)", "(ledger N MB)", result.stdout)
+    assert out == (
+        "would remove 1 SUCCESS messages finished over 30 days ago\n"
+        "would remove 0 FAILURE/EXPIRED/CANCELED messages finished over 90 days ago\n"
+        "would remove 1 history events of those messages\n"
+        "kept every message text (EVOMSGD_ERASE_TEXT_DAYS is not set)\n"
+        "would remove 0 expired idempotency keys\n"
+        "dry run: nothing was changed (ledger N MB)\n"
+    )
+    with sqlite3.connect(app.data_dir / LEDGER_FILE) as conn:
+        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+    conn.close()

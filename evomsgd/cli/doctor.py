@@ -171,39 +171,38 @@ async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
     if not settings.evolution_url or not settings.evolution_key:
         why = "EVOLUTION_API_URL and EVOLUTION_API_KEY are needed (see config)"
         return [Check("SKIP", name, why) for name in ("evolution", "api key", "instances")]
-    checks: list[Check] = []
+    url = settings.evolution_url
     async with aiohttp.ClientSession() as session:
         client = build_sender(settings, session)
-        info = await client.server_info()
-        if not info.reachable:
-            checks.append(
-                Check(
-                    "FAIL",
-                    "evolution",
-                    f"{info.reason} - check EVOLUTION_API_URL ({settings.evolution_url}) "
-                    "and that Evolution runs",
-                )
+        # The probes run beside GET / (not after it): when / fails they tell a server that
+        # answers (a wrong path, another program) from one that does not, at no extra wait.
+        info, probes = await asyncio.gather(
+            client.server_info(),
+            asyncio.gather(*(client.connection_state(name) for name in instances)),
+        )
+    if not info.reachable:
+        fail = Check("FAIL", "evolution", _at_url(info.reason, url))
+        why = _not_checked(probes)
+        return [fail, Check("SKIP", "api key", why), Check("SKIP", "instances", why)]
+    checks: list[Check] = []
+    if info.major is not None and info.major != settings.evolution_api_version:
+        checks.append(
+            Check(
+                "WARN",
+                "evolution",
+                f"Evolution {info.version} answers at {url}, but "
+                f"EVOMSGD_EVOLUTION_API_VERSION is {settings.evolution_api_version} - "
+                f"set it to {info.major}",
             )
-            why = "Evolution is not reachable"
-            return [*checks, Check("SKIP", "api key", why), Check("SKIP", "instances", why)]
-        if info.major is not None and info.major != settings.evolution_api_version:
-            checks.append(
-                Check(
-                    "WARN",
-                    "evolution",
-                    f"Evolution {info.version} answers at {settings.evolution_url}, but "
-                    f"EVOMSGD_EVOLUTION_API_VERSION is {settings.evolution_api_version} - "
-                    f"set it to {info.major}",
-                )
-            )
-        else:
-            checks.append(Check("OK", "evolution", f"{info.reason} at {settings.evolution_url}"))
-        if not instances:
-            why = (
-                "no instance to ask: none configured or in the ledger - set EVOLUTION_INSTANCE_NAME"
-            )
-            return [*checks, Check("SKIP", "api key", why), Check("SKIP", "instances", why)]
-        probes = await asyncio.gather(*(client.connection_state(name) for name in instances))
+        )
+    else:
+        checks.append(Check("OK", "evolution", f"{info.reason} at {url}"))
+    if not probes:
+        return [
+            *checks,
+            Check("SKIP", "api key", _NO_INSTANCE),
+            Check("SKIP", "instances", _NO_INSTANCE),
+        ]
     first = probes[0]
     if first.http_status == 401:
         checks.append(
@@ -227,6 +226,29 @@ async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
         )
     checks += [_instance(name, probe) for name, probe in zip(instances, probes, strict=True)]
     return checks
+
+
+_NO_INSTANCE = "no instance to ask: none configured or in the ledger - set EVOLUTION_INSTANCE_NAME"
+
+
+def _at_url(reason: str, url: str) -> str:
+    """The client's "cause - fix" reason with the URL put into the cause, so neither repeats."""
+    cause, sep, fix = reason.partition(" - ")
+    # Some causes name the setting ("the server at EVOLUTION_API_URL ..."): say its value there.
+    if "EVOLUTION_API_URL" in cause:
+        return f"{cause.replace('EVOLUTION_API_URL', url)}{sep}{fix}"
+    return f"{cause} at {url}{sep}{fix}"
+
+
+def _not_checked(probes: list[StateProbe]) -> str:
+    """Why the key and the instances were not checked after GET / failed, as the probes tell."""
+    if not probes:
+        return _NO_INSTANCE
+    # An HTTP status means something listens there: a wrong path or another program, which
+    # "not reachable" would send the reader looking for the wrong fault.
+    if any(p.http_status is not None for p in probes):
+        return "not checked: the server at EVOLUTION_API_URL answers, but not as Evolution API"
+    return "not checked: nothing answers at EVOLUTION_API_URL"
 
 
 def _instance(name: str, probe: StateProbe) -> Check:

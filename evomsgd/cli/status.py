@@ -223,13 +223,20 @@ def render_task(task: dict[str, Any]) -> str:
 
 
 def render_list(tasks: list[dict[str, Any]]) -> str:
-    """A table for `evomsgd tasks list`."""
+    """A table for `evomsgd tasks list`; every value whole, a column as wide as its longest."""
     if not tasks:
         return "no tasks"
-    rows = [f"{'TASK ID':<36}  {'STATUS':<9}  {'INSTANCE':<14}  {'PHONE':<16}  CREATED"]
+    # A JID or an instance cut short is a different recipient or instance to the reader (and
+    # to `--phone` pasted from it), so the columns grow instead of cutting.
+    instance_width = max(14, *(len(t["instance"]) for t in tasks))
+    phone_width = max(16, *(len(t["phone"]) for t in tasks))
+    rows = [
+        f"{'TASK ID':<36}  {'STATUS':<9}  {'INSTANCE':<{instance_width}}  "
+        f"{'PHONE':<{phone_width}}  CREATED"
+    ]
     for t in tasks:
         rows.append(
-            f"{t['task_id']:<36}  {t['status']:<9}  {t['instance'][:14]:<14}  {t['phone'][:16]:<16}  "
-            f"{t['created_at']}"
+            f"{t['task_id']:<36}  {t['status']:<9}  {t['instance']:<{instance_width}}  "
+            f"{t['phone']:<{phone_width}}  {t['created_at']}"
         )
     return "\n".join(rows)

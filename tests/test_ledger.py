@@ -71,6 +71,12 @@ def row(store: Store, message_id: str) -> Message:
     return msg
 
 
+def columns(msg: Message | None, **expected: object) -> None:
+    """Assert the named columns of a row, each value next to its name."""
+    assert msg is not None
+    assert {name: getattr(msg, name) for name in expected} == expected
+
+
 def events(store: Store, message_id: str) -> list[tuple[str, str, str | None]]:
     return [(e.at, e.event, e.detail) for e in store.history(message_id)]
 
@@ -87,12 +93,13 @@ def claimed(store: Store, message_id: str, offset: float) -> Message:
 def test_claim_takes_a_waiting_message_under_a_lease(store: Store) -> None:
     store.insert_messages([new("m1")])
     msg = claimed(store, "m1", 5)
-    assert (msg.status, msg.attempts, msg.started_at, msg.lease_until, msg.next_attempt_at) == (
-        Status.STARTED,
-        1,
-        at(5),
-        at(5 + LEASE),
-        None,
+    columns(
+        msg,
+        status=Status.STARTED,
+        attempts=1,
+        started_at=at(5),
+        lease_until=at(5 + LEASE),
+        next_attempt_at=None,
     )
     assert row(store, "m1") == msg
 
@@ -136,15 +143,15 @@ def test_a_worker_whose_lease_was_taken_over_cannot_write_its_outcome(store: Sto
     assert store.finish_attempt(newer, T0 + 32, T0 + 34, SENT) is True
     assert store.finish_attempt(stale, T0 + 0, T0 + 35, failed) is False
 
-    msg = row(store, "m1")
-    assert (msg.status, msg.finished_at, msg.evolution_key, msg.remote_jid, msg.attempts) == (
-        Status.SUCCESS,
-        at(34),
-        "KEY-B",
-        "jid-b",
-        2,
+    columns(
+        row(store, "m1"),
+        status=Status.SUCCESS,
+        finished_at=at(34),
+        evolution_key="KEY-B",
+        remote_jid="jid-b",
+        attempts=2,
+        error_kind="ambiguous",  # B's success keeps what the recovery recorded
     )
-    assert msg.error_kind == "ambiguous"  # B's success keeps what the recovery recorded
     assert store.history("m1") == [
         Event(
             at(31),
@@ -171,16 +178,16 @@ def test_a_retry_records_when_to_try_again_and_spends_the_budget(store: Store) -
         error_kind="transient",
     )
     assert store.finish_attempt(msg, T0, T0 + 1, busy) is True
-    after = row(store, "m1")
-    assert (
-        after.status,
-        after.next_attempt_at,
-        after.lease_until,
-        after.finished_at,
-        after.retries_used,
-        after.last_error,
-        after.error_kind,
-    ) == (Status.RETRY, at(60), None, None, 1, "Evolution answered 500", "transient")
+    columns(
+        row(store, "m1"),
+        status=Status.RETRY,
+        next_attempt_at=at(60),
+        lease_until=None,
+        finished_at=None,
+        retries_used=1,
+        last_error="Evolution answered 500",
+        error_kind="transient",
+    )
     assert store.finish_attempt(msg, T0, T0 + 2, busy) is False  # not STARTED any more
 
 
@@ -196,39 +203,30 @@ def test_recover_puts_in_flight_messages_back_flagged_and_only_expired_leases_wh
     assert store.recover(T0 + 30, only_expired_leases=True) == []  # a lease ends after its time
 
     assert store.recover(T0 + 40, only_expired_leases=True) == [("early", "shop")]
-    early = row(store, "early")
-    assert (
-        early.status,
-        early.lease_until,
-        early.next_attempt_at,
-        early.recovered,
-        early.ambiguous,
-        early.last_error,
-        early.error_kind,
-    ) == (
-        Status.RETRY,
-        None,
-        at(40),
-        1,
-        1,
-        "lease expired while sending; it may have been delivered",
-        "ambiguous",
+    columns(
+        row(store, "early"),
+        status=Status.RETRY,
+        lease_until=None,
+        next_attempt_at=at(40),
+        recovered=1,
+        ambiguous=1,
+        last_error="lease expired while sending; it may have been delivered",
+        error_kind="ambiguous",
     )
     assert row(store, "late").status is Status.STARTED
 
     # At start-up every STARTED row is an interrupted send, its lease run out or not.
     assert store.recover(T0 + 41, only_expired_leases=False) == [("late", "shop")]
-    late = row(store, "late")
-    assert (late.status, late.recovered, late.last_error) == (
-        Status.RETRY,
-        1,
-        "daemon stopped while sending; it may have been delivered",
+    columns(
+        row(store, "late"),
+        status=Status.RETRY,
+        recovered=1,
+        last_error="daemon stopped while sending; it may have been delivered",
     )
     assert events(store, "late") == [
         (at(41), "recovered", "daemon stopped while sending; it may have been delivered")
     ]
-    waiting = row(store, "waiting")
-    assert (waiting.status, waiting.recovered, waiting.ambiguous) == (Status.PENDING, 0, 0)
+    columns(row(store, "waiting"), status=Status.PENDING, recovered=0, ambiguous=0)
 
 
 # -- expire_due --------------------------------------------------------------------------------
@@ -250,13 +248,13 @@ def test_expire_due_ends_waiting_messages_past_their_expiry_only(store: Store) -
     store.cancel("canceled", T0 + 2)
 
     assert sorted(store.expire_due(T0 + 100)) == [("due", "shop"), ("retried", "shop")]
-    due = row(store, "due")
-    assert (due.status, due.finished_at, due.next_attempt_at, due.error_kind, due.last_error) == (
-        Status.EXPIRED,
-        at(100),
-        None,
-        "expired",
-        f"not sent before it expired at {at(100)}",
+    columns(
+        row(store, "due"),
+        status=Status.EXPIRED,
+        finished_at=at(100),
+        next_attempt_at=None,
+        error_kind="expired",
+        last_error=f"not sent before it expired at {at(100)}",
     )
     assert row(store, "retried").last_error == (
         f"Evolution answered 500 - not sent before it expired at {at(100)}"
@@ -302,12 +300,9 @@ def test_cancel_ends_only_a_waiting_message_once(store: Store) -> None:
     claimed(store, "sending", 1)
 
     changed, msg = store.cancel("m1", T0 + 5)
-    assert changed is True and msg is not None
-    assert (msg.status, msg.finished_at, msg.next_attempt_at, msg.error_kind) == (
-        Status.CANCELED,
-        at(5),
-        None,
-        "canceled",
+    assert changed is True
+    columns(
+        msg, status=Status.CANCELED, finished_at=at(5), next_attempt_at=None, error_kind="canceled"
     )
     again, msg_again = store.cancel("m1", T0 + 6)
     assert (again, msg_again) == (False, msg)
@@ -329,20 +324,20 @@ def test_requeue_sends_a_failed_message_again_and_nothing_else(store: Store) -> 
     assert row(store, "failed").retries_used == 1
 
     changed, msg = store.requeue("failed", T0 + 20, expires_at=T0 + 7200)
-    assert changed is True and msg is not None
-    assert (
-        msg.status,
-        msg.finished_at,
-        msg.next_attempt_at,
-        msg.retries_used,
-        msg.expires_at,
-        msg.attempts,
-    ) == (Status.PENDING, None, at(20), 0, at(7200), 2)
+    assert changed is True
+    columns(
+        msg,
+        status=Status.PENDING,
+        finished_at=None,
+        next_attempt_at=at(20),
+        retries_used=0,
+        expires_at=at(7200),
+        attempts=2,
+    )
     assert events(store, "failed")[-1] == (at(20), "requeued", "retry requested by an operator")
     # A requeue never shortens the time a message has left.
     store.cancel("failed", T0 + 21)
-    _, kept = store.requeue("failed", T0 + 22, expires_at=T0 + 5)
-    assert kept is not None and kept.expires_at == at(7200)
+    columns(store.requeue("failed", T0 + 22, expires_at=T0 + 5)[1], expires_at=at(7200))
 
     # Once retention erased its text there is nothing left to send.
     retention.purge(store, T0 + 2 * 86_400, Retention(0, 0, erase_text_days=1))

@@ -15,13 +15,13 @@ from aiohttp import web
 
 from evomsgd import clock
 from evomsgd.config import Settings
+from evomsgd.engine import purger
 from evomsgd.engine.delivery import Delivery
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.senders import build_sender
 from evomsgd.engine.workers import TaskQueue
 from evomsgd.evolution.client import Sender
 from evomsgd.evolution.outcomes import StateProbe
-from evomsgd.ledger import retention
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import InsertResult, NewMessage
 from evomsgd.ledger.store import Store
@@ -71,7 +71,7 @@ def create_app(
             yield
             return
         stop = threading.Event()
-        task = asyncio.create_task(retention.run_periodically(app[STORE], settings, stop))
+        task = asyncio.create_task(purger.run_periodically(app[STORE], settings, stop))
         yield
         stop.set()
         task.cancel()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from evomsgd import clock
+from evomsgd.ledger import retention
 from evomsgd.ledger.records import Retention
 from evomsgd.ledger.store import LEDGER_FILE, Store
 from tests.conftest import daemon_env, free_port, wait_until
@@ -85,7 +86,7 @@ def test_purge_removes_what_retention_says_and_nothing_else(tmp_path: Path) -> N
     rules = Retention(success_days=30, failed_days=90, erase_text_days=7)
     before = rows(path, "SELECT count(*) FROM messages")
 
-    dry = store.purge(clock.now(), rules, dry_run=True, batch=7)
+    dry = retention.purge(store, clock.now(), rules, dry_run=True, batch=7)
     assert (dry.success, dry.failed, dry.events, dry.texts_erased, dry.idempotency) == (
         23,
         7,
@@ -95,7 +96,7 @@ def test_purge_removes_what_retention_says_and_nothing_else(tmp_path: Path) -> N
     )
     assert rows(path, "SELECT count(*) FROM messages") == before  # a dry run changes nothing
 
-    done = store.purge(clock.now(), rules, batch=7)
+    done = retention.purge(store, clock.now(), rules, batch=7)
     assert (done.success, done.failed, done.events, done.texts_erased, done.idempotency) == (
         23,
         7,
@@ -111,7 +112,7 @@ def test_purge_removes_what_retention_says_and_nothing_else(tmp_path: Path) -> N
     assert rows(path, "SELECT count(*) FROM events") == [(2 * len(kept),)]
     assert rows(path, "SELECT key FROM idempotency") == [(":live",)]
     # Nothing left to do: a second run changes nothing.
-    assert store.purge(clock.now(), rules).removed == 0
+    assert retention.purge(store, clock.now(), rules).removed == 0
     store.close()
 
 
@@ -119,7 +120,7 @@ def test_zero_days_keeps_messages_forever(tmp_path: Path) -> None:
     store = Store(tmp_path)
     seed(store.path, 3, "SUCCESS", 3650)
     seed(store.path, 3, "FAILURE", 3650)
-    report = store.purge(clock.now(), Retention(success_days=0, failed_days=0))
+    report = retention.purge(store, clock.now(), Retention(success_days=0, failed_days=0))
     assert report.removed == 0
     assert rows(store.path, "SELECT count(*) FROM messages") == [(6,)]
     store.close()
@@ -130,7 +131,7 @@ def test_purge_never_holds_the_write_lock_for_long(tmp_path: Path) -> None:
     seed(store.path, 30_000, "SUCCESS", 40)
     result: list[object] = []
     purging = threading.Thread(
-        target=lambda: result.append(store.purge(clock.now(), Retention(30, 90)))
+        target=lambda: result.append(retention.purge(store, clock.now(), Retention(30, 90)))
     )
     # Another connection writes like the daemon does, for as long as the purge runs.
     writer = sqlite3.connect(store.path, timeout=30, isolation_level=None)
@@ -157,7 +158,7 @@ def test_file_size_stays_bounded_across_insert_and_purge_cycles(tmp_path: Path) 
     for _ in range(8):
         seed(store.path, 3000, "SUCCESS", 40, text="y" * 500)
         peaks.append(store.file_size())
-        report = store.purge(clock.now(), Retention(30, 90))
+        report = retention.purge(store, clock.now(), Retention(30, 90))
         assert report.success == 3000 and report.vacuum == "incremental"
         ledger_after.append(store.path.stat().st_size)
     # Each purge gives the ledger's pages back; ledger + WAL never grow from cycle to cycle.
@@ -180,10 +181,10 @@ def test_a_ledger_without_auto_vacuum_reuses_its_pages_and_vacuum_turns_it_on(
     sizes = []
     for _ in range(4):
         seed(store.path, 2000, "SUCCESS", 40)
-        assert store.purge(clock.now(), Retention(30, 90)).vacuum == "none"
+        assert retention.purge(store, clock.now(), Retention(30, 90)).vacuum == "none"
         sizes.append(store.path.stat().st_size)
     assert max(sizes[1:]) <= sizes[0] * 1.1, sizes  # freed pages are reused, the file does not grow
-    assert store.reclaim(full=True) == "full"
+    assert retention.reclaim(store, full=True) == "full"
     assert rows(store.path, "PRAGMA auto_vacuum") == [(2,)]
     assert store.path.stat().st_size < sizes[0] / 4
     store.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ import click
 
 from evomsgd.config import Settings, load_settings, resolve_data_dir
 from evomsgd.engine.senders import build_sender
-from evomsgd.errors import ConfigError
+from evomsgd.errors import ConfigError, StoreUnavailable
 from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
 from evomsgd.ledger.schema import MIGRATIONS
-from evomsgd.ledger.store import LEDGER_FILE
+from evomsgd.ledger.store import LEDGER_FILE, IntegrityCheck, Store
 
 Verdict = Literal["OK", "WARN", "FAIL", "SKIP"]
 
@@ -125,12 +124,12 @@ def _ledger(path: Path, full: bool) -> tuple[Check, list[str]]:
     """Integrity on a read-only connection, and the instances the ledger has seen."""
     if not path.exists():
         return Check("SKIP", "ledger", f"no ledger at {path} yet (created at first start)"), []
-    pragma = "integrity_check" if full else "quick_check"
+    pragma: IntegrityCheck = "integrity_check" if full else "quick_check"
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        store = Store(path.parent, busy_timeout=5, readonly=True)
         try:
-            problems = [row[0] for row in conn.execute(f"PRAGMA {pragma}(5)")]
-            if problems != ["ok"]:
+            problems = store.integrity_problems(pragma)
+            if problems:
                 return Check(
                     "FAIL",
                     "ledger",
@@ -138,21 +137,14 @@ def _ledger(path: Path, full: bool) -> tuple[Check, list[str]]:
                     f"copy the file aside and rebuild it: sqlite3 {path} .recover | sqlite3 "
                     "recovered.db",
                 ), []
-            version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
-            count = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-            instances = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT DISTINCT instance FROM messages UNION SELECT instance FROM lanes"
-                )
-            ]
+            version = store.schema_version()
+            count = store.message_count()
+            instances = store.known_instances()
         finally:
-            conn.close()
-    except sqlite3.Error as exc:
+            store.close()
+    except StoreUnavailable as exc:
         return Check(
-            "FAIL",
-            "ledger",
-            f"cannot read {path}: {exc} - is it an evomsgd ledger? restore it from a backup",
+            "FAIL", "ledger", f"{exc} - is it an evomsgd ledger? restore it from a backup"
         ), []
     known = max(v for v, _, _ in MIGRATIONS)
     size = path.stat().st_size / 1_048_576

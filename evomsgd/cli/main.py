@@ -282,6 +282,8 @@ def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
     import time
 
     from evomsgd import clock
+    from evomsgd.cli.purge import render
+    from evomsgd.engine.purger import policy
     from evomsgd.errors import DataDirError
     from evomsgd.ledger import retention
     from evomsgd.ledger.store import LEDGER_FILE, Store
@@ -293,13 +295,13 @@ def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
             f"no ledger at {data_dir / LEDGER_FILE} - nothing to purge "
             "(set EVOMSGD_DATA_DIR or --data-dir to the daemon's data directory)"
         )
-    rules = retention.policy(settings)
+    rules = policy(settings)
     store = Store(data_dir, durability=settings.durability)
     try:
-        report = store.purge(clock.now(), rules, dry_run=dry_run)
+        report = retention.purge(store, clock.now(), rules, dry_run=dry_run)
         if vacuum and not dry_run:
             started = time.monotonic()
-            report.vacuum = store.reclaim(full=True)
+            report.vacuum = retention.reclaim(store, full=True)
             report.bytes_after = store.file_size()
             report.seconds = round(report.seconds + time.monotonic() - started, 3)
     finally:
@@ -307,7 +309,7 @@ def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
     if as_json:
         _print_json(dataclasses.asdict(report))
     else:
-        click.echo(retention.render(report, rules))
+        click.echo(render(report, rules))
 
 
 @cli.command()

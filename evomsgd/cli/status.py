@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
-import time
 from typing import Any
 
 import click
@@ -11,9 +9,8 @@ import click
 from evomsgd import __version__, clock
 from evomsgd.cli.daemon_client import DaemonClient
 from evomsgd.config import Settings, resolve_data_dir
-from evomsgd.errors import ConfigError, DaemonUnreachable
-from evomsgd.ledger.store import LAST_ERROR_SQL, LEDGER_FILE, last_error_row
-from evomsgd.models import Status
+from evomsgd.errors import ConfigError, DaemonUnreachable, StoreUnavailable
+from evomsgd.ledger.store import LEDGER_FILE, Store
 
 
 def gather(settings: Settings, client: DaemonClient) -> dict[str, Any]:
@@ -67,57 +64,32 @@ def read_ledger(settings: Settings, why: str) -> dict[str, Any]:
         report["problems"].append(f"no ledger at {path} yet")
         return report
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
+        store = Store(data_dir, busy_timeout=2, readonly=True)
         try:
-            counts = {s.value: 0 for s in Status}
-            for status, count in conn.execute(
-                "SELECT status, count(*) FROM messages GROUP BY status"
-            ):
-                counts[status] = count
-            oldest = conn.execute(
-                "SELECT min(next_attempt_at) FROM messages WHERE status IN ('PENDING', 'SCHEDULED', 'RETRY')"
-                " AND next_attempt_at <= ?",
-                (clock.to_db(clock.now()),),
-            ).fetchone()[0]
+            counts = store.counts()
+            oldest = store.oldest_waiting(clock.now())
+            paused = store.paused_lanes()
             lanes = []
-            for instance, waiting in conn.execute(
-                "SELECT instance, sum(status IN ('PENDING', 'SCHEDULED', 'RETRY', 'STARTED')) FROM messages"
-                " GROUP BY instance ORDER BY instance"
-            ):
-                last = conn.execute(
-                    "SELECT last_error FROM messages WHERE instance = ? AND last_error IS NOT NULL"
-                    " ORDER BY seq DESC LIMIT 1",
-                    (instance,),
-                ).fetchone()
-                lanes.append(
-                    {
-                        "instance": instance,
-                        "state": "stopped",
-                        "waiting": waiting,
-                        "last_error": last[0] if last else None,
-                    }
-                )
-            for instance, reason in conn.execute(
-                "SELECT instance, paused_reason FROM lanes WHERE paused = 1"
-            ):
-                for lane in lanes:
-                    if lane["instance"] == instance:
-                        lane["state"], lane["paused_reason"] = "paused", reason
-            last_error = last_error_row(conn.execute(LAST_ERROR_SQL).fetchone())
+            for instance, unsent, last in store.unsent_by_instance():
+                lane: dict[str, Any] = {
+                    "instance": instance,
+                    "state": "stopped",
+                    "waiting": unsent,
+                    "last_error": last,
+                }
+                if instance in paused:
+                    lane["state"], lane["paused_reason"] = "paused", paused[instance]
+                lanes.append(lane)
+            last_error = store.last_error()
             # The daemon may have run with --sandbox, which this command's settings do not know.
-            newest = conn.execute(
-                "SELECT sandbox FROM messages ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-            report["sandbox"] = settings.sandbox or bool(newest and newest[0])
+            report["sandbox"] = settings.sandbox or store.newest_is_sandbox()
         finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        report["problems"].append(f"cannot read {path}: {exc}")
+            store.close()
+    except StoreUnavailable as exc:
+        report["problems"].append(str(exc))
         return report
     report["counts"] = counts
-    report["oldest_waiting_seconds"] = (
-        None if oldest is None else round(time.time() - clock.from_db(oldest), 3)
-    )
+    report["oldest_waiting_seconds"] = None if oldest is None else round(oldest, 3)
     report["instances"] = lanes
     report["last_error"] = last_error
     return report

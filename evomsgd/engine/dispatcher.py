@@ -83,7 +83,7 @@ class Dispatcher:
         now = self._time()
         waiting = self.store.waiting_by_instance()
         paused = self.store.paused_lanes()
-        known = self.store.known_instances()
+        known = self.store.instances_that_sent()
         with self._cond:
             self._known = known
             for lane in self._lanes.values():

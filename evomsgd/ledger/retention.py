@@ -1,108 +1,184 @@
-"""Retention: which finished messages go and when; the daemon's periodic purge; its report."""
+"""Retention's SQL: delete finished messages past their days, erase old texts, reclaim the space.
+
+Every change runs in short transactions of `batch` rows with a pause between them, so the
+daemon's writers never wait long; when to purge is the engine's business (engine/purger.py).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import threading
+import contextlib
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
 
 from evomsgd import clock
-from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
 from evomsgd.ledger.records import PurgeReport, Retention
-from evomsgd.ledger.store import Store
+from evomsgd.ledger.store import FAILED, Store, status_in
+from evomsgd.models import FINAL
 
-log = logging.getLogger("evomsgd.retention")
-
-
-def policy(settings: Settings) -> Retention:
-    """The retention the settings ask for."""
-    return Retention(
-        success_days=settings.keep_success_days,
-        failed_days=settings.keep_failed_days,
-        erase_text_days=settings.erase_text_days,
-    )
+_DAY = 86_400.0
 
 
-async def run_periodically(store: Store, settings: Settings, stop: threading.Event) -> None:
-    """Purge at start, then every `purge_interval` seconds, until cancelled (after `stop` is set,
-    a purge in progress ends at its next batch and is waited for)."""
-    while True:
-        job = asyncio.ensure_future(
-            asyncio.to_thread(store.purge, clock.now(), policy(settings), stop=stop.is_set)
+def purge(
+    store: Store,
+    now: float,
+    policy: Retention,
+    *,
+    dry_run: bool = False,
+    batch: int = 1000,
+    stop: Callable[[], bool] = lambda: False,
+) -> PurgeReport:
+    """Delete finished messages past retention (with their events), erase old texts, drop
+    expired idempotency keys; `batch` rows per short transaction so other writers never wait
+    long. `stop` is asked between batches (the daemon is shutting down)."""
+    started = time.monotonic()
+    report = PurgeReport(dry_run=dry_run, bytes_before=store.file_size())
+    classes = [
+        # `+status`: walk the finished_at index (old rows only), not every row of a status.
+        ("success", "+status = 'SUCCESS'", policy.success_days),
+        ("failed", f"+status IN {status_in(FAILED)}", policy.failed_days),
+    ]
+    deleting: list[tuple[str, str]] = []  # (condition, cutoff) of each class purged
+    for name, status_sql, days in classes:
+        if days <= 0:
+            continue
+        where = f"finished_at IS NOT NULL AND finished_at < ? AND {status_sql}"
+        cutoff = clock.to_db(now - days * _DAY)
+        deleting.append((where, cutoff))
+        if dry_run:
+            count, events = store.query(
+                f"SELECT count(*), (SELECT count(*) FROM events WHERE message_id IN"
+                f" (SELECT id FROM messages WHERE {where})) FROM messages WHERE {where}",
+                (cutoff, cutoff),
+            )[0]
+        else:
+            count, events = _delete_finished(store, where, cutoff, batch, stop)
+        setattr(report, name, count)
+        report.events += events
+    if policy.erase_text_days is not None:
+        where = (
+            "finished_at IS NOT NULL AND finished_at < ? AND text IS NOT NULL"
+            f" AND +status IN {status_in(FINAL)}"
         )
+        cutoff = clock.to_db(now - policy.erase_text_days * _DAY)
+        # A dry run counts only the texts of rows the deletions above would leave.
+        spared = "".join(f" AND NOT ({cond})" for cond, _ in deleting)
+        report.texts_erased = _batched(
+            store,
+            f"UPDATE messages SET text = NULL WHERE seq IN"
+            f" (SELECT seq FROM messages WHERE {where} LIMIT ?)",
+            f"SELECT count(*) FROM messages WHERE {where}{spared}",
+            (cutoff,),
+            dry_run,
+            batch,
+            stop,
+            count_params=(cutoff, *(c for _, c in deleting)),
+        )
+    report.idempotency = _batched(
+        store,
+        "DELETE FROM idempotency WHERE rowid IN"
+        " (SELECT rowid FROM idempotency WHERE expires_at <= ? LIMIT ?)",
+        "SELECT count(*) FROM idempotency WHERE expires_at <= ?",
+        (clock.to_db(now),),
+        dry_run,
+        batch,
+        stop,
+    )
+    if not dry_run and report.success + report.failed + report.idempotency:
+        report.vacuum = reclaim(store, stop=stop)
+    report.bytes_after = store.file_size()
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+def _delete_finished(
+    store: Store, where: str, cutoff: str, batch: int, stop: Callable[[], bool]
+) -> tuple[int, int]:
+    messages = events = 0
+    while not stop():
+        held = time.monotonic()
+        with store.transaction() as cur:
+            ids = [
+                (row[0],)
+                for row in cur.execute(
+                    f"SELECT id FROM messages WHERE {where} LIMIT ?", (cutoff, batch)
+                )
+            ]
+            cur.executemany("DELETE FROM events WHERE message_id = ?", ids)
+            events += max(cur.rowcount, 0)
+            cur.executemany("DELETE FROM messages WHERE id = ?", ids)
+            messages += max(cur.rowcount, 0)
+        if len(ids) < batch:
+            break
+        _step_aside(held)
+    return messages, events
+
+
+def _batched(
+    store: Store,
+    change: str,
+    count: str,
+    params: tuple[Any, ...],
+    dry_run: bool,
+    batch: int,
+    stop: Callable[[], bool],
+    count_params: tuple[Any, ...] | None = None,
+) -> int:
+    """Run `change` (ending in `LIMIT ?`) until it changes fewer than `batch` rows."""
+    if dry_run:
+        return int(store.query(count, params if count_params is None else count_params)[0][0])
+    total = 0
+    while not stop():
+        held = time.monotonic()
+        with store.transaction() as cur:
+            cur.execute(change, (*params, batch))
+            changed = max(cur.rowcount, 0)
+        total += changed
+        if changed < batch:
+            break
+        _step_aside(held)
+    return total
+
+
+def reclaim(
+    store: Store, *, full: bool = False, pages: int = 2048, stop: Callable[[], bool] = lambda: False
+) -> str:
+    """Give free pages back to the filesystem: `incremental_vacuum` in short steps when the
+    file allows it, or (full) a VACUUM that rewrites the file, blocking writers meanwhile,
+    and turns incremental auto-vacuum on for later purges. Returns what was done."""
+    if full:
         try:
-            report = await asyncio.shield(job)
-        except asyncio.CancelledError:
-            # The thread keeps the write connection between batches: let it end before the
-            # ledger closes.
-            await asyncio.wait([job])
-            raise
-        except StoreUnavailable as exc:
-            log.warning(
-                "retention: purge failed (%s); trying again in %gs", exc, settings.purge_interval
-            )
-        except Exception:  # a bug here must not end retention for the daemon's lifetime
-            log.exception("retention: purge crashed; trying again in %gs", settings.purge_interval)
-        else:
-            if report.removed:
-                log.info("retention: %s", summary(report))
-            else:
-                log.debug("retention: nothing to purge (%.3fs)", report.seconds)
-        await asyncio.sleep(settings.purge_interval)
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1_048_576:.1f} MB"
-
-
-def summary(report: PurgeReport) -> str:
-    """One log line."""
-    return (
-        f"removed {report.success} SUCCESS and {report.failed} failed messages with "
-        f"{report.events} events, erased {report.texts_erased} texts, removed "
-        f"{report.idempotency} expired idempotency keys in {report.seconds:g}s; ledger "
-        f"{_mb(report.bytes_before)} -> {_mb(report.bytes_after)}"
-    )
-
-
-def render(report: PurgeReport, rules: Retention) -> str:
-    """What `evomsgd purge` prints: one line per kind of row, then the file size."""
-    verb = "would remove" if report.dry_run else "removed"
-    lines = []
-    for name, count, days, var in (
-        ("SUCCESS", report.success, rules.success_days, "EVOMSGD_KEEP_SUCCESS_DAYS"),
-        (
-            "FAILURE/EXPIRED/CANCELED",
-            report.failed,
-            rules.failed_days,
-            "EVOMSGD_KEEP_FAILED_DAYS",
-        ),
-    ):
-        if days > 0:
-            lines.append(f"{verb} {count} {name} messages finished over {days:g} days ago")
-        else:
-            lines.append(f"kept every {name} message ({var}=0)")
-    lines.append(f"{verb} {report.events} history events of those messages")
-    if rules.erase_text_days is None:
-        lines.append("kept every message text (EVOMSGD_ERASE_TEXT_DAYS is not set)")
+            store.run_script("PRAGMA auto_vacuum=INCREMENTAL; VACUUM;")
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(f"VACUUM failed: {exc} ({store.path})") from exc
+        done = "full"
+    elif store.query("PRAGMA auto_vacuum")[0][0] == 2:
+        while not stop() and store.query("PRAGMA freelist_count")[0][0] > 0:
+            held = time.monotonic()
+            # A script steps the pragma to its end: a cursor's execute() frees a single page.
+            try:
+                store.run_script(
+                    f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({int(pages)}); COMMIT;"
+                )
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(
+                    f"the ledger cannot be written: {exc} ({store.path})"
+                ) from exc
+            _step_aside(held)
+        done = "incremental"
     else:
-        erase = "would erase" if report.dry_run else "erased"
-        lines.append(
-            f"{erase} the text of {report.texts_erased} messages finished over "
-            f"{rules.erase_text_days:g} days ago"
-        )
-    lines.append(f"{verb} {report.idempotency} expired idempotency keys")
-    if report.dry_run:
-        lines.append(f"dry run: nothing was changed (ledger {_mb(report.bytes_before)})")
-    else:
-        how = {
-            "incremental": " (incremental vacuum)",
-            "full": " (VACUUM)",
-            "none": "",
-        }[report.vacuum]
-        lines.append(
-            f"ledger {_mb(report.bytes_before)} -> {_mb(report.bytes_after)}{how} "
-            f"in {report.seconds:.2f}s"
-        )
-    return "\n".join(lines)
+        return "none"
+    # In WAL mode the file shrinks when a checkpoint copies the last commit back; PASSIVE
+    # never waits for readers or blocks writers (if it cannot finish, a later one will).
+    with contextlib.suppress(sqlite3.OperationalError):
+        store.run_script("PRAGMA wal_checkpoint(PASSIVE);")
+    return done
+
+
+def _step_aside(held_since: float) -> None:
+    """Pause between two purge batches as long as the last one held the write lock (at most
+    50 ms): neither SQLite's busy handler nor a thread lock is fair, and back-to-back batches
+    would starve the daemon's writers; this way a purge takes at most half the write time."""
+    time.sleep(min(time.monotonic() - held_since, 0.05))

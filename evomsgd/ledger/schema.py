@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 # Statuses in which a message still waits to be sent; partial indexes below use this list.
+# Written out, not derived from models.WAITING: a migration must create what it created when it
+# was first applied. tests/test_ledger.py fails when store.IN_WAITING drifts from it.
 _WAITING_SQL = "('PENDING', 'SCHEDULED', 'RETRY')"
 
 MIGRATIONS: list[tuple[int, str, str]] = [

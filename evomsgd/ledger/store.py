@@ -1,78 +1,64 @@
-"""The SQLite ledger: the source of truth for every message the daemon has accepted."""
+"""The SQLite ledger: the source of truth for every message the daemon has accepted.
+
+Small named queries, one per question the daemon or an operator asks; how they run (the write
+lock, transactions, the read-only view) is database.py's, retention's deletes are retention.py's.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import logging
-import os
 import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from evomsgd import clock
-from evomsgd.errors import StoreUnavailable
+from evomsgd.ledger.database import LEDGER_FILE as LEDGER_FILE  # where callers of Store look
+from evomsgd.ledger.database import Database
 from evomsgd.ledger.records import (
     Event,
     InsertResult,
     ListFilter,
     Message,
     NewMessage,
-    PurgeReport,
-    Retention,
     TokenRow,
     Transition,
 )
-from evomsgd.ledger.schema import MIGRATIONS
 from evomsgd.models import FINAL, WAITING, Status
 
-log = logging.getLogger("evomsgd.store")
+# The two integrity checks SQLite offers: quick_check skips the slow index-content comparison.
+IntegrityCheck = Literal["quick_check", "integrity_check"]
 
-LEDGER_FILE = "evomsgd.db"
-_WAITING = tuple(s.value for s in WAITING)
-_FINAL = tuple(s.value for s in FINAL)
-_IN_WAITING = "status IN ('PENDING', 'SCHEDULED', 'RETRY')"
-_IN_FINAL = "+status IN ('SUCCESS', 'FAILURE', 'CANCELED', 'EXPIRED')"
-# After a purge the WAL is cut back to this size at its next reset, not left at its peak.
+
+def status_in(statuses: Iterable[Status]) -> str:
+    """An SQL list of statuses for `status IN ...`: "('PENDING', 'SCHEDULED', 'RETRY')"."""
+    return "(" + ", ".join(f"'{status.value}'" for status in statuses) + ")"
+
+
+# Finished without being delivered: what `requeue` may send again, what `failed_days` keeps.
+FAILED = tuple(status for status in FINAL if status is not Status.SUCCESS)
+# Word for word the predicate of the partial indexes messages_waiting and messages_expiry (the
+# planner uses them only then); tests/test_ledger.py holds the two together.
+IN_WAITING = f"status IN {status_in(WAITING)}"
 # An earlier message to the same recipient on the same instance and of the same priority that is
 # still to be sent - waiting (a SCHEDULED one only once due) or being sent - holds `m` back.
-# The only parameter is now. Served by the messages_recipient partial index.
+# The only parameter is now. Served by the messages_recipient partial index (migration 3).
 _EARLIER_UNSENT = (
     "SELECT 1 FROM messages e WHERE e.instance = m.instance AND e.phone = m.phone"
     " AND e.priority = m.priority AND e.seq < m.seq"
-    " AND e.status IN ('PENDING', 'RETRY', 'STARTED', 'SCHEDULED')"
+    f" AND e.status IN {status_in((*WAITING, Status.STARTED))}"
     " AND (e.status != 'SCHEDULED' OR e.next_attempt_at <= ?)"
 )
-_WAL_LIMIT = 8 * 1024 * 1024
-
-Durability = Literal["full", "normal"]
+# Not final yet: waiting, or in flight to Evolution.
+_IN_UNSENT = f"status IN {status_in((*WAITING, Status.STARTED))}"
 
 # The newest failure among the latest 10,000 history rows: a bounded read however big the ledger
-# (a daemon that has sent 10,000 messages since its last failure reports none). Shared with
-# `evomsgd status`, which runs it on a read-only connection while the daemon is down.
-LAST_ERROR_SQL = (
+# (a daemon that has sent 10,000 messages since its last failure reports none).
+_LAST_ERROR = (
     "SELECT at, message_id, instance, coalesce(detail, outcome, event) FROM"
     " (SELECT id, at, message_id, instance, event, outcome, detail FROM events"
     "  ORDER BY id DESC LIMIT 10000)"
     " WHERE (event = 'attempt' AND outcome NOT IN ('sent', 'sent_unconfirmed'))"
     " OR event IN ('expired', 'recovered') ORDER BY id DESC LIMIT 1"
 )
-
-
-def last_error_row(row: Sequence[Any] | None) -> dict[str, Any] | None:
-    """LAST_ERROR_SQL's row as {at, task_id, instance, error}."""
-    if row is None:
-        return None
-    return {
-        "at": clock.db_to_rfc3339(row[0]),
-        "task_id": row[1],
-        "instance": row[2],
-        "error": row[3],
-    }
-
 
 _COLUMNS = ", ".join(Message.__slots__)
 
@@ -84,140 +70,8 @@ def _message(row: Sequence[Any]) -> Message:
     return msg
 
 
-class Store:
-    """One write connection behind a lock, BEGIN IMMEDIATE transactions, one read connection per thread."""
-
-    def __init__(
-        self, data_dir: Path, *, durability: Durability = "full", busy_timeout: float = 5.0
-    ):
-        self.data_dir = data_dir
-        self.path = data_dir / LEDGER_FILE
-        self.durability = durability
-        self.busy_timeout = busy_timeout
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
-        self._conn = self._connect()
-        self._migrate()
-        _restrict(self.path)
-
-    # -- connections ----------------------------------------------------------------------
-
-    def _connect(self, *, readonly: bool = False) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        if not readonly:
-            # Only takes effect on a new file (or at the next VACUUM): purges then give freed
-            # pages back to the filesystem with `incremental_vacuum` instead of keeping them.
-            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
-        # FULL fsyncs the WAL on every commit: a 202 survives power loss. NORMAL survives a
-        # crash of the process but may lose the last commits on power loss. Set explicitly:
-        # the compiled-in default differs between distributions (and a frozen binary's build host).
-        conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'full' else 'NORMAL'}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
-        if readonly:
-            conn.execute("PRAGMA query_only=ON")
-        return conn
-
-    def _reader(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect(readonly=True)
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Cursor]:
-        """A BEGIN IMMEDIATE transaction on the write connection; errors become StoreUnavailable."""
-        with self._lock:
-            cur = self._conn.cursor()
-            try:
-                cur.execute("BEGIN IMMEDIATE")
-                yield cur
-                cur.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                raise StoreUnavailable(f"the ledger cannot be written: {self._why(exc)}") from exc
-            except BaseException:
-                self._rollback()
-                raise
-            finally:
-                cur.close()
-
-    def _why(self, exc: sqlite3.Error) -> str:
-        # SQLite says "disk I/O error" when the file system turned read-only under it.
-        if self.read_only_fs():
-            return f"{self._read_only(exc)}; accepted messages are safe on disk"
-        return f"{exc} ({self.path})"
-
-    def _read_only(self, exc: sqlite3.Error | None = None) -> str:
-        cause = f" ({exc})" if exc is not None else ""
-        return (
-            f"data directory {self.data_dir} is on a read-only file system{cause} - "
-            "remount it read-write and restart evomsgd"
-        )
-
-    def read_only_fs(self) -> bool:
-        """True when the data directory's file system refuses writes (EROFS).
-
-        A real write is the only reliable test: ext4 forced read-only by a disk error still
-        reports itself read-write to statvfs and access().
-        """
-        probe = self.data_dir / ".write-probe"
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as exc:
-            return exc.errno == errno.EROFS
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(probe)
-        return False
-
-    def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.execute("ROLLBACK")
-
-    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        try:
-            return self._reader().execute(sql, params).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"the ledger cannot be read: {exc} ({self.path})") from exc
-
-    def close(self) -> None:
-        """Close every connection (readers of other threads included)."""
-        with self._readers_lock:
-            for conn in self._readers:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._readers.clear()
-        with self._lock:
-            self._conn.close()
-
-    def _migrate(self) -> None:
-        with self._write() as cur:
-            cur.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL, description TEXT NOT NULL)"
-            )
-            done = {row[0] for row in cur.execute("SELECT version FROM schema_migrations")}
-            for version, description, sql in MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in _statements(sql):
-                    cur.execute(statement)
-                cur.execute(
-                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
-                    (version, clock.to_db(clock.now()), description),
-                )
-                log.info("ledger migrated to schema version %s (%s)", version, description)
+class Store(Database):
+    """The ledger's queries; open it with `Store(data_dir)`, or `readonly=True` for a view."""
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -227,7 +81,7 @@ class Store:
         """Write a batch in one transaction (group commit); one result per message, in order."""
         results: list[InsertResult] = []
         rows: list[tuple[Any, ...]] = []  # consecutive plain inserts, written with one executemany
-        with self._write() as cur:
+        with self.transaction() as cur:
             for new in batch:
                 if new.idempotency_key is not None:
                     _insert_rows(cur, rows)  # keep arrival order (seq) across the lookup
@@ -263,12 +117,12 @@ class Store:
 
     def get(self, message_id: str) -> Message | None:
         """One message by task id."""
-        rows = self._read(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        rows = self.query(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id,))
         return _message(rows[0]) if rows else None
 
     def history(self, message_id: str) -> list[Event]:
         """Every event of one message, oldest first."""
-        rows = self._read(
+        rows = self.query(
             "SELECT at, event, attempt, outcome, http_status, detail FROM events "
             "WHERE message_id = ? ORDER BY id",
             (message_id,),
@@ -303,22 +157,22 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC LIMIT ?"
         params.append(flt.limit)
-        return [_message(row) for row in self._read(sql, params)]
+        return [_message(row) for row in self.query(sql, params)]
 
     def counts(self) -> dict[str, int]:
         """Messages by status (every status present, zero included)."""
         counts = {s.value: 0 for s in Status}
         # One index probe per status instead of a full scan for GROUP BY.
         for status in Status:
-            counts[status.value] = self._read(
+            counts[status.value] = self.query(
                 "SELECT count(*) FROM messages WHERE status = ?", (status.value,)
             )[0][0]
         return counts
 
     def oldest_waiting(self, now: float) -> float | None:
         """Seconds the oldest due waiting message has waited (None when nothing waits)."""
-        rows = self._read(
-            f"SELECT min(next_attempt_at) FROM messages WHERE {_IN_WAITING} AND next_attempt_at <= ?",
+        rows = self.query(
+            f"SELECT min(next_attempt_at) FROM messages WHERE {IN_WAITING} AND next_attempt_at <= ?",
             (clock.to_db(now),),
         )
         oldest = rows[0][0]
@@ -326,13 +180,21 @@ class Store:
 
     def last_error(self) -> dict[str, Any] | None:
         """The newest failed attempt, expiry or crash recovery: {at, task_id, instance, error}."""
-        rows = self._read(LAST_ERROR_SQL)
-        return last_error_row(rows[0] if rows else None)
+        rows = self.query(_LAST_ERROR)
+        if not rows:
+            return None
+        at, task_id, instance, error = rows[0]
+        return {
+            "at": clock.db_to_rfc3339(at),
+            "task_id": task_id,
+            "instance": instance,
+            "error": error,
+        }
 
     def waiting_by_instance(self) -> dict[str, tuple[int, str | None]]:
         """instance -> (waiting count, earliest next_attempt_at)."""
-        rows = self._read(
-            f"SELECT instance, count(*), min(next_attempt_at) FROM messages WHERE {_IN_WAITING} "
+        rows = self.query(
+            f"SELECT instance, count(*), min(next_attempt_at) FROM messages WHERE {IN_WAITING} "
             "GROUP BY instance"
         )
         return {row[0]: (row[1], row[2]) for row in rows}
@@ -349,13 +211,13 @@ class Store:
         excluded = list(exclude)
         now_db = clock.to_db(now)
         sql = (
-            f"SELECT id FROM messages m WHERE instance = ? AND {_IN_WAITING} AND next_attempt_at <= ?"
+            f"SELECT id FROM messages m WHERE instance = ? AND {IN_WAITING} AND next_attempt_at <= ?"
             f" AND NOT EXISTS ({_EARLIER_UNSENT})"
         )
         if excluded:
             sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
         sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
-        rows = self._read(sql, [instance, now_db, now_db, *excluded, limit])
+        rows = self.query(sql, [instance, now_db, now_db, *excluded, limit])
         return [row[0] for row in rows]
 
     def next_due(self, instance: str, now: float, exclude: Iterable[str] = ()) -> float | None:
@@ -364,24 +226,24 @@ class Store:
         # Held-back messages are left out: they become ready when the message ahead of them is
         # attempted, which wakes the dispatcher anyway; counting them would wake it in a loop.
         sql = (
-            f"SELECT min(next_attempt_at) FROM messages m WHERE instance = ? AND {_IN_WAITING}"
+            f"SELECT min(next_attempt_at) FROM messages m WHERE instance = ? AND {IN_WAITING}"
             f" AND NOT EXISTS ({_EARLIER_UNSENT})"
         )
         if excluded:
             sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
-        value = self._read(sql, [instance, clock.to_db(now), *excluded])[0][0]
+        value = self.query(sql, [instance, clock.to_db(now), *excluded])[0][0]
         return None if value is None else clock.from_db(value)
 
-    def known_instances(self) -> set[str]:
+    def instances_that_sent(self) -> set[str]:
         """Instances that have sent at least once (outside sandbox mode)."""
         return {
             row[0]
-            for row in self._read("SELECT instance FROM lanes WHERE first_sent_at IS NOT NULL")
+            for row in self.query("SELECT instance FROM lanes WHERE first_sent_at IS NOT NULL")
         }
 
     def mark_sent_once(self, instance: str, now: float) -> None:
         """Record an instance's first send (kept; later calls change nothing)."""
-        with self._write() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 "INSERT INTO lanes (instance, first_sent_at) VALUES (?, ?) ON CONFLICT (instance)"
                 " DO UPDATE SET first_sent_at = coalesce(first_sent_at, excluded.first_sent_at)",
@@ -394,10 +256,10 @@ class Store:
         """End every waiting message of an instance FAILURE without a send; returns their ids."""
         excluded = list(exclude)
         now_db = clock.to_db(now)
-        sql = f"SELECT id FROM messages WHERE instance = ? AND {_IN_WAITING}"
+        sql = f"SELECT id FROM messages WHERE instance = ? AND {IN_WAITING}"
         if excluded:
             sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
-        with self._write() as cur:
+        with self.transaction() as cur:
             ids = [row[0] for row in cur.execute(sql + " LIMIT 1000", [instance, *excluded])]
             for message_id in ids:
                 cur.execute(
@@ -410,7 +272,7 @@ class Store:
 
     def attempt_times(self, instance: str, since: float) -> list[float]:
         """Start times of calls to Evolution on one instance since a time (for send caps)."""
-        rows = self._read(
+        rows = self.query(
             "SELECT at FROM events WHERE event = 'attempt' AND instance = ? AND at >= ? ORDER BY at",
             (instance, clock.to_db(since)),
         )
@@ -420,30 +282,54 @@ class Store:
         """Instances an operator paused, with the reason given."""
         return {
             row[0]: row[1]
-            for row in self._read("SELECT instance, paused_reason FROM lanes WHERE paused = 1")
+            for row in self.query("SELECT instance, paused_reason FROM lanes WHERE paused = 1")
         }
 
-    def write_problem(self) -> str | None:
-        """Why the ledger cannot be written right now (for /health); None when it can."""
-        # An empty transaction never touches the disk: a read-only file system would pass it.
-        if self.read_only_fs():
-            return self._read_only()
-        try:
-            with self._write() as cur:
-                cur.execute("SELECT 1")
-        except StoreUnavailable as exc:
-            return str(exc)
-        return None if os.access(self.path, os.W_OK) else f"{self.path} is not writable"
+    # -- what `evomsgd status` and `doctor` read, on a view ---------------------------------
+
+    def unsent_by_instance(self) -> list[tuple[str, int, str | None]]:
+        """(instance, messages not final yet, its newest last_error) for every instance, by name."""
+        rows = self.query(
+            f"SELECT instance, sum({_IN_UNSENT}), (SELECT last_error FROM messages newest"
+            "  WHERE newest.instance = messages.instance AND newest.last_error IS NOT NULL"
+            "  ORDER BY newest.seq DESC LIMIT 1)"
+            " FROM messages GROUP BY instance ORDER BY instance"
+        )
+        return [(row[0], row[1], row[2]) for row in rows]
+
+    def newest_is_sandbox(self) -> bool:
+        """True when the newest message was recorded in sandbox mode (False on an empty ledger)."""
+        rows = self.query("SELECT sandbox FROM messages ORDER BY seq DESC LIMIT 1")
+        return bool(rows and rows[0][0])
+
+    def integrity_problems(self, check: IntegrityCheck) -> list[str]:
+        """What SQLite's `check` pragma finds in the file, at most 5 problems; [] when it is sound."""
+        problems = [row[0] for row in self.query(f"PRAGMA {check}(5)")]
+        return [] if problems == ["ok"] else problems
+
+    def schema_version(self) -> int | None:
+        """The newest migration recorded in the file (None before the first)."""
+        version = self.query("SELECT max(version) FROM schema_migrations")[0][0]
+        return None if version is None else int(version)
+
+    def message_count(self) -> int:
+        """Messages in the ledger, of every status."""
+        return int(self.query("SELECT count(*) FROM messages")[0][0])
+
+    def known_instances(self) -> list[str]:
+        """Every instance a message or an operator's pause named."""
+        rows = self.query("SELECT DISTINCT instance FROM messages UNION SELECT instance FROM lanes")
+        return [row[0] for row in rows]
 
     # -- delivering -----------------------------------------------------------------------
 
     def claim(self, message_id: str, now: float, lease: float) -> Message | None:
         """Compare-and-set a waiting message to STARTED under a lease; None if someone else has it."""
         now_db = clock.to_db(now)
-        with self._write() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 f"UPDATE messages SET status = 'STARTED', attempts = attempts + 1, started_at = ?,"
-                f" lease_until = ?, next_attempt_at = NULL WHERE id = ? AND {_IN_WAITING}"
+                f" lease_until = ?, next_attempt_at = NULL WHERE id = ? AND {IN_WAITING}"
                 " AND expires_at > ?",
                 (now_db, clock.to_db(now + lease), message_id, now_db),
             )
@@ -457,8 +343,8 @@ class Store:
     def finish_attempt(self, msg: Message, started: float, now: float, tr: Transition) -> bool:
         """Record an attempt's outcome and the message's new status; False if the lease was lost."""
         now_db = clock.to_db(now)
-        final = tr.status.value in _FINAL
-        with self._write() as cur:
+        final = tr.status in FINAL
+        with self.transaction() as cur:
             cur.execute(
                 "UPDATE messages SET status = ?, next_attempt_at = ?, lease_until = NULL,"
                 " finished_at = ?, retries_used = retries_used + ?, ambiguous = ambiguous + ?,"
@@ -520,7 +406,7 @@ class Store:
         if only_expired_leases:
             sql += " AND lease_until < ?"
             params = (now_db,)
-        with self._write() as cur:
+        with self.transaction() as cur:
             rows = cur.execute(sql, params).fetchall()
             detail = (
                 "lease expired while sending; it may have been delivered"
@@ -540,9 +426,9 @@ class Store:
     def expire_due(self, now: float) -> list[tuple[str, str]]:
         """Mark waiting messages past their expiry EXPIRED; returns (id, instance) pairs."""
         now_db = clock.to_db(now)
-        with self._write() as cur:
+        with self.transaction() as cur:
             rows = cur.execute(
-                f"SELECT id, instance FROM messages WHERE {_IN_WAITING} AND expires_at <= ? LIMIT 1000",
+                f"SELECT id, instance FROM messages WHERE {IN_WAITING} AND expires_at <= ? LIMIT 1000",
                 (now_db,),
             ).fetchall()
             for message_id, instance in rows:
@@ -562,10 +448,10 @@ class Store:
     def cancel(self, message_id: str, now: float) -> tuple[bool, Message | None]:
         """Cancel a message that has not been sent; (whether this call canceled it, the row now)."""
         now_db = clock.to_db(now)
-        with self._write() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 f"UPDATE messages SET status = 'CANCELED', finished_at = ?, next_attempt_at = NULL,"
-                f" error_kind = 'canceled' WHERE id = ? AND {_IN_WAITING}",
+                f" error_kind = 'canceled' WHERE id = ? AND {IN_WAITING}",
                 (now_db, message_id),
             )
             changed = cur.rowcount == 1
@@ -581,11 +467,11 @@ class Store:
     ) -> tuple[bool, Message | None]:
         """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history; (changed, row now)."""
         now_db = clock.to_db(now)
-        with self._write() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 "UPDATE messages SET status = 'PENDING', finished_at = NULL, next_attempt_at = ?,"
                 " retries_used = 0, expires_at = max(expires_at, ?)"
-                " WHERE id = ? AND status IN ('FAILURE', 'EXPIRED', 'CANCELED') AND text IS NOT NULL",
+                f" WHERE id = ? AND status IN {status_in(FAILED)} AND text IS NOT NULL",
                 (now_db, clock.to_db(expires_at), message_id),
             )
             changed = cur.rowcount == 1
@@ -600,7 +486,7 @@ class Store:
 
     def set_paused(self, instance: str, paused: bool, reason: str | None, now: float) -> None:
         """Record an operator's pause or resume of one instance (survives restarts)."""
-        with self._write() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 "INSERT INTO lanes (instance, paused, paused_at, paused_reason) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (instance) DO UPDATE SET paused = excluded.paused,"
@@ -613,177 +499,13 @@ class Store:
                 ),
             )
 
-    # -- retention ------------------------------------------------------------------------
-
-    def purge(
-        self,
-        now: float,
-        policy: Retention,
-        *,
-        dry_run: bool = False,
-        batch: int = 1000,
-        stop: Callable[[], bool] = lambda: False,
-    ) -> PurgeReport:
-        """Delete finished messages past retention (with their events), erase old texts, drop
-        expired idempotency keys; `batch` rows per short transaction so other writers never wait
-        long. `stop` is asked between batches (the daemon is shutting down)."""
-        started = time.monotonic()
-        report = PurgeReport(dry_run=dry_run, bytes_before=self.file_size())
-        day = 86_400.0
-        classes = [
-            # `+status`: walk the finished_at index (old rows only), not every row of a status.
-            ("success", "+status = 'SUCCESS'", policy.success_days),
-            ("failed", "+status IN ('FAILURE', 'EXPIRED', 'CANCELED')", policy.failed_days),
-        ]
-        deleting: list[tuple[str, str]] = []  # (condition, cutoff) of each class purged
-        for name, status_sql, days in classes:
-            if days <= 0:
-                continue
-            where = f"finished_at IS NOT NULL AND finished_at < ? AND {status_sql}"
-            cutoff = clock.to_db(now - days * day)
-            deleting.append((where, cutoff))
-            if dry_run:
-                count, events = self._read(
-                    f"SELECT count(*), (SELECT count(*) FROM events WHERE message_id IN"
-                    f" (SELECT id FROM messages WHERE {where})) FROM messages WHERE {where}",
-                    (cutoff, cutoff),
-                )[0]
-            else:
-                count, events = self._delete_finished(where, cutoff, batch, stop)
-            setattr(report, name, count)
-            report.events += events
-        if policy.erase_text_days is not None:
-            where = (
-                f"finished_at IS NOT NULL AND finished_at < ? AND text IS NOT NULL AND {_IN_FINAL}"
-            )
-            cutoff = clock.to_db(now - policy.erase_text_days * day)
-            # A dry run counts only the texts of rows the deletions above would leave.
-            spared = "".join(f" AND NOT ({cond})" for cond, _ in deleting)
-            report.texts_erased = self._batched(
-                f"UPDATE messages SET text = NULL WHERE seq IN"
-                f" (SELECT seq FROM messages WHERE {where} LIMIT ?)",
-                f"SELECT count(*) FROM messages WHERE {where}{spared}",
-                (cutoff,),
-                dry_run,
-                batch,
-                stop,
-                count_params=(cutoff, *(c for _, c in deleting)),
-            )
-        report.idempotency = self._batched(
-            "DELETE FROM idempotency WHERE rowid IN"
-            " (SELECT rowid FROM idempotency WHERE expires_at <= ? LIMIT ?)",
-            "SELECT count(*) FROM idempotency WHERE expires_at <= ?",
-            (clock.to_db(now),),
-            dry_run,
-            batch,
-            stop,
-        )
-        if not dry_run and report.success + report.failed + report.idempotency:
-            report.vacuum = self.reclaim(stop=stop)
-        report.bytes_after = self.file_size()
-        report.seconds = round(time.monotonic() - started, 3)
-        return report
-
-    def _delete_finished(
-        self, where: str, cutoff: str, batch: int, stop: Callable[[], bool]
-    ) -> tuple[int, int]:
-        messages = events = 0
-        while not stop():
-            held = time.monotonic()
-            with self._write() as cur:
-                ids = [
-                    (row[0],)
-                    for row in cur.execute(
-                        f"SELECT id FROM messages WHERE {where} LIMIT ?", (cutoff, batch)
-                    )
-                ]
-                cur.executemany("DELETE FROM events WHERE message_id = ?", ids)
-                events += max(cur.rowcount, 0)
-                cur.executemany("DELETE FROM messages WHERE id = ?", ids)
-                messages += max(cur.rowcount, 0)
-            if len(ids) < batch:
-                break
-            _step_aside(held)
-        return messages, events
-
-    def _batched(
-        self,
-        change: str,
-        count: str,
-        params: tuple[Any, ...],
-        dry_run: bool,
-        batch: int,
-        stop: Callable[[], bool],
-        count_params: tuple[Any, ...] | None = None,
-    ) -> int:
-        """Run `change` (ending in `LIMIT ?`) until it changes fewer than `batch` rows."""
-        if dry_run:
-            return int(self._read(count, params if count_params is None else count_params)[0][0])
-        total = 0
-        while not stop():
-            held = time.monotonic()
-            with self._write() as cur:
-                cur.execute(change, (*params, batch))
-                changed = max(cur.rowcount, 0)
-            total += changed
-            if changed < batch:
-                break
-            _step_aside(held)
-        return total
-
-    def reclaim(
-        self, *, full: bool = False, pages: int = 2048, stop: Callable[[], bool] = lambda: False
-    ) -> str:
-        """Give free pages back to the filesystem: `incremental_vacuum` in short steps when the
-        file allows it, or (full) a VACUUM that rewrites the file, blocking writers meanwhile,
-        and turns incremental auto-vacuum on for later purges. Returns what was done."""
-        if full:
-            with self._lock:
-                try:
-                    self._conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-                    self._conn.execute("VACUUM")
-                except sqlite3.OperationalError as exc:
-                    raise StoreUnavailable(f"VACUUM failed: {exc} ({self.path})") from exc
-            done = "full"
-        elif self._read("PRAGMA auto_vacuum")[0][0] == 2:
-            while not stop() and self._read("PRAGMA freelist_count")[0][0] > 0:
-                held = time.monotonic()
-                # executescript steps the pragma to its end: execute() frees a single page.
-                with self._lock:
-                    try:
-                        self._conn.executescript(
-                            f"BEGIN IMMEDIATE; PRAGMA incremental_vacuum({int(pages)}); COMMIT;"
-                        )
-                    except sqlite3.OperationalError as exc:
-                        self._rollback()
-                        raise StoreUnavailable(
-                            f"the ledger cannot be written: {exc} ({self.path})"
-                        ) from exc
-                _step_aside(held)
-            done = "incremental"
-        else:
-            return "none"
-        # In WAL mode the file shrinks when a checkpoint copies the last commit back; PASSIVE
-        # never waits for readers or blocks writers (if it cannot finish, a later one will).
-        with self._lock, contextlib.suppress(sqlite3.OperationalError):
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        return done
-
-    def file_size(self) -> int:
-        """Bytes on disk: the ledger and its write-ahead log."""
-        total = 0
-        for suffix in ("", "-wal"):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.stat(f"{self.path}{suffix}").st_size
-        return total
-
     # -- metrics and dashboard ------------------------------------------------------------
 
     def waiting_breakdown(self) -> list[tuple[str, str, int, float | None]]:
         """(instance, status, count, earliest next attempt) of the waiting messages only."""
-        rows = self._read(
+        rows = self.query(
             "SELECT instance, status, count(*), min(next_attempt_at) FROM messages"
-            f" WHERE {_IN_WAITING} GROUP BY instance, status"
+            f" WHERE {IN_WAITING} GROUP BY instance, status"
         )
         return [
             (row[0], row[1], row[2], None if row[3] is None else clock.from_db(row[3]))
@@ -792,11 +514,11 @@ class Store:
 
     def last_event_id(self) -> int:
         """The newest event's id, 0 when there is none."""
-        return int(self._read("SELECT coalesce(max(id), 0) FROM events")[0][0])
+        return int(self.query("SELECT coalesce(max(id), 0) FROM events")[0][0])
 
     def count_events(self, event: str, after_id: int, upto_id: int) -> dict[str, int]:
         """instance -> `event` rows with after_id < id <= upto_id (a rowid range, no scan)."""
-        rows = self._read(
+        rows = self.query(
             "SELECT instance, count(*) FROM events WHERE id > ? AND id <= ? AND event = ?"
             " GROUP BY instance",
             (after_id, upto_id, event),
@@ -808,7 +530,7 @@ class Store:
         # events_attempts is (instance, at): a range on `at` needs the instance first. The recursive
         # part walks the distinct instances by index seeks (a loose index scan), so the cost follows
         # the attempts in the window, not every attempt ever recorded.
-        rows = self._read(
+        rows = self.query(
             "WITH RECURSIVE lanes(instance) AS ("
             " SELECT (SELECT min(instance) FROM events WHERE event = 'attempt')"
             " UNION ALL"
@@ -827,7 +549,7 @@ class Store:
 
     def add_token(self, name: str, sha256: str, instances: Sequence[str], now: float) -> bool:
         """Record a token's hash; False when the name is taken."""
-        with self._write() as cur:
+        with self.transaction() as cur:
             cur.execute(
                 "INSERT INTO tokens (name, sha256, instances, created_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
@@ -837,7 +559,7 @@ class Store:
 
     def tokens(self) -> list[TokenRow]:
         """Every token, by name."""
-        rows = self._read("SELECT name, sha256, instances, created_at FROM tokens ORDER BY name")
+        rows = self.query("SELECT name, sha256, instances, created_at FROM tokens ORDER BY name")
         return [
             TokenRow(name, digest, tuple(instances.split(",")) if instances else (), created)
             for name, digest, instances, created in rows
@@ -845,35 +567,9 @@ class Store:
 
     def revoke_token(self, name: str) -> bool:
         """Delete a token; False when there is none by that name."""
-        with self._write() as cur:
+        with self.transaction() as cur:
             cur.execute("DELETE FROM tokens WHERE name = ?", (name,))
             return cur.rowcount == 1
-
-
-def _step_aside(held_since: float) -> None:
-    """Pause between two purge batches as long as the last one held the write lock (at most
-    50 ms): neither SQLite's busy handler nor a thread lock is fair, and back-to-back batches
-    would starve the daemon's writers; this way a purge takes at most half the write time."""
-    time.sleep(min(time.monotonic() - held_since, 0.05))
-
-
-def _statements(script: str) -> Iterator[str]:
-    """Split a migration into statements (a ';' inside a comment or string does not end one)."""
-    pending = ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            yield pending
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"incomplete SQL statement in a migration: {pending[:80]!r}")
-
-
-def _restrict(path: Path) -> None:
-    """The ledger holds message texts: readable by its owner only."""
-    for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(candidate, 0o600)
 
 
 _INSERT = (

@@ -26,6 +26,10 @@ TOKEN = web.RequestKey("token", TokenRow)  # the token a request authenticated w
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The one unsafe method a web page can send cross-site without a CORS preflight (an HTML form,
+# fetch in no-cors mode), and never with Content-Type: application/json. DELETE always needs a
+# preflight, which only configured origins pass, so it needs no Content-Type.
+FORM_METHODS = frozenset({"POST"})
 # Open without a token even when tokens exist: liveness, the API description, and the
 # dashboard's files (the page holds no data; it asks for a token and sends it on every call).
 _PUBLIC_PATHS = frozenset({"/", "/openapi.json", "/docs", "/dashboard"})
@@ -96,7 +100,7 @@ def _same_origin(origin: str, host: str) -> bool:
 
 
 def browser_middleware(settings: Settings) -> Middleware:
-    """Preflights for configured origins; POST/DELETE only as JSON and not from a foreign site."""
+    """Preflights for configured origins; POST only as JSON; no unsafe method from a foreign site."""
     allowed = frozenset(settings.cors_origins)
 
     @web.middleware
@@ -124,7 +128,7 @@ def browser_middleware(settings: Settings) -> Middleware:
                     f"requests from web pages at {origin} are refused - add that origin to "
                     "EVOMSGD_CORS_ORIGINS if it should call evomsgd",
                 )
-            if request.content_type != "application/json":
+            if request.method in FORM_METHODS and request.content_type != "application/json":
                 given = request.headers.get("Content-Type") or "none"
                 raise ApiError(
                     415,

@@ -61,7 +61,7 @@ _FORBIDDEN = _error(
     "token exists, or an instance the token may not use"
 )
 _UNAUTHORIZED = _error("Tokens exist and this request has none, or an invalid one")
-_NOT_JSON = _error("POST/DELETE without Content-Type: application/json")
+_NOT_JSON = _error("POST without Content-Type: application/json (needed even without a body)")
 _UNAVAILABLE = _error("The ledger cannot be used right now, or the daemon is shutting down")
 # Open without a token even when tokens exist (guards._PUBLIC_PATHS).
 _PUBLIC: list[dict[str, list[str]]] = []
@@ -210,7 +210,6 @@ def spec() -> dict[str, Any]:
                     "404": _error("Unknown task id"),
                     "409": _error("Already being sent or finished"),
                 },
-                unsafe=True,
                 parameters=[_TASK_ID],
             ),
         },

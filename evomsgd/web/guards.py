@@ -82,10 +82,11 @@ def _routed(request: web.Request) -> bool:
     return request.match_info.http_exception is None
 
 
-def _public(request: web.Request) -> bool:
-    if request.method not in SAFE_METHODS:
+def is_public(method: str, path: str) -> bool:
+    """True when `method path` needs no token even while tokens exist."""
+    if method not in SAFE_METHODS:
         return False
-    return request.path in _PUBLIC_PATHS or request.path.startswith(_PUBLIC_PREFIXES)
+    return path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
 
 
 def _origin(value: str) -> str:
@@ -170,7 +171,7 @@ def auth_middleware(settings: Settings) -> Middleware:
             if not settings.insecure_no_auth:
                 _check_host(request, origin_hosts)
             return await handler(request)
-        if _public(request):
+        if is_public(request.method, request.path):
             return await handler(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         presented = presented.strip()

@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/run.py            # everything (~4 min; needs `wrk`: apt-get install wrk)
     .venv/bin/python bench/run.py --quick    # smaller counts, for a smoke run
-    .venv/bin/python bench/run.py --only accept   # one part (accept, delivery, memory, ledger)
+    .venv/bin/python bench/run.py --only accept   # one part (accept, delivery, memory, ledger, start)
+
+`start` needs the binary: packaging/build.sh first (or --binary PATH).
 
 Ratios matter more than absolutes: the machines are shared and noisy, so every comparison
-(evomsgd vs a bare aiohttp handler, full vs normal durability, empty vs 1M-row ledger) is
-measured back to back in the same run.
+(evomsgd vs a bare aiohttp handler, full vs normal durability, empty vs 1M-row ledger, the binary
+vs the pip-installed command) is measured back to back in the same run.
 """
 
 from __future__ import annotations
@@ -30,8 +32,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# packaging/ is not a package (and its name is PyPI's `packaging`): import measure.py by its folder.
+sys.path.insert(0, str(ROOT / "packaging"))
+
+from measure import time_to_ready  # noqa: E402
 
 from tests.conftest import API_KEY, FakeProcess, daemon_env, free_port  # noqa: E402
+
+DIST = ROOT / "dist" / "evomsgd"
+# The console script `pip install` put next to this interpreter (.venv/bin/evomsgd).
+PIP_COMMAND = Path(sys.executable).with_name("evomsgd")
 
 BODY = json.dumps({"phone": "+5511988887777", "message": "Your code is 123456"})
 # A different valid phone on every request, as real traffic has (no cache can help).
@@ -435,18 +445,46 @@ def big_ledger(tmp: Path, rows: int, seconds: int) -> list[tuple[str, str]]:
     return out
 
 
+def start_time(binary: Path, starts: int) -> list[tuple[str, str]]:
+    """`serve --sandbox` to the first /health 200: the binary vs the pip-installed command.
+
+    Taken in turns, so both see the same load; each binary start unpacks it afresh.
+    """
+    frozen, installed = [], []
+    for _ in range(starts):
+        frozen.append(time_to_ready(str(binary)))
+        installed.append(time_to_ready(str(PIP_COMMAND)))
+    ratio = statistics.median(frozen) / statistics.median(installed)
+    return [
+        (
+            f"start to first /health 200, median of {starts}: binary vs pip-installed",
+            f"{statistics.median(frozen):.2f} s vs {statistics.median(installed):.2f} s"
+            f" = {ratio:.2f}x",
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts for a smoke run")
     parser.add_argument(
         "--only",
-        choices=["accept", "delivery", "memory", "ledger"],
+        choices=["accept", "delivery", "memory", "ledger", "start"],
         action="append",
         help="run only these parts (repeatable)",
     )
+    parser.add_argument("--binary", type=Path, default=DIST, help="the binary `start` times")
     args = parser.parse_args()
     seconds = 3 if args.quick else 10
-    parts = set(args.only or ["accept", "delivery", "memory", "ledger"])
+    parts = set(args.only or ["accept", "delivery", "memory", "ledger", "start"])
+    if "start" in parts:  # checked first: a missing file should not cost the other parts' minutes
+        fixes = {
+            args.binary: "build it with packaging/build.sh, or pass --binary PATH",
+            PIP_COMMAND: "run bench/run.py with the Python of a venv where evomsgd is installed",
+        }
+        for need, fix in fixes.items():
+            if not need.is_file():
+                parser.error(f"{need} is missing - {fix}")
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -458,6 +496,8 @@ def main() -> None:
             rows += memory(tmp, 5000 if args.quick else 100_000)
         if "ledger" in parts:
             rows += big_ledger(tmp, 50_000 if args.quick else 1_000_000, seconds)
+        if "start" in parts:
+            rows += start_time(args.binary, 5 if args.quick else 15)
     width = max(len(name) for name, _ in rows)
     print(f"evomsgd benchmark - {os.cpu_count()} cores, python {sys.version.split()[0]}")
     for name, value in rows:

@@ -5,6 +5,7 @@
 size: bytes on disk (target < 30 MB). ready: seconds from spawning `evomsgd serve --sandbox` on a
 fresh data directory to the first 200 from GET /health (target: median of the starts <= 0.8 s).
 Each start unpacks the binary again (fresh TMPDIR), as a real start does. Standard library only.
+bench/run.py times the pip-installed `evomsgd` with the same `time_to_ready`, for the ratio.
 """
 
 from __future__ import annotations
@@ -41,21 +42,21 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def time_to_ready(binary: str, timeout: float = 20.0) -> float:
-    """Seconds from spawn to the first /health 200 of one sandboxed start."""
+def time_to_ready(*command: str, timeout: float = 20.0) -> float:
+    """Seconds from spawning `command serve --sandbox` to its first /health 200."""
     with tempfile.TemporaryDirectory() as scratch:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("EVOMSGD_", "EVOLUTION_"))}
         env["TMPDIR"] = scratch
-        argv = [binary, "serve", "--sandbox", "--data-dir", os.path.join(scratch, "data")]
+        argv = [*command, "serve", "--sandbox", "--data-dir", os.path.join(scratch, "data")]
         started = time.monotonic()
         proc = subprocess.Popen([*argv, "--port", str(port)], env=env, stderr=subprocess.DEVNULL)
         try:
             while not _healthy(port):
                 if proc.poll() is not None:
-                    raise SystemExit(f"{binary} exited with {proc.returncode} before serving")
+                    raise SystemExit(f"{argv[0]} exited with {proc.returncode} before serving")
                 if time.monotonic() - started > timeout:
-                    raise SystemExit(f"{binary} not healthy after {timeout}s")
+                    raise SystemExit(f"{argv[0]} not healthy after {timeout}s")
                 time.sleep(0.005)
             elapsed = time.monotonic() - started
         finally:

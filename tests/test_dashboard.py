@@ -196,3 +196,54 @@ async def test_the_dashboard_sends_a_stored_token(make_client: MakeClient, brows
         await page.goto(str(client.make_url("/dashboard")))
     assert (await info.value).headers["authorization"] == "Bearer tok-123"
     await context.close()
+
+
+async def ids_of_one_moment(client: TestClient[Any, Any], count: int) -> list[str]:
+    """Messages accepted together: ids sharing the 8 hex digits the Task column once showed."""
+    for _ in range(2):  # those digits turn over every 65.5 s; a batch across the turn is redone
+        ids = [(await post(client, phone=f"+55119000001{n:02d}"))["task_id"] for n in range(count)]
+        if len({task_id[:8] for task_id in ids}) == 1:
+            return ids
+    raise AssertionError(f"no batch of {count} ids shares its first 8 digits: {ids}")
+
+
+async def test_the_task_column_tells_apart_ids_of_one_moment_and_copies_them(
+    make_client: MakeClient, browser: Any
+) -> None:
+    client = await make_client(fast_settings(sandbox=True))
+    ids = await ids_of_one_moment(client, 6)
+    context = await browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    await page.goto(str(client.make_url("/dashboard")))
+    shown = []
+    for task_id in ids:
+        cell = page.locator(f'#recent tr[data-task-id="{task_id}"] td.task-id')
+        await cell.wait_for()
+        assert await cell.get_attribute("title") == task_id  # the whole id on hover
+        short = await cell.locator(".short-id").inner_text()
+        assert short.lstrip("…") and task_id.endswith(short.lstrip("…")), short
+        shown.append(short)
+    assert len(set(shown)) == len(ids), shown
+
+    target = page.locator(f'#recent tr[data-task-id="{ids[2]}"]')
+    await target.locator('button[data-action="copy"]').click()
+    await page.locator("#toast", has_text="Copied").wait_for()
+    assert await page.evaluate("navigator.clipboard.readText()") == ids[2]
+    assert await target.get_attribute("aria-expanded") is None  # copying does not open the row
+    assert problems == []
+    await context.close()
+
+    # Over http:// to another machine there is no navigator.clipboard: the id is selected instead.
+    bare = await browser.new_context()
+    await bare.add_init_script(
+        "Object.defineProperty(Navigator.prototype, 'clipboard', {get: () => undefined})"
+    )
+    page = await bare.new_page()
+    await page.goto(str(client.make_url("/dashboard")))
+    await page.locator(f'#recent tr[data-task-id="{ids[4]}"] button[data-action="copy"]').click()
+    await page.locator("#toast [data-copy-fallback]").wait_for()
+    assert await page.evaluate("window.getSelection().toString()") == ids[4]
+    await bare.close()

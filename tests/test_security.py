@@ -285,6 +285,37 @@ async def test_a_cross_site_form_post_queues_nothing(
     assert count_messages(tmp_path) == 0
 
 
+async def test_a_plain_delete_cancels_and_a_bodiless_post_still_needs_json(
+    client: TestClient[Any, Any],
+) -> None:
+    """`curl -X DELETE .../tasks/ID`: no body, no Content-Type. Only POST can come from a form."""
+    accepted = await post(client, send_at="2099-01-01T00:00:00Z")
+    path = f"/tasks/{accepted['task_id']}"
+    refused = await client.delete(
+        path, headers=FOREIGN
+    )  # a page can send it only after a preflight
+    await assert_error(refused, 403, "forbidden_origin")
+    assert (await (await client.get(path)).json())["status"] == "SCHEDULED"
+    rebinding = await client.delete(path, headers={"Host": "evil.example:8001"})
+    await assert_error(rebinding, 403, "forbidden_host")
+    done = await client.delete(path)
+    assert "Content-Type" not in done.request_info.headers
+    assert done.status == 200, await done.text()
+    assert (await done.json())["status"] == "CANCELED"
+    for bodiless in (f"{path}/retry", "/instances/main/pause", "/instances/main/resume"):
+        resp = await client.post(bodiless, skip_auto_headers={"Content-Type"})  # as curl sends it
+        await assert_error(
+            resp,
+            415,
+            "unsupported_media_type",
+            "POST needs the header Content-Type: application/json, even without a body (got "
+            "none) - it is what keeps web pages from posting forms to evomsgd",
+        )
+    assert (await (await client.get(path)).json())["status"] == "CANCELED"
+    lanes = (await (await client.get("/instances")).json())["instances"]
+    assert lanes and all(lane["paused_reason"] is None for lane in lanes)
+
+
 async def test_a_foreign_origin_is_refused_and_the_same_origin_is_not(
     client: TestClient[Any, Any],
 ) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,17 @@ def test_tokens_from_the_cli_guard_a_public_daemon_and_never_leak(
             request(daemon.url + "/messages", {**MESSAGE, "instance_name": "x"}, token=token)[0]
             == 403
         )
+
+        # What `curl -X DELETE -H 'Authorization: Bearer ...' URL` sends: no body, no Content-Type.
+        later = {**MESSAGE, "send_at": "2099-01-01T00:00:00Z"}
+        scheduled = request(daemon.url + "/messages", later, token=token)[1]["task_id"]
+        cancel = urllib.request.Request(
+            f"{daemon.url}/tasks/{scheduled}",
+            method="DELETE",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(cancel, timeout=10) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["status"] == "CANCELED"
 
         client = {"EVOMSGD_PORT": str(port), **where}
         anonymous = evomsgd("status", **client)

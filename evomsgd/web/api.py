@@ -18,14 +18,20 @@ from evomsgd.ledger.records import ListFilter
 from evomsgd.log import log_fields
 from evomsgd.models import (
     Accepted,
+    HealthView,
     Lanes,
     Paused,
+    PauseRequest,
     Root,
     SendRequest,
     Status,
+    TaskList,
+    TaskView,
 )
 from evomsgd.service import Service
+from evomsgd.web import routes
 from evomsgd.web.guards import require_instance, scope, scoped, token_name
+from evomsgd.web.routes import Answer, Operation, Param, Route
 from evomsgd.web.views import task_list, task_view
 
 log = logging.getLogger("evomsgd.api")
@@ -294,15 +300,155 @@ async def resume_instance(request: web.Request) -> web.Response:
     return _json(Paused(instance=instance, paused=False))
 
 
+_QUERY_LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_LIST}
+_CURSOR = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+_IDEMPOTENCY_KEY = {"type": "string", "minLength": 1, "maxLength": 200}
+
+# The JSON API, in the order /openapi.json lists it.
+API = (
+    Route(
+        "GET",
+        "/",
+        root,
+        Operation("root", "Liveness", (Answer(200, "Up", Root),)),
+    ),
+    Route(
+        "GET",
+        "/health",
+        health,
+        Operation(
+            "health",
+            "Detailed health",
+            (
+                Answer(200, "Healthy or degraded", HealthView),
+                Answer(503, "Cannot do its job", HealthView),
+            ),
+        ),
+    ),
+    Route(
+        "POST",
+        "/messages",
+        send_message,
+        Operation(
+            "sendMessage",
+            "Queue a message",
+            (
+                Answer(202, "Stored on disk; delivery follows", Accepted),
+                Answer(200, "Idempotent replay: nothing new queued", Accepted),
+                Answer(400, "Malformed JSON or header"),
+                routes.BODY_TIMEOUT,
+                Answer(409, "Idempotency-Key reused with a different body"),
+                routes.BODY_TOO_LARGE,
+                Answer(422, "Missing or invalid fields, each named"),
+                routes.BACKLOG_FULL,
+            ),
+            params=(
+                Param(
+                    "Idempotency-Key",
+                    "header",
+                    "Same key and body within the TTL returns the original task.",
+                    _IDEMPOTENCY_KEY,
+                ),
+            ),
+            body=SendRequest,
+        ),
+    ),
+    Route(
+        "GET",
+        "/tasks",
+        list_tasks,
+        Operation(
+            "listTasks",
+            "List tasks, newest first",
+            (Answer(200, "A page", TaskList), Answer(422, "Invalid filter")),
+            params=(
+                Param("status", "query", "Comma-separated statuses, e.g. FAILURE,EXPIRED"),
+                Param("instance", "query", "Instance name (a scoped token sees only its own)"),
+                Param("phone", "query", "Normalised phone (E.164 digits) or JID"),
+                Param("since", "query", "RFC 3339 time or a duration back from now (30m, 1h, 7d)"),
+                Param("until", "query", "RFC 3339 time or a duration back from now"),
+                Param("before", "query", "Cursor from next_before", _CURSOR),
+                Param("limit", "query", f"Page size 1-{MAX_LIST} (default 50)", _QUERY_LIMIT),
+            ),
+        ),
+    ),
+    Route(
+        "GET",
+        "/tasks/{task_id}",
+        get_task,
+        Operation(
+            "getTask",
+            "Status, result and history of a task",
+            (Answer(200, "The task", TaskView), routes.UNKNOWN_TASK),
+        ),
+    ),
+    Route(
+        "DELETE",
+        "/tasks/{task_id}",
+        cancel_task,
+        Operation(
+            "cancelTask",
+            "Cancel a message that has not been sent",
+            (
+                Answer(200, "Canceled", TaskView),
+                routes.UNKNOWN_TASK,
+                Answer(409, "Already being sent or finished"),
+            ),
+        ),
+    ),
+    Route(
+        "POST",
+        "/tasks/{task_id}/retry",
+        retry_task,
+        Operation(
+            "retryTask",
+            "Send a FAILURE, EXPIRED or CANCELED message again",
+            (
+                Answer(202, "Queued again", TaskView),
+                routes.UNKNOWN_TASK,
+                Answer(409, "Not in a retryable state"),
+                routes.BACKLOG_FULL,
+            ),
+        ),
+    ),
+    Route(
+        "GET",
+        "/instances",
+        list_instances,
+        Operation(
+            "listInstances",
+            "Instance lanes",
+            (Answer(200, "Each lane (a scoped token: its instances only)", Lanes),),
+        ),
+    ),
+    Route(
+        "POST",
+        "/instances/{instance}/pause",
+        pause_instance,
+        Operation(
+            "pauseInstance",
+            "Pause sending on an instance",
+            (
+                Answer(200, "Paused", Paused),
+                routes.MALFORMED_JSON,
+                routes.BODY_TIMEOUT,
+                routes.BODY_TOO_LARGE,
+            ),
+            body=PauseRequest,
+            body_required=False,
+        ),
+    ),
+    Route(
+        "POST",
+        "/instances/{instance}/resume",
+        resume_instance,
+        Operation(
+            "resumeInstance", "Resume sending on an instance", (Answer(200, "Resumed", Paused),)
+        ),
+    ),
+)
+
+
 def add_routes(app: web.Application) -> None:
     """Register the JSON API."""
-    app.router.add_get("/", root)
-    app.router.add_get("/health", health)
-    app.router.add_post("/messages", send_message)
-    app.router.add_get("/tasks", list_tasks)
-    app.router.add_get("/tasks/{task_id}", get_task)
-    app.router.add_delete("/tasks/{task_id}", cancel_task)
-    app.router.add_post("/tasks/{task_id}/retry", retry_task)
-    app.router.add_get("/instances", list_instances)
-    app.router.add_post("/instances/{instance}/pause", pause_instance)
-    app.router.add_post("/instances/{instance}/resume", resume_instance)
+    routes.register(app, API)

@@ -13,7 +13,8 @@ from aiohttp import web
 
 from evomsgd import clock
 from evomsgd.errors import ApiError
-from evomsgd.web import api
+from evomsgd.web import api, routes
+from evomsgd.web.routes import Route
 
 STATIC = Path(__file__).with_name("static")
 MAX_HOURS = 7 * 24
@@ -71,8 +72,14 @@ async def hourly(request: web.Request) -> web.Response:
     )
 
 
+# The page and the chart's figures serve the dashboard, outside the API document.
+ROUTES = (
+    Route("GET", "/dashboard", page, None),
+    Route("GET", "/stats/hourly", hourly, None),
+)
+
+
 def add_routes(app: web.Application) -> None:
     """Register /dashboard, its files under /dashboard/static/ and GET /stats/hourly."""
-    app.router.add_get("/dashboard", page)
+    routes.register(app, ROUTES)
     app.router.add_static("/dashboard/static", STATIC)
-    app.router.add_get("/stats/hourly", hourly)

@@ -26,6 +26,10 @@ TOKEN = web.RequestKey("token", TokenRow)  # the token a request authenticated w
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# The one unsafe method a web page can send cross-site without a CORS preflight (an HTML form,
+# fetch in no-cors mode), and never with Content-Type: application/json. DELETE always needs a
+# preflight, which only configured origins pass, so it needs no Content-Type.
+FORM_METHODS = frozenset({"POST"})
 # Open without a token even when tokens exist: liveness, the API description, and the
 # dashboard's files (the page holds no data; it asks for a token and sends it on every call).
 _PUBLIC_PATHS = frozenset({"/", "/openapi.json", "/docs", "/dashboard"})
@@ -78,10 +82,11 @@ def _routed(request: web.Request) -> bool:
     return request.match_info.http_exception is None
 
 
-def _public(request: web.Request) -> bool:
-    if request.method not in SAFE_METHODS:
+def is_public(method: str, path: str) -> bool:
+    """True when `method path` needs no token even while tokens exist."""
+    if method not in SAFE_METHODS:
         return False
-    return request.path in _PUBLIC_PATHS or request.path.startswith(_PUBLIC_PREFIXES)
+    return path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
 
 
 def _origin(value: str) -> str:
@@ -96,7 +101,7 @@ def _same_origin(origin: str, host: str) -> bool:
 
 
 def browser_middleware(settings: Settings) -> Middleware:
-    """Preflights for configured origins; POST/DELETE only as JSON and not from a foreign site."""
+    """Preflights for configured origins; POST only as JSON; no unsafe method from a foreign site."""
     allowed = frozenset(settings.cors_origins)
 
     @web.middleware
@@ -124,7 +129,7 @@ def browser_middleware(settings: Settings) -> Middleware:
                     f"requests from web pages at {origin} are refused - add that origin to "
                     "EVOMSGD_CORS_ORIGINS if it should call evomsgd",
                 )
-            if request.content_type != "application/json":
+            if request.method in FORM_METHODS and request.content_type != "application/json":
                 given = request.headers.get("Content-Type") or "none"
                 raise ApiError(
                     415,
@@ -166,7 +171,7 @@ def auth_middleware(settings: Settings) -> Middleware:
             if not settings.insecure_no_auth:
                 _check_host(request, origin_hosts)
             return await handler(request)
-        if _public(request):
+        if is_public(request.method, request.path):
             return await handler(request)
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         presented = presented.strip()

@@ -27,6 +27,8 @@ from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
 from evomsgd.models import WAITING, LaneView, Status
+from evomsgd.web import routes
+from evomsgd.web.routes import Route
 
 log = logging.getLogger("evomsgd.metrics")
 
@@ -250,6 +252,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+# Prometheus text, not JSON: outside the API document.
+ROUTES = (Route("GET", "/metrics", metrics, None),)
+
+
 def add_routes(app: web.Application) -> None:
     """Register GET /metrics."""
-    app.router.add_get("/metrics", metrics)
+    routes.register(app, ROUTES)

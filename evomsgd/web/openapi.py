@@ -1,43 +1,41 @@
-"""/openapi.json built from the same pydantic models that validate requests, and /docs (offline)."""
+"""/openapi.json derived from the route table and the pydantic models that validate requests,
+and /docs (offline)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import swagger_ui_bundle
 from aiohttp import web
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from evomsgd import __version__
-from evomsgd.models import (
-    Accepted,
-    ErrorBody,
-    HealthView,
-    Lanes,
-    Paused,
-    PauseRequest,
-    Root,
-    SendRequest,
-    TaskList,
-    TaskView,
-)
+from evomsgd.models import ErrorBody
+from evomsgd.web import guards, routes
+from evomsgd.web.routes import Answer, Operation, Param, Route
 
 _REF = "#/components/schemas/{model}"
-_MODELS = (
-    SendRequest,
-    PauseRequest,
-    Accepted,
-    TaskView,
-    TaskList,
-    ErrorBody,
-    HealthView,
-    Root,
-    Lanes,
-    Paused,
+_PATH_PARAM = re.compile(r"\{([^}/]+)\}")
+
+# Answers any operation may give, by the rules of guards.py and api.errors_middleware.
+_FORBIDDEN = Answer(
+    403,
+    "Refused: a foreign Origin (POST/DELETE), a Host that is not localhost or an IP while no "
+    "token exists, or an instance the token may not use",
 )
+_UNAUTHORIZED = Answer(401, "Tokens exist and this request has none, or an invalid one")
+_NOT_JSON = Answer(415, "POST without Content-Type: application/json (needed even without a body)")
+_UNAVAILABLE = Answer(503, "The ledger cannot be used right now, or the daemon is shutting down")
+# Open without a token even when tokens exist (guards.is_public).
+_PUBLIC: list[dict[str, list[str]]] = []
+# A token when tokens exist; nothing while there are none.
+_TOKEN: list[dict[str, list[str]]] = [{"bearer": []}, {}]
 
 
 def _ref(model: type) -> dict[str, str]:
@@ -48,223 +46,77 @@ def _content(model: type) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(model)}}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": _content(ErrorBody)}
+def _answer(answer: Answer) -> dict[str, Any]:
+    return {"description": answer.description, "content": _content(answer.model)}
 
 
-_TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_INSTANCE = {"name": "instance", "in": "path", "required": True, "schema": {"type": "string"}}
-
-# Answers any operation may give, by the rules of guards.py and api.errors_middleware.
-_FORBIDDEN = _error(
-    "Refused: a foreign Origin (POST/DELETE), a Host that is not localhost or an IP while no "
-    "token exists, or an instance the token may not use"
-)
-_UNAUTHORIZED = _error("Tokens exist and this request has none, or an invalid one")
-_NOT_JSON = _error("POST/DELETE without Content-Type: application/json")
-_UNAVAILABLE = _error("The ledger cannot be used right now, or the daemon is shutting down")
-# Open without a token even when tokens exist (guards._PUBLIC_PATHS).
-_PUBLIC: list[dict[str, list[str]]] = []
-# A token when tokens exist; nothing while there are none.
-_TOKEN: list[dict[str, list[str]]] = [{"bearer": []}, {}]
-
-
-def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+def _param(param: Param) -> dict[str, Any]:
     return {
-        "name": name,
-        "in": "query",
+        "name": param.name,
+        "in": param.where,
         "required": False,
-        "description": description,
-        "schema": schema or {"type": "string"},
+        "description": param.description,
+        "schema": dict(param.schema),
     }
 
 
-def _operation(
-    op_id: str,
-    summary: str,
-    responses: dict[str, Any],
-    *,
-    public: bool = False,
-    unsafe: bool = False,
-    **extra: Any,
-) -> dict[str, Any]:
-    """One operation with the answers every operation of its kind may give."""
-    common: dict[str, Any] = {"403": _FORBIDDEN}
+def _path_params(path: str) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in _PATH_PARAM.findall(path)
+    ]
+
+
+def _operation(route: Route, op: Operation) -> dict[str, Any]:
+    """One operation: its own answers, then those the guards give every operation of its kind."""
+    public = guards.is_public(route.method, route.path)
+    common = [_FORBIDDEN]
     if not public:
-        common |= {"401": _UNAUTHORIZED, "503": _UNAVAILABLE}
-    if unsafe:
-        common["415"] = _NOT_JSON
-    return {
-        "summary": summary,
-        "operationId": op_id,
+        common += [_UNAUTHORIZED, _UNAVAILABLE]
+    if route.method in guards.FORM_METHODS:
+        common.append(_NOT_JSON)
+    responses = {str(a.status): _answer(a) for a in op.answers}
+    # As before the table: a guard's answer is what a status means on every operation.
+    responses |= {str(a.status): _answer(a) for a in common}
+    doc: dict[str, Any] = {
+        "summary": op.summary,
+        "operationId": op.id,
         "security": _PUBLIC if public else _TOKEN,
-        **extra,
-        "responses": {**responses, **common},
     }
+    params = _path_params(route.path) + [_param(p) for p in op.params]
+    if params:
+        doc["parameters"] = params
+    if op.body is not None:
+        doc["requestBody"] = {"required": op.body_required, "content": _content(op.body)}
+    doc["responses"] = responses
+    return doc
 
 
 @functools.cache
-def spec() -> dict[str, Any]:
-    """The OpenAPI 3.1 document."""
+def _schemas(
+    requests: tuple[type[BaseModel], ...], answers: tuple[type[BaseModel], ...]
+) -> dict[str, Any]:
     _, defs = models_json_schema(
-        [
-            (m, "validation" if m in (SendRequest, PauseRequest) else "serialization")
-            for m in _MODELS
-        ],
+        [(m, "validation") for m in requests] + [(m, "serialization") for m in answers],
         ref_template=_REF,
     )
-    paths: dict[str, Any] = {
-        "/": {
-            "get": _operation(
-                "root",
-                "Liveness",
-                {"200": {"description": "Up", "content": _content(Root)}},
-                public=True,
-            )
-        },
-        "/health": {
-            "get": _operation(
-                "health",
-                "Detailed health",
-                {
-                    "200": {"description": "Healthy or degraded", "content": _content(HealthView)},
-                    "503": {"description": "Cannot do its job", "content": _content(HealthView)},
-                },
-            )
-        },
-        "/messages": {
-            "post": _operation(
-                "sendMessage",
-                "Queue a message",
-                {
-                    "202": {
-                        "description": "Stored on disk; delivery follows",
-                        "content": _content(Accepted),
-                    },
-                    "200": {
-                        "description": "Idempotent replay: nothing new queued",
-                        "content": _content(Accepted),
-                    },
-                    "400": _error("Malformed JSON or header"),
-                    "408": _error("The body did not arrive within EVOMSGD_IDLE_TIMEOUT"),
-                    "409": _error("Idempotency-Key reused with a different body"),
-                    "413": _error("Body over 64 KiB"),
-                    "422": _error("Missing or invalid fields, each named"),
-                    "429": _error("Too many waiting messages on the instance"),
-                },
-                unsafe=True,
-                parameters=[
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "description": "Same key and body within the TTL returns the original task.",
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                    }
-                ],
-                requestBody={"required": True, "content": _content(SendRequest)},
-            )
-        },
-        "/tasks": {
-            "get": _operation(
-                "listTasks",
-                "List tasks, newest first",
-                {
-                    "200": {"description": "A page", "content": _content(TaskList)},
-                    "422": _error("Invalid filter"),
-                },
-                parameters=[
-                    _query("status", "Comma-separated statuses, e.g. FAILURE,EXPIRED"),
-                    _query("instance", "Instance name (a scoped token sees only its own)"),
-                    _query("phone", "Normalised phone (E.164 digits) or JID"),
-                    _query("since", "RFC 3339 time or a duration back from now (30m, 1h, 7d)"),
-                    _query("until", "RFC 3339 time or a duration back from now"),
-                    _query(
-                        "before",
-                        "Cursor from next_before",
-                        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-                    ),
-                    _query(
-                        "limit",
-                        "Page size 1-500 (default 50)",
-                        {"type": "integer", "minimum": 1, "maximum": 500},
-                    ),
-                ],
-            )
-        },
-        "/tasks/{task_id}": {
-            "get": _operation(
-                "getTask",
-                "Status, result and history of a task",
-                {
-                    "200": {"description": "The task", "content": _content(TaskView)},
-                    "404": _error("Unknown task id"),
-                },
-                parameters=[_TASK_ID],
-            ),
-            "delete": _operation(
-                "cancelTask",
-                "Cancel a message that has not been sent",
-                {
-                    "200": {"description": "Canceled", "content": _content(TaskView)},
-                    "404": _error("Unknown task id"),
-                    "409": _error("Already being sent or finished"),
-                },
-                unsafe=True,
-                parameters=[_TASK_ID],
-            ),
-        },
-        "/tasks/{task_id}/retry": {
-            "post": _operation(
-                "retryTask",
-                "Send a FAILURE, EXPIRED or CANCELED message again",
-                {
-                    "202": {"description": "Queued again", "content": _content(TaskView)},
-                    "404": _error("Unknown task id"),
-                    "409": _error("Not in a retryable state"),
-                    "429": _error("Too many waiting messages on the instance"),
-                },
-                unsafe=True,
-                parameters=[_TASK_ID],
-            )
-        },
-        "/instances": {
-            "get": _operation(
-                "listInstances",
-                "Instance lanes",
-                {
-                    "200": {
-                        "description": "Each lane (a scoped token: its instances only)",
-                        "content": _content(Lanes),
-                    }
-                },
-            )
-        },
-        "/instances/{instance}/pause": {
-            "post": _operation(
-                "pauseInstance",
-                "Pause sending on an instance",
-                {
-                    "200": {"description": "Paused", "content": _content(Paused)},
-                    "400": _error("Malformed JSON"),
-                    "408": _error("The body did not arrive within EVOMSGD_IDLE_TIMEOUT"),
-                    "413": _error("Body over 64 KiB"),
-                },
-                unsafe=True,
-                parameters=[_INSTANCE],
-                requestBody={"required": False, "content": _content(PauseRequest)},
-            )
-        },
-        "/instances/{instance}/resume": {
-            "post": _operation(
-                "resumeInstance",
-                "Resume sending on an instance",
-                {"200": {"description": "Resumed", "content": _content(Paused)}},
-                unsafe=True,
-                parameters=[_INSTANCE],
-            )
-        },
-    }
+    schemas: dict[str, Any] = defs["$defs"]
+    return schemas
+
+
+def document(table: Iterable[Route]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the table's operations."""
+    paths: dict[str, dict[str, Any]] = {}
+    requests: dict[type[BaseModel], None] = {}
+    answers: dict[type[BaseModel], None] = {ErrorBody: None}
+    for route in table:
+        op = route.operation
+        if op is None:
+            continue
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, op)
+        if op.body is not None:
+            requests[op.body] = None
+        answers.update(dict.fromkeys(a.model for a in op.answers))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -274,7 +126,7 @@ def spec() -> dict[str, Any]:
         },
         "paths": paths,
         "components": {
-            "schemas": defs["$defs"],
+            "schemas": _schemas(tuple(requests), tuple(answers)),
             "securitySchemes": {
                 "bearer": {
                     "type": "http",
@@ -303,7 +155,9 @@ _DOCS_INIT = "window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagg
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps(spec()), content_type="application/json")
+    """The document of the routes this app registered."""
+    text = json.dumps(document(routes.table(request.app)))
+    return web.Response(text=text, content_type="application/json")
 
 
 async def docs(request: web.Request) -> web.Response:
@@ -314,9 +168,15 @@ async def docs_init(request: web.Request) -> web.Response:
     return web.Response(text=_DOCS_INIT, content_type="application/javascript")
 
 
+# The description and the page that renders it describe the API; they are not part of it.
+ROUTES = (
+    Route("GET", "/openapi.json", openapi_json, None),
+    Route("GET", "/docs", docs, None),
+    Route("GET", "/docs/init.js", docs_init, None),
+)
+
+
 def add_routes(app: web.Application) -> None:
     """Register /openapi.json, /docs and Swagger UI's files (shipped in the swagger-ui-bundle package)."""
-    app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/docs", docs)
-    app.router.add_get("/docs/init.js", docs_init)
+    routes.register(app, ROUTES)
     app.router.add_static("/docs/static", _SWAGGER_DIR)

@@ -11,6 +11,7 @@
   const RETRYABLE = new Set(["FAILURE", "EXPIRED", "CANCELED"]);
   const CANCELABLE = new Set(["PENDING", "SCHEDULED", "RETRY"]);
   const ATTENTION = "FAILURE,EXPIRED,RETRY";
+  const SHORT_ID = 8; // hex digits of a task id's random tail shown in the Task column
   const TASK_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
   const SVG = "http://www.w3.org/2000/svg";
 
@@ -121,8 +122,47 @@
     return el("time", { datetime: iso, title: localTime(iso) }, ago(iso));
   }
 
+  // Task ids are UUIDv7: the first 12 hex digits are the creation time in milliseconds, so the
+  // ids of messages sent together share their start. Their tail is random and tells them apart.
   function shortId(id) {
-    return id.slice(0, 8);
+    return "…" + id.slice(-SHORT_ID);
+  }
+
+  function taskIdCell(id) {
+    const copy = el(
+      "button",
+      { type: "button", class: "btn-icon", "data-action": "copy", "data-copy": id, title: "Copy the whole task id", "aria-label": "Copy task id " + id },
+      copyIcon(),
+    );
+    copy.addEventListener("click", () => copyText(id));
+    return el("td", { class: "mono task-id", title: id }, el("span", { class: "short-id" }, shortId(id)), copy);
+  }
+
+  function copyIcon() {
+    return svg(
+      "svg",
+      { viewBox: "0 0 16 16", width: 13, height: 13, "aria-hidden": "true" },
+      svg("rect", { x: 5.5, y: 5.5, width: 8, height: 8, rx: 1.5 }),
+      svg("path", { d: "M10.5 3.5v-1a1 1 0 0 0-1-1h-6a1 1 0 0 0-1 1v6a1 1 0 0 0 1 1h1" }),
+    );
+  }
+
+  async function copyText(text) {
+    try {
+      await navigator.clipboard.writeText(text);
+      toast("Copied " + text);
+      return;
+    } catch (err) {
+      // No navigator.clipboard outside a secure context (http:// to another machine), or the
+      // browser refused: select the text in the toast (which the refresh does not redraw).
+    }
+    const code = el("code", { class: "mono", "data-copy-fallback": "" }, text);
+    toast([code, " is selected: press Ctrl+C (⌘C) to copy it"], false, 15000);
+    const range = document.createRange();
+    range.selectNodeContents(code);
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
   }
 
   function displayPhone(phone) {
@@ -310,7 +350,7 @@
       "tr",
       { class: "task" + (open ? " open" : ""), "data-task-id": task.task_id, "data-status": task.status, tabindex: 0, "aria-expanded": open },
       el("td", {}, pill(task.status)),
-      el("td", { class: "mono", title: task.task_id }, shortId(task.task_id)),
+      taskIdCell(task.task_id),
       el("td", {}, task.instance),
       el("td", { class: "mono", title: "as received: " + task.phone_input }, displayPhone(task.phone)),
       el("td", { class: "num" }, task.attempts),
@@ -528,15 +568,16 @@
 
   let toastTimer = null;
 
-  function toast(text, isError) {
+  // `content`: a text, or nodes (built with el(), never parsed as HTML).
+  function toast(content, isError, showMs) {
     const box = $("toast");
-    box.textContent = text;
+    box.replaceChildren(...(Array.isArray(content) ? content : [content]));
     box.className = "toast" + (isError ? " toast-error" : "");
     box.hidden = false;
     clearTimeout(toastTimer);
     toastTimer = setTimeout(() => {
       box.hidden = true;
-    }, isError ? 8000 : 4000);
+    }, showMs || (isError ? 8000 : 4000));
   }
 
   function search(filter) {

@@ -105,17 +105,6 @@ def create_app(
         dispatcher = Dispatcher(store, settings, queue.submit, probe)
         meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
         app[metrics.METRICS] = meter
-        queue.register(
-            Delivery(
-                store,
-                sender,
-                loop,
-                settings,
-                report=dispatcher.finished,
-                draining=lambda: dispatcher.draining,
-                on_outcome=meter.on_outcome,
-            ).run
-        )
 
         def committed(news: Sequence[NewMessage], results: Sequence[InsertResult]) -> None:
             created = created_per_instance(news, results)
@@ -125,6 +114,17 @@ def create_app(
         committer = GroupCommitter(
             store, loop, idempotency_ttl=settings.idempotency_ttl, on_commit=committed
         )
+        delivery = Delivery(
+            store,
+            committer,
+            sender,
+            loop,
+            settings,
+            report=dispatcher.finished,
+            draining=lambda: dispatcher.draining,
+            on_outcome=meter.on_outcome,
+        )
+        queue.register(delivery.run)
         service = Service(
             settings, store, committer, dispatcher, data_dir, alive_workers=queue.alive_workers
         )
@@ -140,7 +140,7 @@ def create_app(
         health_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await health_task
-        await drain(dispatcher, queue, committer, settings.drain_timeout)
+        await drain(dispatcher, delivery, queue, committer, settings.drain_timeout)
 
     app.cleanup_ctx.extend([store_ctx, retention_ctx, sender_ctx, engine_ctx])
     api.add_routes(app)
@@ -151,7 +151,11 @@ def create_app(
 
 
 async def drain(
-    dispatcher: Dispatcher, queue: TaskQueue, committer: GroupCommitter, timeout: float
+    dispatcher: Dispatcher,
+    delivery: Delivery,
+    queue: TaskQueue,
+    committer: GroupCommitter,
+    timeout: float,
 ) -> None:
     """Stop dispatching, let in-flight sends finish (bounded), stop the workers and the writer."""
     dispatcher.drain()
@@ -164,6 +168,8 @@ async def drain(
             "drain timeout: %s send(s) still in flight; they will be recovered at the next start",
             dispatcher.in_flight(),
         )
+        delivery.abandon()
+        await asyncio.sleep(0)  # let the cancelled sends unwind before the writer stops
     await asyncio.to_thread(queue.stop)
     await asyncio.to_thread(committer.stop)
     await asyncio.to_thread(dispatcher.stop)

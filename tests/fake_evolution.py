@@ -172,6 +172,8 @@ class FakeEvolution:
         self.host = host
         self.port = port
         self.latency = latency  # seconds added before answering each send
+        self.sends_in_progress = 0  # sendText requests being answered right now
+        self.most_sends_in_progress = 0  # the most at any one time
         self.not_on_whatsapp = {_norm(n) for n in not_on_whatsapp}
         self.hang_seconds = hang_seconds
         self.license_required = False  # every route answers 503 LICENSE_REQUIRED
@@ -378,9 +380,12 @@ class FakeEvolution:
             fault=Fault.OK,
         )
         self.received.append(record)
+        self.sends_in_progress += 1
+        self.most_sends_in_progress = max(self.most_sends_in_progress, self.sends_in_progress)
         try:
             return await self._answer(request, record, malformed)
         finally:
+            self.sends_in_progress -= 1
             await self._notify()
 
     def _fields(self, body: Any) -> tuple[str | None, str | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import time
@@ -10,11 +11,12 @@ from collections.abc import Callable
 
 from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.engine.jobs import Finished, Job, LaneEffect
+from evomsgd.engine.jobs import Finished, Job
 from evomsgd.engine.rules import decide
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import Sender
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
+from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
@@ -27,11 +29,15 @@ LEASE_MARGIN = 30.0
 
 
 class Delivery:
-    """Runs inside Huey worker threads; talks to Evolution through the event loop's client."""
+    """One attempt per job: a Huey worker thread claims the message, the event loop sends it and
+    records the outcome. A send waiting on the network holds no thread: the worker is free as
+    soon as the send has started, so in-flight sends are bounded by EVOMSGD_MAX_IN_FLIGHT (the
+    dispatcher's), not by the worker count."""
 
     def __init__(
         self,
         store: Store,
+        committer: GroupCommitter,
         sender: Sender,
         loop: asyncio.AbstractEventLoop,
         settings: Settings,
@@ -42,6 +48,7 @@ class Delivery:
         on_outcome: Callable[[Message, SendOutcome, Transition], None] | None = None,
     ) -> None:
         self.store = store
+        self.committer = committer
         self._report = report
         self._draining = draining
         self.sender = sender
@@ -50,12 +57,89 @@ class Delivery:
         self._time = time_source
         self._rng = random.Random()
         self._on_outcome = on_outcome
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- in a Huey worker thread ----------------------------------------------------------
 
     def run(self, job: Job) -> None:
-        """Deliver one message; always reports back when done, whatever happens."""
+        """Claim the job's message and start its send; reports back at once if it cannot."""
+        try:
+            claimed = self._claim(job)
+        except Exception:
+            log.exception(
+                "task %s instance %s: delivery crashed; the lease sweeper will retry it",
+                job.message_id,
+                job.instance,
+                extra=log_fields(job.message_id, job.instance),
+            )
+            claimed = None
+        if claimed is None:
+            self._report(Finished(job))
+            return
+        msg, started = claimed
+        self.loop.call_soon_threadsafe(self._start, job, msg, started)
+
+    def _claim(self, job: Job) -> tuple[Message, float] | None:
+        if self._draining():
+            return None
+        started = self._time()
+        lease = self.settings.evolution_timeout + LEASE_MARGIN
+        store, message_id = self.store, job.message_id
+        try:
+            msg = self.committer.write(
+                lambda cur: store.claim_in(cur, message_id, started, lease)
+            ).result()
+        except StoreUnavailable as exc:
+            log.warning(
+                "task %s instance %s: cannot claim (%s); will retry",
+                job.message_id,
+                job.instance,
+                exc,
+                extra=log_fields(job.message_id, job.instance),
+            )
+            return None
+        if msg is None:  # canceled, expired, or taken meanwhile
+            return None
+        log.debug(
+            "task %s instance %s: sending (attempt %s)",
+            msg.id,
+            msg.instance,
+            msg.attempts,
+            extra=log_fields(msg.id, msg.instance),
+        )
+        return msg, started
+
+    # -- on the event loop ----------------------------------------------------------------
+
+    def _start(self, job: Job, msg: Message, started: float) -> None:
+        task = self.loop.create_task(self._attempt(job, msg, started))
+        self._tasks.add(task)  # a task nobody references may be collected mid-send
+        task.add_done_callback(self._tasks.discard)
+
+    def abandon(self) -> int:
+        """Cancel sends still in flight at the end of the drain; their rows stay STARTED and the
+        next start sends them again, flagged as possible duplicates. Returns how many."""
+        pending = [task for task in self._tasks if not task.done()]
+        for task in pending:
+            task.cancel()
+        return len(pending)
+
+    async def _attempt(self, job: Job, msg: Message, started: float) -> None:
+        """Send, decide, record; always reports back, whatever happens."""
         final, effect = False, None
         try:
-            final, effect = self._attempt(job)
+            outcome = await self._send(msg)
+            now = self._time()
+            transition, effect = decide(msg, outcome, now, self.settings, self._rng, job)
+            if await self._record(msg, started, now, transition, outcome):
+                if outcome.kind == OutcomeKind.SENT and not job.instance_known and not msg.sandbox:
+                    self._first_send(msg, now)
+                if self._on_outcome is not None:
+                    self._on_outcome(msg, outcome, transition)
+                _log_outcome(msg, outcome, transition)
+                final = transition.status in FINAL
+            else:
+                effect = None
         except Exception:
             log.exception(
                 "task %s instance %s: delivery crashed; the lease sweeper will retry it",
@@ -66,96 +150,63 @@ class Delivery:
         finally:
             self._report(Finished(job, final, effect))
 
-    def _attempt(self, job: Job) -> tuple[bool, LaneEffect | None]:
-        message_id, instance = job.message_id, job.instance
-        if self._draining():
-            return False, None
-        started = self._time()
-        try:
-            msg = self.store.claim(
-                message_id, started, self.settings.evolution_timeout + LEASE_MARGIN
-            )
-        except StoreUnavailable as exc:
-            log.warning(
-                "task %s instance %s: cannot claim (%s); will retry",
-                message_id,
-                instance,
-                exc,
-                extra=log_fields(message_id, instance),
-            )
-            return False, None
-        if msg is None:  # canceled, expired, or taken meanwhile
-            return False, None
-        assert msg.text is not None
-        log.debug(
-            "task %s instance %s: sending (attempt %s)",
-            msg.id,
-            msg.instance,
-            msg.attempts,
-            extra=log_fields(msg.id, msg.instance),
-        )
-        outcome = self._send(msg)
-        now = self._time()
-        transition, effect = decide(msg, outcome, now, self.settings, self._rng, job)
-        try:
-            self._record(msg, started, now, transition)
-        except StoreUnavailable as exc:
-            # The row stays STARTED with its lease: the next start (or the lease sweeper, if the
-            # ledger comes back) sends it again, flagged as possibly delivered twice.
-            log.error(
-                "task %s instance %s: attempt %s ended %s, but the ledger cannot record it (%s); "
-                "it will be sent again, flagged as a possible duplicate",
-                msg.id,
-                msg.instance,
-                msg.attempts,
-                outcome.kind.value,
-                exc,
-                extra=log_fields(msg.id, msg.instance),
-            )
-            return False, None
-        if outcome.kind == OutcomeKind.SENT and not job.instance_known and not msg.sandbox:
-            self._first_send(msg, now)
-        if self._on_outcome is not None:
-            self._on_outcome(msg, outcome, transition)
-        _log_outcome(msg, outcome, transition)
-        return transition.status in FINAL, effect
-
     def _first_send(self, msg: Message, now: float) -> None:
         """Record that the instance has sent, so a later "no such instance" waits out a grace."""
-        try:
-            self.store.mark_sent_once(msg.instance, now)
-        except StoreUnavailable as exc:  # known again at its next success; nothing is lost
-            log.warning("instance %s: cannot record its first send (%s)", msg.instance, exc)
+        store, instance = self.store, msg.instance
 
-    def _send(self, msg: Message) -> SendOutcome:
+        def failed(future: concurrent.futures.Future[None]) -> None:
+            if future.exception() is not None:  # known again at its next success
+                log.warning(
+                    "instance %s: cannot record its first send (%s)", instance, future.exception()
+                )
+
+        self.committer.write(lambda cur: store.mark_sent_in(cur, instance, now)).add_done_callback(
+            failed
+        )
+
+    async def _send(self, msg: Message) -> SendOutcome:
         assert msg.text is not None
-        coro = self.sender.send_text(msg.instance, msg.phone, msg.text)
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
-            return future.result(self.settings.evolution_timeout + 5.0)
+            async with asyncio.timeout(self.settings.evolution_timeout + 5.0):
+                return await self.sender.send_text(msg.instance, msg.phone, msg.text)
         except TimeoutError:
-            future.cancel()
             return SendOutcome(OutcomeKind.AMBIGUOUS, "no answer from Evolution in time")
 
-    def _record(self, msg: Message, started: float, now: float, transition: Transition) -> None:
-        """Write the outcome; the send already happened, so keep trying while the ledger is busy."""
+    async def _record(
+        self, msg: Message, started: float, now: float, tr: Transition, outcome: SendOutcome
+    ) -> bool:
+        """Write the outcome; the send already happened, so keep trying while the ledger is busy.
+        False when it cannot be written: the row stays STARTED with its lease, and the next start
+        (or the lease sweeper, if the ledger comes back) sends it again, flagged."""
+        store = self.store
         delay = 0.05
         deadline = time.monotonic() + self.settings.evolution_timeout + LEASE_MARGIN / 2
         while True:
             try:
-                if not self.store.finish_attempt(msg, started, now, transition):
+                done = self.committer.write(lambda cur: store.finish_in(cur, msg, started, now, tr))
+                if not await asyncio.wrap_future(done):
                     log.warning(
                         "task %s instance %s: lease lost before the outcome was written",
                         msg.id,
                         msg.instance,
                         extra=log_fields(msg.id, msg.instance),
                     )
-                return
+                return True
             except StoreUnavailable as exc:
                 # A read-only file system will not heal by waiting (it needs a remount), and a
-                # worker that waits holds up the drain.
-                if time.monotonic() > deadline or self.store.read_only_fs():
-                    raise
+                # send that waits holds up the drain.
+                if time.monotonic() > deadline or await asyncio.to_thread(store.read_only_fs):
+                    log.error(
+                        "task %s instance %s: attempt %s ended %s, but the ledger cannot record "
+                        "it (%s); it will be sent again, flagged as a possible duplicate",
+                        msg.id,
+                        msg.instance,
+                        msg.attempts,
+                        outcome.kind.value,
+                        exc,
+                        extra=log_fields(msg.id, msg.instance),
+                    )
+                    return False
                 log.warning(
                     "task %s instance %s: ledger busy (%s); retrying the write",
                     msg.id,
@@ -163,7 +214,7 @@ class Delivery:
                     exc,
                     extra=log_fields(msg.id, msg.instance),
                 )
-                time.sleep(delay)
+                await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
 

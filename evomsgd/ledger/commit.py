@@ -1,18 +1,24 @@
-"""Group commit: one writer thread turns concurrent POSTs into one fsynced transaction.
+"""Group commit: one writer thread turns concurrent writes into one fsynced transaction.
 
-One fsync per request caps a small VPS at a few hundred requests a second. Requests that arrive
-while a commit is in progress wait for the next one and share its fsync, so a 202 still means
-"on disk" while throughput grows with concurrency.
+One fsync per write caps a small VPS at a few hundred a second. Writes that arrive while a commit
+is in progress wait for the next one and share its fsync: new messages from POST /messages (a 202
+still means "on disk"), and the delivery engine's claims and outcomes, so many attempts share one
+transaction too. The ledger's one write path runs here, or through `Store.transaction()` for the
+rare writes an operator asks for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from evomsgd.errors import StoreUnavailable
 from evomsgd.ledger.records import InsertResult, NewMessage
@@ -24,11 +30,24 @@ MAX_BATCH = 512
 OUTAGE_LOG_EVERY = 10.0  # seconds between two "still refusing" warnings
 _STOP = object()
 
-Pending = tuple[NewMessage, "asyncio.Future[InsertResult]"]
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class _Insert:
+    new: NewMessage
+    future: asyncio.Future[InsertResult]
+
+
+@dataclass(slots=True)
+class _Write:
+    op: Callable[[sqlite3.Cursor], Any]
+    future: concurrent.futures.Future[Any]
 
 
 class GroupCommitter:
-    """Accepts NewMessages from the event loop; resolves each future once its batch committed."""
+    """Accepts NewMessages from the event loop and writes from any thread; resolves each once
+    its batch committed."""
 
     def __init__(
         self,
@@ -42,9 +61,10 @@ class GroupCommitter:
         self.loop = loop
         self.idempotency_ttl = idempotency_ttl
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[Pending | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Insert | _Write | object] = queue.SimpleQueue()
         self._refused = 0  # messages refused since the ledger stopped taking writes
         self._warned_at = 0.0
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="evomsgd-commit", daemon=True)
 
     def start(self) -> None:
@@ -52,14 +72,27 @@ class GroupCommitter:
 
     def stop(self) -> None:
         """Commit what is queued, then end the thread."""
+        self._stopped = True
         self._queue.put(_STOP)
         self._thread.join()
 
     async def submit(self, new: NewMessage) -> InsertResult:
         """Queue one message for the next commit and wait until it is durable."""
         future: asyncio.Future[InsertResult] = self.loop.create_future()
-        self._queue.put((new, future))
+        self._queue.put(_Insert(new, future))
         return await future
+
+    def write(self, op: Callable[[sqlite3.Cursor], T]) -> concurrent.futures.Future[T]:
+        """Run `op` inside the next batch's transaction; the future resolves once it committed
+        (or fails with StoreUnavailable, for every write of the batch)."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._stopped:
+            future.set_exception(
+                StoreUnavailable("the ledger's writer has stopped (shutting down)")
+            )
+            return future
+        self._queue.put(_Write(op, future))
+        return future
 
     def _run(self) -> None:
         stopping = False
@@ -67,7 +100,7 @@ class GroupCommitter:
             first = self._queue.get()
             if first is _STOP:
                 return
-            batch: list[Pending] = [first]  # type: ignore[list-item]
+            batch: list[_Insert | _Write] = [first]  # type: ignore[list-item]
             while len(batch) < MAX_BATCH:
                 try:
                     item = self._queue.get_nowait()
@@ -79,31 +112,48 @@ class GroupCommitter:
                 batch.append(item)  # type: ignore[arg-type]
             self._commit(batch)
 
-    def _commit(self, batch: list[Pending]) -> None:
-        news = [new for new, _ in batch]
-        futures = [future for _, future in batch]
+    def _commit(self, batch: list[_Insert | _Write]) -> None:
+        inserts = [item for item in batch if isinstance(item, _Insert)]
+        writes = [item for item in batch if isinstance(item, _Write)]
+        news = [item.new for item in inserts]
+        ops: list[Callable[[sqlite3.Cursor], Any]] = [item.op for item in writes]
+        if news:
+            # One executemany for the batch's new messages, first: a claim in the same batch
+            # may be for a message accepted in it.
+            ops.insert(0, lambda cur: self.store.insert_in(cur, news, self.idempotency_ttl))
         try:
-            results: Sequence[InsertResult] | BaseException = self.store.insert_messages(
-                news, idempotency_ttl=self.idempotency_ttl
-            )
+            results: list[Any] | BaseException = self.store.write_batch(ops)
         except StoreUnavailable as exc:
             results = exc
-            self._refusing(len(batch), exc)
-        except Exception as exc:  # never leave a request hanging
-            log.exception("group commit of %s messages failed", len(batch))
+            if inserts:
+                self._refusing(len(inserts), exc)
+        except Exception as exc:  # never leave a request or a worker hanging
+            log.exception("group commit of %s writes failed", len(batch))
             results = exc
-        if self._refused and not isinstance(results, BaseException):
+        failed = isinstance(results, BaseException)
+        # Only new messages tell: on a full disk an update in place can still succeed while an
+        # insert, which needs a new page, cannot.
+        if self._refused and inserts and not failed:
             log.warning(
                 "the ledger takes writes again (messages refused meanwhile: %s)",
                 self._refused,
             )
             self._refused = 0
+        inserted: Sequence[InsertResult] | BaseException = (
+            results if isinstance(results, BaseException) else (results[0] if news else [])
+        )
         # Before the answers go out: a client that got its 202 must already count in the
         # lane's backlog (backpressure) and the dispatcher must already know of the message.
-        if self._on_commit is not None and not isinstance(results, BaseException):
-            self._on_commit(news, results)
-        # One hop to the loop per batch, not one per request.
-        self.loop.call_soon_threadsafe(_resolve, futures, results)
+        if self._on_commit is not None and news and not isinstance(inserted, BaseException):
+            self._on_commit(news, inserted)
+        for index, item in enumerate(writes):
+            if isinstance(results, BaseException):
+                item.future.set_exception(results)
+            else:
+                item.future.set_result(results[index + (1 if news else 0)])
+        if inserts:
+            # One hop to the loop per batch, not one per request.
+            self.loop.call_soon_threadsafe(_resolve, [item.future for item in inserts], inserted)
 
     def _refusing(self, count: int, exc: StoreUnavailable) -> None:
         """Each client gets its 503; the operator gets a warning now and then, not one per request."""

@@ -7,7 +7,7 @@ lock, transactions, the read-only view) is database.py's, retention's deletes ar
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 from evomsgd import clock
@@ -79,20 +79,31 @@ class Store(Database):
         self, batch: Sequence[NewMessage], *, idempotency_ttl: float = 86_400.0
     ) -> list[InsertResult]:
         """Write a batch in one transaction (group commit); one result per message, in order."""
+        with self.transaction() as cur:
+            return self.insert_in(cur, batch, idempotency_ttl)
+
+    def insert_in(
+        self, cur: sqlite3.Cursor, batch: Sequence[NewMessage], idempotency_ttl: float
+    ) -> list[InsertResult]:
+        """`insert_messages` inside the caller's transaction."""
         results: list[InsertResult] = []
         rows: list[tuple[Any, ...]] = []  # consecutive plain inserts, written with one executemany
-        with self.transaction() as cur:
-            for new in batch:
-                if new.idempotency_key is not None:
-                    _insert_rows(cur, rows)  # keep arrival order (seq) across the lookup
-                    replay = self._idempotent(cur, new, idempotency_ttl)
-                    if replay is not None:
-                        results.append(replay)
-                        continue
-                rows.append(_row(new))
-                results.append(InsertResult("created", new.id, new.status))
-            _insert_rows(cur, rows)
+        for new in batch:
+            if new.idempotency_key is not None:
+                _insert_rows(cur, rows)  # keep arrival order (seq) across the lookup
+                replay = self._idempotent(cur, new, idempotency_ttl)
+                if replay is not None:
+                    results.append(replay)
+                    continue
+            rows.append(_row(new))
+            results.append(InsertResult("created", new.id, new.status))
+        _insert_rows(cur, rows)
         return results
+
+    def write_batch(self, ops: Sequence[Callable[[sqlite3.Cursor], Any]]) -> list[Any]:
+        """Run several writes in one transaction, one fsync (the group committer's path)."""
+        with self.transaction() as cur:
+            return [op(cur) for op in ops]
 
     def _idempotent(self, cur: sqlite3.Cursor, new: NewMessage, ttl: float) -> InsertResult | None:
         key = new.idempotency_key
@@ -244,11 +255,15 @@ class Store(Database):
     def mark_sent_once(self, instance: str, now: float) -> None:
         """Record an instance's first send (kept; later calls change nothing)."""
         with self.transaction() as cur:
-            cur.execute(
-                "INSERT INTO lanes (instance, first_sent_at) VALUES (?, ?) ON CONFLICT (instance)"
-                " DO UPDATE SET first_sent_at = coalesce(first_sent_at, excluded.first_sent_at)",
-                (instance, clock.to_db(now)),
-            )
+            self.mark_sent_in(cur, instance, now)
+
+    def mark_sent_in(self, cur: sqlite3.Cursor, instance: str, now: float) -> None:
+        """`mark_sent_once` inside the caller's transaction."""
+        cur.execute(
+            "INSERT INTO lanes (instance, first_sent_at) VALUES (?, ?) ON CONFLICT (instance)"
+            " DO UPDATE SET first_sent_at = coalesce(first_sent_at, excluded.first_sent_at)",
+            (instance, clock.to_db(now)),
+        )
 
     def fail_waiting(
         self, instance: str, now: float, reason: str, kind: str, exclude: Iterable[str] = ()
@@ -325,64 +340,74 @@ class Store(Database):
 
     def claim(self, message_id: str, now: float, lease: float) -> Message | None:
         """Compare-and-set a waiting message to STARTED under a lease; None if someone else has it."""
-        now_db = clock.to_db(now)
         with self.transaction() as cur:
-            cur.execute(
-                f"UPDATE messages SET status = 'STARTED', attempts = attempts + 1, started_at = ?,"
-                f" lease_until = ?, next_attempt_at = NULL WHERE id = ? AND {IN_WAITING}"
-                " AND expires_at > ?",
-                (now_db, clock.to_db(now + lease), message_id, now_db),
-            )
-            if cur.rowcount != 1:
-                return None
-            row = cur.execute(
-                f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id,)
-            ).fetchone()
+            return self.claim_in(cur, message_id, now, lease)
+
+    def claim_in(
+        self, cur: sqlite3.Cursor, message_id: str, now: float, lease: float
+    ) -> Message | None:
+        """`claim` inside the caller's transaction."""
+        now_db = clock.to_db(now)
+        cur.execute(
+            f"UPDATE messages SET status = 'STARTED', attempts = attempts + 1, started_at = ?,"
+            f" lease_until = ?, next_attempt_at = NULL WHERE id = ? AND {IN_WAITING}"
+            " AND expires_at > ?",
+            (now_db, clock.to_db(now + lease), message_id, now_db),
+        )
+        if cur.rowcount != 1:
+            return None
+        row = cur.execute(f"SELECT {_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
         return _message(row)
 
     def finish_attempt(self, msg: Message, started: float, now: float, tr: Transition) -> bool:
         """Record an attempt's outcome and the message's new status; False if the lease was lost."""
+        with self.transaction() as cur:
+            return self.finish_in(cur, msg, started, now, tr)
+
+    def finish_in(
+        self, cur: sqlite3.Cursor, msg: Message, started: float, now: float, tr: Transition
+    ) -> bool:
+        """`finish_attempt` inside the caller's transaction."""
         now_db = clock.to_db(now)
         final = tr.status in FINAL
-        with self.transaction() as cur:
-            cur.execute(
-                "UPDATE messages SET status = ?, next_attempt_at = ?, lease_until = NULL,"
-                " finished_at = ?, retries_used = retries_used + ?, ambiguous = ambiguous + ?,"
-                " last_error = coalesce(?, last_error), error_kind = coalesce(?, error_kind),"
-                " evolution_key = coalesce(?, evolution_key), remote_jid = coalesce(?, remote_jid)"
-                " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
-                (
-                    tr.status.value,
-                    None if final else clock.to_db(tr.next_attempt_at or now),
-                    now_db if final else None,
-                    int(tr.spend_retry),
-                    int(tr.ambiguous),
-                    # A SUCCESS keeps no error, except what Evolution said of an unconfirmed one.
-                    tr.detail if tr.status is not Status.SUCCESS or tr.error_kind else None,
-                    tr.error_kind,
-                    tr.evolution_key,
-                    tr.remote_jid,
-                    msg.id,
-                    msg.started_at,
-                ),
-            )
-            if cur.rowcount != 1:
-                return False
-            cur.execute(
-                "INSERT INTO events (message_id, at, instance, event, attempt, outcome, http_status,"
-                " detail) VALUES (?, ?, ?, 'attempt', ?, ?, ?, ?)",
-                (
-                    msg.id,
-                    clock.to_db(started),
-                    msg.instance,
-                    msg.attempts,
-                    tr.outcome,
-                    tr.http_status,
-                    tr.detail,
-                ),
-            )
-            for event, detail in tr.extra_events:
-                self._event(cur, msg.id, msg.instance, now_db, event, detail)
+        cur.execute(
+            "UPDATE messages SET status = ?, next_attempt_at = ?, lease_until = NULL,"
+            " finished_at = ?, retries_used = retries_used + ?, ambiguous = ambiguous + ?,"
+            " last_error = coalesce(?, last_error), error_kind = coalesce(?, error_kind),"
+            " evolution_key = coalesce(?, evolution_key), remote_jid = coalesce(?, remote_jid)"
+            " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
+            (
+                tr.status.value,
+                None if final else clock.to_db(tr.next_attempt_at or now),
+                now_db if final else None,
+                int(tr.spend_retry),
+                int(tr.ambiguous),
+                # A SUCCESS keeps no error, except what Evolution said of an unconfirmed one.
+                tr.detail if tr.status is not Status.SUCCESS or tr.error_kind else None,
+                tr.error_kind,
+                tr.evolution_key,
+                tr.remote_jid,
+                msg.id,
+                msg.started_at,
+            ),
+        )
+        if cur.rowcount != 1:
+            return False
+        cur.execute(
+            "INSERT INTO events (message_id, at, instance, event, attempt, outcome, http_status,"
+            " detail) VALUES (?, ?, ?, 'attempt', ?, ?, ?, ?)",
+            (
+                msg.id,
+                clock.to_db(started),
+                msg.instance,
+                msg.attempts,
+                tr.outcome,
+                tr.http_status,
+                tr.detail,
+            ),
+        )
+        for event, detail in tr.extra_events:
+            self._event(cur, msg.id, msg.instance, now_db, event, detail)
         return True
 
     @staticmethod

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 import click
 
 from evomsgd.config import Settings, load_settings, resolve_data_dir
 from evomsgd.engine.senders import build_sender
 from evomsgd.errors import ConfigError
+from evomsgd.evolution.client import new_session
 from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
 from evomsgd.ledger.schema import MIGRATIONS
 from evomsgd.ledger.store import LEDGER_FILE
@@ -172,7 +172,7 @@ async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
         why = "EVOLUTION_API_URL and EVOLUTION_API_KEY are needed (see config)"
         return [Check("SKIP", name, why) for name in ("evolution", "api key", "instances")]
     checks: list[Check] = []
-    async with aiohttp.ClientSession() as session:
+    async with new_session() as session:
         client = build_sender(settings, session)
         info = await client.server_info()
         if not info.reachable:

@@ -20,7 +20,7 @@ from evomsgd.engine.delivery import Delivery
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.senders import build_sender
 from evomsgd.engine.workers import TaskQueue
-from evomsgd.evolution.client import Sender
+from evomsgd.evolution.client import Sender, new_session
 from evomsgd.evolution.outcomes import StateProbe
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import InsertResult, NewMessage
@@ -79,7 +79,7 @@ def create_app(
             await task
 
     async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with aiohttp.ClientSession() as session:
+        async with new_session() as session:
             app[SENDER] = (
                 sender_factory(session)
                 if sender_factory is not None

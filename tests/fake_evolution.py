@@ -19,6 +19,9 @@ and is driven over HTTP on the same port: `GET /_fake/received`, `POST /_fake/sc
 What answers a send: a fault scripted for that number, else one scripted for any number, else
 what the real server would do (schema and blank-text checks, numbers marked not on WhatsApp,
 the instance's state), else `default_fault` (OK).
+
+Like Node's http server, an idle keep-alive connection is closed after `idle_close` seconds
+(Node's `server.keepAliveTimeout`, 5 s by default); connections and requests are counted.
 """
 
 from __future__ import annotations
@@ -32,11 +35,12 @@ import json
 import re
 import secrets
 import signal
+import socket
 import sys
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -129,6 +133,16 @@ class ReceivedSend:
     key_id: str | None = None
 
 
+@dataclass
+class _Conn:
+    """One TCP connection the fake accepted."""
+
+    transport: asyncio.Transport
+    requests: int = 0
+    in_flight: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
 def _envelope(status: int, message: Any, error: str | None = None) -> web.Response:
     labels = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found"}
     error = error or labels.get(status, "Internal Server Error")
@@ -187,6 +201,7 @@ class FakeEvolution:
         self._site: web.TCPSite | None = None
         self._up_again: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._init_connections()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -206,11 +221,13 @@ class FakeEvolution:
         ):
             app.router.add_route(method, path, handler)
         app.router.add_route("*", "/{tail:.*}", self._no_route)
+        app.middlewares.append(self._count_requests)
         # handler_cancellation: a hanging handler ends when its client gives up, as in node.
         self._runner = web.AppRunner(
             app, access_log=None, shutdown_timeout=1.0, handler_cancellation=True
         )
         await self._runner.setup()
+        self._watch_connections()
         await self.go_up()
 
     async def close(self) -> None:
@@ -244,6 +261,8 @@ class FakeEvolution:
         if self._runner is not None and self._runner.server is not None:
             for conn in self._runner.server.connections:
                 conn.force_close()
+            # Cut means cut: the sockets close a loop turn after force_close.
+            await self.wait_for_connections(lambda f: f.connections_open == 0)
 
     async def go_up(self) -> None:
         """Listen again on the same port."""
@@ -317,6 +336,112 @@ class FakeEvolution:
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    # --- connections: Node's keep-alive, counted ----------------------------------------------
+
+    def _init_connections(self) -> None:
+        self.idle_close = 5.0  # seconds an idle connection stays open, like node's default
+        self.connections_opened = 0  # TCP connections accepted, ever
+        self.connections_open = 0  # open now
+        self.peak_connections = 0  # most open at once
+        self.idle_closes = 0  # connections the fake closed for idling (its FIN already sent)
+        self.requests_seen = 0  # requests of any route, ever
+        self.requests_in_flight = 0  # being handled now
+        self.peak_requests = 0  # most handled at once
+        self._conns: dict[web.RequestHandler, _Conn] = {}
+        self._conn_changed = asyncio.Event()
+
+    def _watch_connections(self) -> None:
+        # Node starts its keep-alive timer when a response ends and stops it when a request
+        # arrives; aiohttp's own timer does the same but cannot be counted, so this one is ours
+        # (aiohttp's stays far longer).
+        assert self._runner is not None and self._runner.server is not None
+        server = self._runner.server
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            self._conns[handler] = _Conn(transport)
+            self.connections_opened += 1
+            self.connections_open += 1
+            self.peak_connections = max(self.peak_connections, self.connections_open)
+            self._arm_idle(handler)
+            self._conn_changed.set()
+
+        def connection_lost(handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+            lost(handler, exc)
+            conn = self._conns.pop(handler, None)
+            if conn is not None:
+                if conn.timer is not None:
+                    conn.timer.cancel()
+                self.connections_open -= 1
+                self._conn_changed.set()
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    @web.middleware
+    async def _count_requests(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        proto = request.protocol
+        conn = self._conns.get(proto) if isinstance(proto, web.RequestHandler) else None
+        if conn is not None:
+            conn.requests += 1
+            conn.in_flight += 1
+            if conn.timer is not None:
+                conn.timer.cancel()
+                conn.timer = None
+        self.requests_seen += 1
+        self.requests_in_flight += 1
+        self.peak_requests = max(self.peak_requests, self.requests_in_flight)
+        try:
+            return await handler(request)
+        finally:
+            self.requests_in_flight -= 1
+            if conn is not None:
+                conn.in_flight -= 1
+                if conn.in_flight == 0 and isinstance(proto, web.RequestHandler):
+                    self._arm_idle(proto)
+
+    def _arm_idle(self, handler: web.RequestHandler) -> None:
+        conn = self._conns.get(handler)
+        if conn is None:
+            return
+        if conn.timer is not None:
+            conn.timer.cancel()
+        conn.timer = asyncio.get_running_loop().call_later(
+            self.idle_close, self._close_idle, handler
+        )
+
+    def _close_idle(self, handler: web.RequestHandler) -> None:
+        conn = self._conns.get(handler)
+        if conn is None or conn.in_flight:
+            return
+        conn.timer = None
+        # As node's socket.destroy(): the FIN goes out now (transport.close() would send it on
+        # a later loop turn), and bytes arriving after it are never read.
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        conn.transport.close()
+        self.idle_closes += 1
+        self._conn_changed.set()
+
+    @property
+    def requests_per_connection(self) -> list[int]:
+        """Requests served on each open connection."""
+        return [c.requests for c in self._conns.values()]
+
+    async def wait_for_connections(
+        self, predicate: Callable[[FakeEvolution], bool], timeout: float = 5.0
+    ) -> None:
+        """Wait until `predicate(self)` holds for the connection counters."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                self._conn_changed.clear()
+                await self._conn_changed.wait()
 
     # --- the Evolution routes -----------------------------------------------------------
 
@@ -610,6 +735,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per send")
     parser.add_argument("--not-on-whatsapp", default="", help="comma-separated numbers")
     parser.add_argument("--license-required", action="store_true")
+    parser.add_argument(
+        "--idle-close", type=float, default=5.0, help="seconds before an idle connection closes"
+    )
     return parser.parse_args(argv)
 
 
@@ -624,6 +752,7 @@ async def _serve(args: argparse.Namespace) -> None:
         not_on_whatsapp=[n for n in args.not_on_whatsapp.split(",") if n],
     )
     fake.license_required = args.license_required
+    fake.idle_close = args.idle_close
     for item in args.state:
         name, _, state = item.partition("=")
         fake.set_state(name, state)

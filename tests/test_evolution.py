@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender
+from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender, new_session
 from evomsgd.evolution.outcomes import (
     DETAIL_LIMIT,
     InstanceState,
@@ -35,7 +35,7 @@ K = OutcomeKind
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    async with new_session() as s:  # the daemon's pool: a connection can be reused
         yield s
 
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 import click
 
 from evomsgd.config import Settings, load_settings, resolve_data_dir
 from evomsgd.engine.senders import build_sender
 from evomsgd.errors import ConfigError, StoreUnavailable
+from evomsgd.evolution.client import new_session
 from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
 from evomsgd.ledger.schema import MIGRATIONS
 from evomsgd.ledger.store import LEDGER_FILE, IntegrityCheck, Store
@@ -164,7 +164,7 @@ async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
         why = "EVOLUTION_API_URL and EVOLUTION_API_KEY are needed (see config)"
         return [Check("SKIP", name, why) for name in ("evolution", "api key", "instances")]
     url = settings.evolution_url
-    async with aiohttp.ClientSession() as session:
+    async with new_session() as session:
         client = build_sender(settings, session)
         # The probes run beside GET / (not after it): when / fails they tell a server that
         # answers (a wrong path, another program) from one that does not, at no extra wait.

@@ -9,11 +9,17 @@ import asyncio
 import dataclasses
 import logging
 import secrets
+import select
 import time
+import weakref
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import NEEDS_CLEANUP_CLOSED, Connection
+from aiohttp.tracing import Trace
 from yarl import URL
 
 from evomsgd.evolution.outcomes import (
@@ -27,6 +33,7 @@ from evomsgd.evolution.outcomes import (
     classify_response,
     loads,
     may_have_sent,
+    never_written,
     parse_state,
 )
 from evomsgd.log import log_fields
@@ -42,11 +49,17 @@ _PROBE_TIMEOUT = 10.0
 # Scrubbing a very short key would mangle ordinary words in reasons; such a key is a
 # misconfiguration anyway and reveals nothing when it shows up inside prose.
 _MIN_SCRUB_LEN = 4
-# Connection: close on every call. A pooled keep-alive connection can be closed by Evolution
-# (node's 5 s idle timeout) just as we reuse it, and a POST is never retried, so the send would
-# look ambiguous although nothing went out. Leaving no idle connection behind keeps AMBIGUOUS
-# meaningful; a handshake per send costs nothing at WhatsApp's pace.
-_HEADERS = {"Accept": "application/json", "Connection": "close"}
+# Connections are pooled with keep-alive; reuse is safe because of the two guards in
+# `_PoolConnector`: our idle timeout is below the server's, and a pooled connection the server
+# closed anyway is dropped before a request is written on it. Without them a POST on a
+# connection Evolution had just closed fails without an answer, which is AMBIGUOUS: a possible
+# duplicate for a message that never went out.
+_HEADERS = {"Accept": "application/json"}
+# Idle pooled connections are closed after this long. Node's http server closes an idle
+# keep-alive connection after `server.keepAliveTimeout`, 5 s by default, and Evolution does not
+# change it; closing ours first, with seconds to spare, means we never pick a connection whose
+# server-side timer is about to fire. aiohttp's own default (15 s) is above it.
+IDLE_TIMEOUT = 2.0
 
 
 @runtime_checkable
@@ -58,6 +71,89 @@ class Sender(Protocol):
     async def connection_state(self, instance: str) -> StateProbe: ...
 
     async def server_info(self) -> ServerInfo: ...
+
+
+# --- connections ------------------------------------------------------------------------------
+
+
+def new_session(*, idle_timeout: float = IDLE_TIMEOUT) -> aiohttp.ClientSession:
+    """The one way to open the session Evolution calls use: a keep-alive pool, see `connector`."""
+    return aiohttp.ClientSession(connector=connector(idle_timeout=idle_timeout))
+
+
+def connector(*, idle_timeout: float = IDLE_TIMEOUT) -> aiohttp.TCPConnector:
+    """A keep-alive pool for Evolution: idle connections close before the server's do."""
+    return _PoolConnector(
+        keepalive_timeout=idle_timeout,
+        # No cap: the daemon bounds sends in flight itself (up to ~1,000, one per paced lane). A
+        # second, hidden bound here (aiohttp's default is 100) would make sends queue for a
+        # connection inside their own timeout, unseen by any metric.
+        limit=0,
+        limit_per_host=0,
+        # Aborts TLS transports that never finish closing (a CPython bug); aiohttp warns when
+        # asked on a Python that no longer needs it.
+        enable_cleanup_closed=NEEDS_CLEANUP_CLOSED,
+    )
+
+
+class _PoolConnector(aiohttp.TCPConnector):
+    """Never hands out a pooled connection the server has already closed.
+
+    The race this closes: Evolution closes an idle connection (its FIN is in our socket's
+    receive queue) but the event loop has not read it yet, so aiohttp still sees the connection as
+    open and takes it from the pool. The request is written, the server answers with a reset, and
+    the send fails with `ServerDisconnectedError` (or `ClientOSError`) before any response byte.
+    aiohttp retries that only for idempotent methods (client.py, `retry_persistent_connection`),
+    never for our POST; and once the bytes are written, "the server closed before reading them"
+    cannot be told from "the server read them, sent the message and died" (the DROP row of
+    shared/evolution-api.md). So the decision is made before writing, where it is certain: an idle
+    HTTP/1.1 connection has nothing to say, so a readable or failed socket means the server has
+    closed it (or sent something we cannot interpret): drop it and take another or a new one.
+    What remains is a close still on the wire as we write; the idle timeout below the server's
+    keeps that for servers or proxies that close idle connections sooner than we do, and such a
+    failure stays AMBIGUOUS.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handed_out: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+        self.dropped_dead = 0  # pooled connections found closed by the server on reuse
+
+    async def connect(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> Connection:
+        while True:
+            conn = await super().connect(req, traces, timeout)
+            proto = conn.protocol
+            if proto is None or proto not in self._handed_out:
+                # A new connection: checking it would loop forever on a server that accepts and
+                # closes at once, and its failure is "cannot connect", not ambiguous.
+                if proto is not None:
+                    self._handed_out.add(proto)
+                return conn
+            if not _closed_by_peer(proto):
+                return conn
+            self.dropped_dead += 1
+            logger.debug("dropped a pooled connection Evolution had closed")
+            conn.close()  # each pass removes one pooled connection, so the loop ends
+
+
+def _closed_by_peer(proto: ResponseHandler) -> bool:
+    transport = proto.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return True
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        # POLLIN covers the FIN (a read would return b""); POLLERR/POLLHUP (a reset) are
+        # always reported.
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 # --- clients ---------------------------------------------------------------------------------
@@ -153,25 +249,35 @@ class EvolutionClient:
         logger.debug(
             "sending to %s via instance %s", number, instance, extra=log_fields(instance=instance)
         )
-        try:
-            async with self._session.post(
-                url,
-                json=self._body(number, text),
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as resp:
-                body = await _read_capped(resp)
-                return classify_response(resp.status, body, elapsed=time.monotonic() - started)
-        except Exception as exc:  # never raise to the queue; CancelledError still propagates
-            elapsed = time.monotonic() - started
-            if not isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
-                logger.exception(
-                    "unexpected error sending via instance %s",
-                    instance,
-                    extra=log_fields(instance=instance),
-                )
-            return classify_exception(exc, sent=may_have_sent(exc), elapsed=elapsed)
+        for attempt in (1, 2):
+            try:
+                async with self._session.post(
+                    url,
+                    json=self._body(number, text),
+                    headers=headers,
+                    timeout=timeout,
+                    allow_redirects=False,
+                ) as resp:
+                    body = await _read_capped(resp)
+                    return classify_response(resp.status, body, elapsed=time.monotonic() - started)
+            except Exception as exc:  # never raise to the queue; CancelledError still propagates
+                if attempt == 1 and never_written(exc):
+                    # The pooled connection closed as we were about to write: nothing went
+                    # out, so once more on a new connection (see _PoolConnector).
+                    logger.debug("connection to Evolution closed before the send was written")
+                    continue
+                return self._failed(instance, exc, started)
+        raise AssertionError("unreachable: the second attempt returns")
+
+    def _failed(self, instance: str, exc: Exception, started: float) -> SendOutcome:
+        """The outcome of a send that raised; logs what is not a network failure (a bug)."""
+        if not isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+            logger.exception(
+                "unexpected error sending via instance %s",
+                instance,
+                extra=log_fields(instance=instance),
+            )
+        return classify_exception(exc, sent=may_have_sent(exc), elapsed=time.monotonic() - started)
 
     def _log(self, instance: str, number: str, outcome: SendOutcome) -> None:
         # DEBUG only: the delivery logs every outcome once, with the task id this client never sees.

@@ -307,6 +307,20 @@ def may_have_sent(exc: BaseException) -> bool:
     return not isinstance(exc, (*_BEFORE_SEND, aiohttp.InvalidURL))
 
 
+def never_written(exc: BaseException) -> bool:
+    """True when a send failed because its connection was already closing as the request was to
+    be written: aiohttp refused to write (`Cannot write to closing transport`, wrapped as
+    `Can not write request body`), so not a byte left. Only for a request whose headers and body
+    go out in one write, as a sendText JSON body does; then a retry on a new connection is safe.
+    """
+    cause = exc.__cause__
+    return (
+        isinstance(exc, aiohttp.ClientOSError)
+        and isinstance(cause, aiohttp.ClientConnectionResetError)
+        and str(cause) == "Cannot write to closing transport"
+    )
+
+
 def classify_exception(exc: BaseException, *, sent: bool, elapsed: float = 0.0) -> SendOutcome:
     """Map a failed call to an outcome; `sent` says whether the request may have gone out."""
     detail = _clip(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

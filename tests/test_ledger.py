@@ -15,9 +15,10 @@ import pytest
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
 from evomsgd.ledger import retention
+from evomsgd.ledger.deliveries import IN_WAITING
 from evomsgd.ledger.records import Event, InsertResult, Message, NewMessage, Retention, Transition
 from evomsgd.ledger.schema import MIGRATIONS
-from evomsgd.ledger.store import IN_WAITING, LEDGER_FILE, Store
+from evomsgd.ledger.store import LEDGER_FILE, Store
 from evomsgd.models import Status
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC

@@ -14,8 +14,9 @@ from typing import Any
 
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
+from evomsgd.ledger.deliveries import FAILED, status_in
 from evomsgd.ledger.records import PurgeReport, Retention
-from evomsgd.ledger.store import FAILED, Store, status_in
+from evomsgd.ledger.store import Store
 from evomsgd.models import FINAL
 
 _DAY = 86_400.0

@@ -1,0 +1,274 @@
+"""The delivery engine's queries: what is due on a lane, claims, outcomes, recovery and expiry.
+
+`Store` (store.py) adds accepting, reading and the operators' writes on top; each method that the
+group committer batches has an `..._in(cur, ...)` form that runs inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from evomsgd import clock
+from evomsgd.ledger.database import Database
+from evomsgd.ledger.records import Message, Transition
+from evomsgd.models import FINAL, WAITING, Status
+
+
+def status_in(statuses: Iterable[Status]) -> str:
+    """An SQL list of statuses for `status IN ...`: "('PENDING', 'SCHEDULED', 'RETRY')"."""
+    return "(" + ", ".join(f"'{status.value}'" for status in statuses) + ")"
+
+
+# Finished without being delivered: what `requeue` may send again, what `failed_days` keeps.
+FAILED = tuple(status for status in FINAL if status is not Status.SUCCESS)
+# Word for word the predicate of the partial indexes messages_waiting and messages_expiry (the
+# planner uses them only then); tests/test_ledger.py holds the two together.
+IN_WAITING = f"status IN {status_in(WAITING)}"
+# An earlier message to the same recipient on the same instance and of the same priority that is
+# still to be sent - waiting (a SCHEDULED one only once due) or being sent - holds `m` back.
+# The only parameter is now. Served by the messages_recipient partial index (migration 3).
+_EARLIER_UNSENT = (
+    "SELECT 1 FROM messages e WHERE e.instance = m.instance AND e.phone = m.phone"
+    " AND e.priority = m.priority AND e.seq < m.seq"
+    f" AND e.status IN {status_in((*WAITING, Status.STARTED))}"
+    " AND (e.status != 'SCHEDULED' OR e.next_attempt_at <= ?)"
+)
+
+COLUMNS = ", ".join(Message.__slots__)
+
+
+def message_from_row(row: Sequence[Any]) -> Message:
+    """A `messages` row (selected as COLUMNS) as a Message."""
+    msg = Message(*row)
+    msg.status = Status(msg.status)
+    msg.sandbox = bool(msg.sandbox)
+    return msg
+
+
+class Deliveries(Database):
+    """The queries the dispatcher and the delivery attempts run."""
+
+    def waiting_by_instance(self) -> dict[str, tuple[int, str | None]]:
+        """instance -> (waiting count, earliest next_attempt_at)."""
+        rows = self.query(
+            f"SELECT instance, count(*), min(next_attempt_at) FROM messages WHERE {IN_WAITING} "
+            "GROUP BY instance"
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    def ready(
+        self, instance: str, now: float, limit: int, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        """Ids due on one instance, best first: high priority, then the longest waiting.
+
+        A message whose recipient has an earlier one of its priority still unsent (waiting for
+        a retry, or being sent) is not ready: one recipient gets its messages in the order they
+        were accepted, one at a time.
+        """
+        excluded = list(exclude)
+        now_db = clock.to_db(now)
+        sql = (
+            f"SELECT id FROM messages m WHERE instance = ? AND {IN_WAITING} AND next_attempt_at <= ?"
+            f" AND NOT EXISTS ({_EARLIER_UNSENT})"
+        )
+        if excluded:
+            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
+        sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
+        rows = self.query(sql, [instance, now_db, now_db, *excluded, limit])
+        return [row[0] for row in rows]
+
+    def next_due(self, instance: str, now: float, exclude: Iterable[str] = ()) -> float | None:
+        """When the next waiting message of an instance that is not held back becomes due."""
+        excluded = list(exclude)
+        # Held-back messages are left out: they become ready when the message ahead of them is
+        # attempted, which wakes the dispatcher anyway; counting them would wake it in a loop.
+        sql = (
+            f"SELECT min(next_attempt_at) FROM messages m WHERE instance = ? AND {IN_WAITING}"
+            f" AND NOT EXISTS ({_EARLIER_UNSENT})"
+        )
+        if excluded:
+            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
+        value = self.query(sql, [instance, clock.to_db(now), *excluded])[0][0]
+        return None if value is None else clock.from_db(value)
+
+    def instances_that_sent(self) -> set[str]:
+        """Instances that have sent at least once (outside sandbox mode)."""
+        return {
+            row[0]
+            for row in self.query("SELECT instance FROM lanes WHERE first_sent_at IS NOT NULL")
+        }
+
+    def mark_sent_once(self, instance: str, now: float) -> None:
+        """Record an instance's first send (kept; later calls change nothing)."""
+        with self.transaction() as cur:
+            self.mark_sent_in(cur, instance, now)
+
+    def mark_sent_in(self, cur: sqlite3.Cursor, instance: str, now: float) -> None:
+        """`mark_sent_once` inside the caller's transaction."""
+        cur.execute(
+            "INSERT INTO lanes (instance, first_sent_at) VALUES (?, ?) ON CONFLICT (instance)"
+            " DO UPDATE SET first_sent_at = coalesce(first_sent_at, excluded.first_sent_at)",
+            (instance, clock.to_db(now)),
+        )
+
+    def fail_waiting(
+        self, instance: str, now: float, reason: str, kind: str, exclude: Iterable[str] = ()
+    ) -> list[str]:
+        """End every waiting message of an instance FAILURE without a send; returns their ids."""
+        excluded = list(exclude)
+        now_db = clock.to_db(now)
+        sql = f"SELECT id FROM messages WHERE instance = ? AND {IN_WAITING}"
+        if excluded:
+            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
+        with self.transaction() as cur:
+            ids = [row[0] for row in cur.execute(sql + " LIMIT 1000", [instance, *excluded])]
+            for message_id in ids:
+                cur.execute(
+                    "UPDATE messages SET status = 'FAILURE', finished_at = ?, next_attempt_at = NULL,"
+                    " last_error = ?, error_kind = ? WHERE id = ?",
+                    (now_db, reason, kind, message_id),
+                )
+                self._event(cur, message_id, instance, now_db, "failed", reason)
+        return ids
+
+    def attempt_times(self, instance: str, since: float) -> list[float]:
+        """Start times of calls to Evolution on one instance since a time (for send caps)."""
+        rows = self.query(
+            "SELECT at FROM events WHERE event = 'attempt' AND instance = ? AND at >= ? ORDER BY at",
+            (instance, clock.to_db(since)),
+        )
+        return [clock.from_db(row[0]) for row in rows]
+
+    # -- delivering -----------------------------------------------------------------------
+
+    def claim(self, message_id: str, now: float, lease: float) -> Message | None:
+        """Compare-and-set a waiting message to STARTED under a lease; None if someone else has it."""
+        with self.transaction() as cur:
+            return self.claim_in(cur, message_id, now, lease)
+
+    def claim_in(
+        self, cur: sqlite3.Cursor, message_id: str, now: float, lease: float
+    ) -> Message | None:
+        """`claim` inside the caller's transaction."""
+        now_db = clock.to_db(now)
+        cur.execute(
+            f"UPDATE messages SET status = 'STARTED', attempts = attempts + 1, started_at = ?,"
+            f" lease_until = ?, next_attempt_at = NULL WHERE id = ? AND {IN_WAITING}"
+            " AND expires_at > ?",
+            (now_db, clock.to_db(now + lease), message_id, now_db),
+        )
+        if cur.rowcount != 1:
+            return None
+        row = cur.execute(f"SELECT {COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return message_from_row(row)
+
+    def finish_attempt(self, msg: Message, started: float, now: float, tr: Transition) -> bool:
+        """Record an attempt's outcome and the message's new status; False if the lease was lost."""
+        with self.transaction() as cur:
+            return self.finish_in(cur, msg, started, now, tr)
+
+    def finish_in(
+        self, cur: sqlite3.Cursor, msg: Message, started: float, now: float, tr: Transition
+    ) -> bool:
+        """`finish_attempt` inside the caller's transaction."""
+        now_db = clock.to_db(now)
+        final = tr.status in FINAL
+        cur.execute(
+            "UPDATE messages SET status = ?, next_attempt_at = ?, lease_until = NULL,"
+            " finished_at = ?, retries_used = retries_used + ?, ambiguous = ambiguous + ?,"
+            " last_error = coalesce(?, last_error), error_kind = coalesce(?, error_kind),"
+            " evolution_key = coalesce(?, evolution_key), remote_jid = coalesce(?, remote_jid)"
+            " WHERE id = ? AND status = 'STARTED' AND started_at = ?",
+            (
+                tr.status.value,
+                None if final else clock.to_db(tr.next_attempt_at or now),
+                now_db if final else None,
+                int(tr.spend_retry),
+                int(tr.ambiguous),
+                # A SUCCESS keeps no error, except what Evolution said of an unconfirmed one.
+                tr.detail if tr.status is not Status.SUCCESS or tr.error_kind else None,
+                tr.error_kind,
+                tr.evolution_key,
+                tr.remote_jid,
+                msg.id,
+                msg.started_at,
+            ),
+        )
+        if cur.rowcount != 1:
+            return False
+        cur.execute(
+            "INSERT INTO events (message_id, at, instance, event, attempt, outcome, http_status,"
+            " detail) VALUES (?, ?, ?, 'attempt', ?, ?, ?, ?)",
+            (
+                msg.id,
+                clock.to_db(started),
+                msg.instance,
+                msg.attempts,
+                tr.outcome,
+                tr.http_status,
+                tr.detail,
+            ),
+        )
+        for event, detail in tr.extra_events:
+            self._event(cur, msg.id, msg.instance, now_db, event, detail)
+        return True
+
+    @staticmethod
+    def _event(
+        cur: sqlite3.Cursor, message_id: str, instance: str, at: str, event: str, detail: str | None
+    ) -> None:
+        cur.execute(
+            "INSERT INTO events (message_id, at, instance, event, detail) VALUES (?, ?, ?, ?, ?)",
+            (message_id, at, instance, event, detail),
+        )
+
+    def recover(self, now: float, *, only_expired_leases: bool) -> list[tuple[str, str]]:
+        """Put STARTED messages back to RETRY: all of them at start-up, or those whose lease ran out.
+
+        Such a message may have reached Evolution before the crash, so it is counted as ambiguous
+        and recovered; the next send may duplicate it, and the ledger says so.
+        """
+        now_db = clock.to_db(now)
+        sql = "SELECT id, instance FROM messages WHERE status = 'STARTED'"
+        params: tuple[Any, ...] = ()
+        if only_expired_leases:
+            sql += " AND lease_until < ?"
+            params = (now_db,)
+        with self.transaction() as cur:
+            rows = cur.execute(sql, params).fetchall()
+            detail = (
+                "lease expired while sending; it may have been delivered"
+                if only_expired_leases
+                else "daemon stopped while sending; it may have been delivered"
+            )
+            for message_id, instance in rows:
+                cur.execute(
+                    "UPDATE messages SET status = 'RETRY', lease_until = NULL, next_attempt_at = ?,"
+                    " recovered = recovered + 1, ambiguous = ambiguous + 1, last_error = ?,"
+                    " error_kind = 'ambiguous' WHERE id = ?",
+                    (now_db, detail, message_id),
+                )
+                self._event(cur, message_id, instance, now_db, "recovered", detail)
+        return [(row[0], row[1]) for row in rows]
+
+    def expire_due(self, now: float) -> list[tuple[str, str]]:
+        """Mark waiting messages past their expiry EXPIRED; returns (id, instance) pairs."""
+        now_db = clock.to_db(now)
+        with self.transaction() as cur:
+            rows = cur.execute(
+                f"SELECT id, instance FROM messages WHERE {IN_WAITING} AND expires_at <= ? LIMIT 1000",
+                (now_db,),
+            ).fetchall()
+            for message_id, instance in rows:
+                cur.execute(
+                    "UPDATE messages SET status = 'EXPIRED', finished_at = ?, next_attempt_at = NULL,"
+                    " error_kind = 'expired', last_error = coalesce(last_error || ' - ', '') ||"
+                    " 'not sent before it expired at ' || expires_at WHERE id = ?",
+                    (now_db, message_id),
+                )
+                self._event(
+                    cur, message_id, instance, now_db, "expired", "not sent before its expiry"
+                )
+        return [(row[0], row[1]) for row in rows]

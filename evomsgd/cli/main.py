@@ -2,112 +2,32 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
 from evomsgd import __version__
-from evomsgd.cli.daemon_client import DaemonClient, Reply, error_text
-from evomsgd.config import Settings, load_settings, resolve_data_dir
-from evomsgd.errors import EvomsgdError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_OK, EXIT_DEGRADED, EXIT_DOWN = 0, 1, 2
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(click.style("error: ", fg="red", bold=True) + message, err=True)
-    sys.exit(code)
-
-
-def handle_errors(func: F) -> F:
-    """The CLI's one error wrapper: an EvomsgdError becomes one line on stderr and its exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except EvomsgdError as exc:
-            _fail(str(exc), exc.exit_code)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def common_options(func: F) -> F:
-    """Options every command shares: where the config and the daemon are."""
-    func = click.option(
-        "--config",
-        "config_file",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="TOML config file [env: EVOMSGD_CONFIG].",
-    )(func)
-    func = click.option(
-        "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Data directory [env: EVOMSGD_DATA_DIR].",
-    )(func)
-    return func
-
-
-def client_options(func: F) -> F:
-    """How the CLI reaches a running daemon."""
-    func = click.option(
-        "--url",
-        envvar="EVOMSGD_URL",
-        help="Daemon URL [env: EVOMSGD_URL; default http://EVOMSGD_HOST:EVOMSGD_PORT].",
-    )(func)
-    func = click.option(
-        "--token",
-        envvar="EVOMSGD_TOKEN",
-        help="API token, when tokens are enabled [env: EVOMSGD_TOKEN].",
-    )(func)
-    return common_options(func)
-
-
-def color_option(func: F) -> F:
-    """--color/--no-color; without either, colours only on a terminal and never with NO_COLOR."""
-    return click.option(
-        "--color/--no-color",
-        default=None,
-        help="Force colours on or off [default: on for a terminal, unless NO_COLOR is set].",
-    )(func)
-
-
-def _use_color(flag: bool | None) -> bool:
-    if flag is not None:
-        return flag
-    # https://no-color.org: any non-empty NO_COLOR turns colours off.
-    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-
-
-def _settings(**flags: Any) -> Settings:
-    return load_settings(flags)
-
-
-def _client(url: str | None, token: str | None, settings: Settings) -> DaemonClient:
-    if url is None:
-        host = settings.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
-    return DaemonClient(url, token)
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def _expect(reply: Reply, *ok: int) -> Any:
-    if reply.status not in ok:
-        _fail(error_text(reply))
-    return reply.body
+from evomsgd.cli.common import (
+    EXIT_DEGRADED,
+    EXIT_DOWN,
+    EXIT_OK,
+    client_for,
+    client_options,
+    color_option,
+    common_options,
+    expect,
+    fail,
+    handle_errors,
+    print_json,
+    settings_from,
+    use_color,
+)
+from evomsgd.cli.daemon_client import error_text
+from evomsgd.cli.tokens import token
+from evomsgd.config import resolve_data_dir
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -176,7 +96,7 @@ def serve(**flags: Any) -> None:
 
     if flags.get("log_level"):
         flags["log_level"] = flags["log_level"].upper()
-    settings = _settings(**flags)
+    settings = settings_from(**flags)
     settings.require_evolution()
     log.configure(settings.log_level, settings.log_format)
     sys.exit(run(settings, resolve_data_dir(settings)))
@@ -202,12 +122,12 @@ def status(
     """
     from evomsgd.cli.status import gather, render
 
-    settings = _settings(**flags)
-    report = gather(settings, _client(url, token, settings))
+    settings = settings_from(**flags)
+    report = gather(settings, client_for(url, token, settings))
     if as_json:
-        _print_json(report)
+        print_json(report)
     else:
-        click.echo(render(report, color=_use_color(color)), color=True)
+        click.echo(render(report, color=use_color(color)), color=True)
     sys.exit({"ok": EXIT_OK, "degraded": EXIT_DEGRADED}.get(report["status"], EXIT_DOWN))
 
 
@@ -235,9 +155,9 @@ def doctor(full: bool, as_json: bool, color: bool | None, **flags: Any) -> None:
 
     checks = diagnose(flags, full=full)
     if as_json:
-        _print_json([{"check": c.name, "verdict": c.verdict, "detail": c.detail} for c in checks])
+        print_json([{"check": c.name, "verdict": c.verdict, "detail": c.detail} for c in checks])
     else:
-        click.echo(render(checks, color=_use_color(color)), color=True)
+        click.echo(render(checks, color=use_color(color)), color=True)
     sys.exit(1 if any(c.verdict == "FAIL" for c in checks) else 0)
 
 
@@ -288,7 +208,7 @@ def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
     from evomsgd.ledger import retention
     from evomsgd.ledger.store import LEDGER_FILE, Store
 
-    settings = _settings(**flags)
+    settings = settings_from(**flags)
     data_dir = resolve_data_dir(settings)
     if not (data_dir / LEDGER_FILE).is_file():
         raise DataDirError(
@@ -307,7 +227,7 @@ def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
     finally:
         store.close()
     if as_json:
-        _print_json(dataclasses.asdict(report))
+        print_json(dataclasses.asdict(report))
     else:
         click.echo(render(report, rules))
 
@@ -348,9 +268,9 @@ def send(
     if send_at:
         body["send_at"] = send_at
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-    settings = _settings(**flags)
-    reply = _client(url, token, settings).request("POST", "/messages", body, headers)
-    data = _expect(reply, 200, 202)
+    settings = settings_from(**flags)
+    reply = client_for(url, token, settings).request("POST", "/messages", body, headers)
+    data = expect(reply, 200, 202)
     click.echo(data["task_id"])
 
 
@@ -375,8 +295,8 @@ def tasks_show(
     """
     from evomsgd.cli.status import render_task
 
-    settings = _settings(**flags)
-    data = _expect(_client(url, token, settings).request("GET", f"/tasks/{task_id}"), 200)
+    settings = settings_from(**flags)
+    data = expect(client_for(url, token, settings).request("GET", f"/tasks/{task_id}"), 200)
     click.echo(json.dumps(data, indent=2, ensure_ascii=False) if as_json else render_task(data))
 
 
@@ -415,8 +335,10 @@ def tasks_list(
     query: list[tuple[str, str]] = [("status", s) for s in statuses]
     query += [(k, v) for k, v in (("instance", instance), ("phone", phone), ("since", since)) if v]
     query.append(("limit", str(limit)))
-    settings = _settings(**flags)
-    data = _expect(_client(url, token, settings).request("GET", "/tasks?" + urlencode(query)), 200)
+    settings = settings_from(**flags)
+    data = expect(
+        client_for(url, token, settings).request("GET", "/tasks?" + urlencode(query)), 200
+    )
     click.echo(
         json.dumps(data, indent=2, ensure_ascii=False) if as_json else render_list(data["tasks"])
     )
@@ -433,8 +355,8 @@ def cancel(url: str | None, token: str | None, task_id: str, **flags: Any) -> No
 
         evomsgd cancel 0b6f1c9e-7c1a-4c55-9d49-8f1b7a0f2d11
     """
-    settings = _settings(**flags)
-    data = _expect(_client(url, token, settings).request("DELETE", f"/tasks/{task_id}"), 200)
+    settings = settings_from(**flags)
+    data = expect(client_for(url, token, settings).request("DELETE", f"/tasks/{task_id}"), 200)
     click.echo(f"{data['task_id']} {data['status']}")
 
 
@@ -469,16 +391,16 @@ def retry(
     """
     from urllib.parse import urlencode
 
-    settings = _settings(**flags)
-    client = _client(url, token, settings)
+    settings = settings_from(**flags)
+    client = client_for(url, token, settings)
     if task_id:
         if statuses or since or instance:
-            _fail("give a task id or bulk filters (--status/--since/--instance), not both", 2)
-        data = _expect(client.request("POST", f"/tasks/{task_id}/retry"), 202)
+            fail("give a task id or bulk filters (--status/--since/--instance), not both", 2)
+        data = expect(client.request("POST", f"/tasks/{task_id}/retry"), 202)
         click.echo(f"{data['task_id']} {data['status']}")
         return
     if not statuses:
-        _fail("give a task id, or --status FAILURE (with --since/--instance) for a bulk retry", 2)
+        fail("give a task id, or --status FAILURE (with --since/--instance) for a bulk retry", 2)
     requeued = failed = 0
     before: str | None = None
     seen: set[str] = set()
@@ -487,7 +409,7 @@ def retry(
         query += [
             (k, v) for k, v in (("instance", instance), ("since", since), ("before", before)) if v
         ]
-        page = _expect(client.request("GET", "/tasks?" + urlencode(query)), 200)
+        page = expect(client.request("GET", "/tasks?" + urlencode(query)), 200)
         for task in page["tasks"]:
             if task["task_id"] in seen:
                 continue
@@ -513,10 +435,10 @@ def _pause_command(paused: bool) -> Callable[..., None]:
     @click.argument("instance")
     @handle_errors
     def command(url: str | None, token: str | None, instance: str, **flags: Any) -> None:
-        settings = _settings(**flags)
+        settings = settings_from(**flags)
         action = "pause" if paused else "resume"
-        data = _expect(
-            _client(url, token, settings).request("POST", f"/instances/{instance}/{action}", {}),
+        data = expect(
+            client_for(url, token, settings).request("POST", f"/instances/{instance}/{action}", {}),
             200,
         )
         click.echo(f"{data['instance']} {'paused' if data['paused'] else 'resumed'}")
@@ -533,99 +455,7 @@ cli.command(
 )(_pause_command(False))
 
 
-@cli.group()
-def token() -> None:
-    """API tokens: once one exists, every API request needs `Authorization: Bearer <token>`.
-
-    They live (hashed) in the ledger; a running daemon sees changes within a second.
-    """
-
-
-@token.command("create")
-@common_options
-@click.argument("name")
-@click.option(
-    "--instance",
-    "instances",
-    multiple=True,
-    help="Only this instance may be used (repeatable); default: every instance.",
-)
-@handle_errors
-def token_create(name: str, instances: tuple[str, ...], **flags: Any) -> None:
-    """Create a token and print it. It is shown this once: only its hash is stored.
-
-    Example:
-
-        evomsgd token create shop-backend --instance shop
-    """
-    from evomsgd.daemon import open_ledger
-    from evomsgd.ledger import tokens
-
-    store = open_ledger(resolve_data_dir(_settings(**flags)))
-    try:
-        secret = tokens.create(store, name, instances)
-    finally:
-        store.close()
-    click.echo(secret)
-    scope = ", ".join(sorted(set(instances))) or "every instance"
-    click.echo(
-        f"token {name!r} created for {scope}. Store it now: it cannot be shown again.", err=True
-    )
-
-
-@token.command("list")
-@common_options
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@handle_errors
-def token_list(as_json: bool, **flags: Any) -> None:
-    """List token names, their instances and when they were made (never the tokens).
-
-    Example:
-
-        evomsgd token list
-    """
-    from evomsgd.daemon import open_ledger
-
-    store = open_ledger(resolve_data_dir(_settings(**flags)))
-    try:
-        rows = store.tokens()
-    finally:
-        store.close()
-    if as_json:
-        _print_json(
-            [
-                {"name": r.name, "instances": list(r.instances), "created_at": r.created_at}
-                for r in rows
-            ]
-        )
-        return
-    if not rows:
-        click.echo("no tokens: the API answers without authentication (on loopback only)")
-        return
-    for row in rows:
-        click.echo(f"{row.name:<24} {','.join(row.instances) or '*':<24} {row.created_at}")
-
-
-@token.command("revoke")
-@common_options
-@click.argument("name")
-@handle_errors
-def token_revoke(name: str, **flags: Any) -> None:
-    """Delete a token; requests that use it fail within a second, daemon restart not needed.
-
-    Example:
-
-        evomsgd token revoke shop-backend
-    """
-    from evomsgd.daemon import open_ledger
-    from evomsgd.ledger import tokens
-
-    store = open_ledger(resolve_data_dir(_settings(**flags)))
-    try:
-        tokens.revoke(store, name)
-    finally:
-        store.close()
-    click.echo(f"token {name!r} revoked")
+cli.add_command(token)
 
 
 def main() -> None:

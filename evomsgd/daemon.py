@@ -8,6 +8,7 @@ import errno
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sqlite3
 from collections.abc import Iterator
@@ -99,9 +100,39 @@ def exclusive(data_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+# Files the daemon keeps open besides one socket per send in flight: the ledger and its WAL, the
+# queue file, readers, clients of the API, the listening socket.
+FILES_BESIDES_SENDS = 256
+
+
+def raise_open_files(needed: int) -> tuple[int, int]:
+    """Raise the soft limit on open files towards `needed` (within the hard limit); returns
+    (soft, hard) as they are now. Each send in flight holds a socket, and many systems still
+    start a process with a soft limit of 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:  # a seccomp filter may forbid it: say so below
+            log.debug("cannot raise the open-files limit: %s", exc)
+    return soft, hard
+
+
 def serve(settings: Settings, data_dir: Path) -> int:
     """Run the daemon until SIGTERM or SIGINT; returns the exit code."""
     os.umask(0o077)  # every file we create (ledger, WAL, queue) is owner-only
+    needed = settings.max_in_flight + FILES_BESIDES_SENDS
+    soft, _ = raise_open_files(needed)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open files are limited to %s, fewer than EVOMSGD_MAX_IN_FLIGHT=%s sends need (%s) - "
+            "raise LimitNOFILE in the unit or ulimit -n, or lower EVOMSGD_MAX_IN_FLIGHT",
+            soft,
+            settings.max_in_flight,
+            needed,
+        )
     check_bind(settings, _count_tokens(data_dir))  # before a refused start creates anything
     prepare_data_dir(data_dir)
     with exclusive(data_dir):

@@ -250,3 +250,26 @@ def test_the_unit_sandbox_scores_at_most_1_5() -> None:
     assert match, result.stdout + result.stderr
     assert float(match[1]) <= MAX_EXPOSURE, result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_daemon_raises_its_open_files_limit_for_the_sends_in_flight() -> None:
+    # In a child process: the limit is process-wide and this one is the test runner's.
+    code = (
+        "import resource\n"
+        "from evomsgd.daemon import raise_open_files\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "print(raise_open_files(2000)[0], resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    soft, now, hard = (int(v) for v in out)
+    expected = 2000 if hard < 0 or hard >= 2000 else hard
+    assert soft == now == expected
+
+
+def test_the_unit_gives_the_sends_in_flight_their_sockets() -> None:
+    unit = (ROOT / "evomsgd.service").read_text()
+    limit = int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1))  # type: ignore[union-attr]
+    assert limit >= 1024 + 256  # EVOMSGD_MAX_IN_FLIGHT's default and the daemon's own files

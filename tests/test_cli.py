@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Coroutine, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,10 +24,12 @@ from evomsgd import __version__, clock
 from evomsgd.app import create_app
 from evomsgd.cli.daemon_client import DaemonClient
 from evomsgd.cli.main import cli
+from evomsgd.cli.status import ago, render
 from evomsgd.config import Settings
 from evomsgd.ledger.store import LEDGER_FILE
 from evomsgd.web.server import Runner, http_limits
-from tests.conftest import ROOT, daemon_env, fast_settings, free_port, wait_until
+from tests.conftest import API_KEY, ROOT, daemon_env, fast_settings, free_port, wait_until
+from tests.fake_evolution import FakeEvolution
 from tests.test_e2e import Daemon
 
 T = TypeVar("T")
@@ -290,12 +293,15 @@ def test_status_is_degraded_with_exit_code_1_when_evolution_rejects_the_key(
             "Evolution rejected the API key (401) - check EVOLUTION_API_KEY "
             "(Evolution said: Unauthorized)"
         )
-        assert f"  instance main             config_error waiting 1 last error: {rejected}" in lines
+        assert f"  instance main             config_error waiting 1 problem: {rejected}" in lines
         data = json.loads(run("status", "--json", env=env).stdout)
         assert data["status"] == "degraded"
         assert data["last_error"]["task_id"] == task_id
         at = data["last_error"]["at"]
-        assert f"  last error {at} task {task_id} instance main: {rejected}" in lines
+        assert (
+            f"  last error {at} (N s ago) task {task_id} instance main: {rejected}"
+            in seconds_ago(result.stdout, 1).splitlines()
+        )
         assert f"  ! instance main is config_error: {rejected}" in lines
         assert "a-wrong-key-3e1d" not in result.stdout
     finally:
@@ -444,7 +450,7 @@ def test_status_of_a_running_daemon_is_printed_whole(app: ServedApp) -> None:
         "  workers    2/2 alive\n"
         f"  messages   {COUNTS.format(1, 0)}\n"
         "  oldest waiting Ns\n"
-        "  instance shop             paused       waiting 1\n"
+        "  instance shop             paused       waiting 1 problem: paused by an operator\n"
         "  ! SANDBOX MODE: messages are recorded, never sent to Evolution\n"
     )
     data = json.loads(invoke("status", "--json", **app.env).stdout)
@@ -469,6 +475,157 @@ def test_status_reads_the_ledger_when_nothing_answers(app: ServedApp) -> None:
         "  instance shop             paused       waiting 1\n"
         f"  ! {UNREACHABLE.format(url=app.url)}\n"
     )
+
+
+@pytest.fixture
+def evolution(loop_thread: LoopThread) -> Iterator[FakeEvolution]:
+    fake = FakeEvolution(api_key=API_KEY, instances=["main"])
+    loop_thread.run(fake.start())
+    yield fake
+    loop_thread.run(fake.close())
+
+
+@pytest.fixture
+def live(loop_thread: LoopThread, evolution: FakeEvolution, tmp_path: Path) -> Iterator[ServedApp]:
+    """The real app sending to the fake Evolution server; an open lane probes once a minute."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    # The slow probe of an open lane lets a send, not a probe, be what finds it closed.
+    settings = fast_settings(evolution_url=evolution.url, probe_interval=60)
+    served = ServedApp(loop_thread, settings, data_dir)
+    served.start()
+    yield served
+    served.stop()
+
+
+def lane(app: ServedApp, instance: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(
+        lane for lane in app.get("/instances")["instances"] if lane["instance"] == instance
+    )
+    return found
+
+
+CLOSED = (
+    "the instance is not connected to WhatsApp (500) - pair it with the QR code in Evolution "
+    "(Evolution said: Cannot read properties of undefined (reading 'onWhatsApp'))"
+)
+
+
+PROBED_CLOSED = "instance main is not connected to WhatsApp - pair it in Evolution"
+
+
+def close_lane(app: ServedApp, evolution: FakeEvolution) -> tuple[str, str]:
+    """Send once to an open lane, then once while its instance is closed: (sent, retrying) ids.
+
+    The failed send pauses the lane; it waits until the pause's probe has said why.
+    """
+    sent = send(app, "+5511988000001")
+    app.wait_status(sent, "SUCCESS")
+    evolution.set_state("main", "close")
+    retrying = send(app, "+5511988000002")
+    app.wait_status(retrying, "RETRY")
+    wait_until(lambda: lane(app, "main")["problem"] == PROBED_CLOSED, 10, "the probe's reason")
+    return sent, retrying
+
+
+def seconds_ago(text: str, count: int) -> str:
+    """`text` with its `count` relative times of a few seconds ('3 s ago') as 'N s ago'."""
+    normalised, found = re.subn(r"\b\d+ s ago\b", "N s ago", text)
+    assert found == count, f"{found} '<n> s ago' in:\n{text}"
+    return normalised
+
+
+def test_status_shows_what_stops_a_lane_while_it_lasts(
+    live: ServedApp, evolution: FakeEvolution
+) -> None:
+    _, task_id = close_lane(live, evolution)
+    result = invoke("status", **live.env)
+    assert (result.exit_code, result.stderr) == (1, ""), result.output
+    at = json.loads(invoke("status", "--json", **live.env).stdout)["last_error"]["at"]
+    text = seconds_ago(seconds(seconds(result.stdout, "uptime"), "oldest waiting"), 1)
+    assert text == (
+        "evomsgd is UP (degraded)\n"
+        f"  version    {__version__}\n"
+        "  uptime     Ns\n"
+        f"  url        {live.url}\n"
+        "  mode       live\n"
+        f"  data dir   {live.data_dir}\n"
+        f"  evolution  {live.settings.evolution_url}\n"
+        "  workers    2/2 alive\n"
+        "  messages   PENDING 0  STARTED 0  RETRY 1  SUCCESS 1  FAILURE 0  SCHEDULED 0  "
+        "CANCELED 0  EXPIRED 0\n"
+        "  oldest waiting Ns\n"
+        f"  instance main             close        waiting 1 problem: {PROBED_CLOSED}\n"
+        f"  last error {at} (N s ago) task {task_id} instance main: {CLOSED}\n"
+        f"  ! instance main is close: {PROBED_CLOSED}\n"
+    )
+
+
+def test_status_shows_a_recovered_lanes_error_as_history(
+    live: ServedApp, evolution: FakeEvolution
+) -> None:
+    _, task_id = close_lane(live, evolution)
+    evolution.set_state("main", "open")
+    live.wait_status(task_id, "SUCCESS")
+    result = invoke("status", **live.env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    at = json.loads(invoke("status", "--json", **live.env).stdout)["last_error"]["at"]
+    assert seconds_ago(seconds(result.stdout, "uptime"), 3) == (
+        "evomsgd is UP (ok)\n"
+        f"  version    {__version__}\n"
+        "  uptime     Ns\n"
+        f"  url        {live.url}\n"
+        "  mode       live\n"
+        f"  data dir   {live.data_dir}\n"
+        f"  evolution  {live.settings.evolution_url}\n"
+        "  workers    2/2 alive\n"
+        "  messages   PENDING 0  STARTED 0  RETRY 0  SUCCESS 2  FAILURE 0  SCHEDULED 0  "
+        "CANCELED 0  EXPIRED 0\n"
+        "  oldest waiting -\n"
+        f"  instance main             idle         waiting 0 last error N s ago ({PROBED_CLOSED}),"
+        " recovered N s ago\n"
+        f"  last error {at} (N s ago) task {task_id} instance main: {CLOSED}\n"
+    )
+
+
+def test_render_dates_a_lanes_error_and_recovery_from_now() -> None:
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=UTC).timestamp()
+    recovered = {
+        "instance": "main",
+        "state": "idle",
+        "waiting": 0,
+        "problem": None,
+        "last_error": "Evolution did not answer",
+        "last_error_at": "2026-05-04T11:48:00.000Z",
+        "recovered_at": "2026-05-04T11:48:30.500Z",
+    }
+    failing = {**recovered, "instance": "spare", "recovered_at": None}
+    report = {"daemon": "up", "status": "ok", "instances": [recovered, failing]}
+    assert render(report, color=False, now=now).splitlines()[1:] == [
+        "  instance main             idle         waiting 0 last error 12 min ago "
+        "(Evolution did not answer), recovered 11 min ago",
+        "  instance spare            idle         waiting 0 last error 12 min ago "
+        "(Evolution did not answer)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("before", "said"),
+    [
+        (-5, "0 s ago"),  # a clock a little ahead of ours
+        (0, "0 s ago"),
+        (59.9, "59 s ago"),
+        (60, "1 min ago"),
+        (3599, "59 min ago"),
+        (3600, "1 h ago"),
+        (86_399, "23 h ago"),
+        (86_400, "1 day ago"),
+        (3 * 86_400 + 5, "3 days ago"),
+    ],
+)
+def test_ago_says_how_long_before_now_in_one_coarse_unit(before: float, said: str) -> None:
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=UTC).timestamp()
+    assert ago(clock.to_rfc3339(now - before), now) == said
 
 
 def test_every_daemon_command_says_how_to_fix_an_unreachable_daemon(tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -247,3 +249,70 @@ async def test_the_task_column_tells_apart_ids_of_one_moment_and_copies_them(
     await page.locator("#toast [data-copy-fallback]").wait_for()
     assert await page.evaluate("window.getSelection().toString()") == ids[4]
     await bare.close()
+
+
+async def lane_when(
+    client: TestClient[Any, Any], instance: str, check: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    """Poll /instances until the instance's lane passes `check`; return it."""
+    deadline = time.monotonic() + 10
+    while True:
+        lanes = (await (await client.get("/instances")).json())["instances"]
+        lane: dict[str, Any] | None = next((x for x in lanes if x["instance"] == instance), None)
+        if lane is not None and check(lane):
+            return lane
+        assert time.monotonic() < deadline, f"lane {instance} never passed the check: {lane}"
+        await asyncio.sleep(0.02)
+
+
+MUTED, FAILURE_RED = "rgb(107, 118, 133)", "rgb(194, 50, 43)"  # --muted, --failure
+
+
+async def test_the_instances_panel_shows_a_current_problem_and_a_past_error_apart(
+    make_client: MakeClient, fake: FakeEvolution, browser: Any, tmp_path: Path
+) -> None:
+    # An open lane probes once a minute, so a failed send, not a probe, finds each one closed.
+    client = await make_client(fast_settings(evolution_url=fake.url, probe_interval=60))
+    instances = ("main", "other")
+    for n, instance in enumerate(instances):
+        task = await post(client, phone=f"+551190000001{n}", instance_name=instance)
+        assert (await wait_status(client, task["task_id"]))["status"] == "SUCCESS"
+    retrying = {}
+    for n, instance in enumerate(instances):
+        fake.set_state(instance, "close")
+        task = await post(client, phone=f"+551190000002{n}", instance_name=instance)
+        retrying[instance] = task["task_id"]
+        await wait_status(client, task["task_id"], {"RETRY"})
+    for instance in instances:  # the pause's probe has said why
+        await lane_when(
+            client, instance, lambda lane: bool(lane["problem"]) and lane["health"] == "close"
+        )
+    fake.set_state("other", "open")
+    assert (await wait_status(client, retrying["other"]))["status"] == "SUCCESS"
+    recovered = await lane_when(client, "other", lambda lane: bool(lane["recovered_at"]))
+    assert recovered["problem"] is None and recovered["last_error"]
+    closed = await lane_when(client, "main", lambda lane: bool(lane["problem"]))
+
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    problems: list[str] = []
+    page.on(
+        "console",
+        lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
+    )
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    await page.goto(str(client.make_url("/dashboard")))
+
+    problem = page.locator('#lanes tr[data-instance="main"] td.lane-problem')
+    await problem.wait_for()
+    assert await problem.inner_text() == closed["problem"]
+    assert await problem.evaluate("cell => getComputedStyle(cell).color") == FAILURE_RED
+
+    other = page.locator('#lanes tr[data-instance="other"]')
+    history = other.locator("td.lane-history")
+    assert re.fullmatch(r"last error \d+ s ago, recovered \d+ s ago", await history.inner_text())
+    assert (await history.get_attribute("title") or "").startswith(recovered["last_error"] + "\n")
+    assert await history.evaluate("cell => getComputedStyle(cell).color") == MUTED
+    assert await other.locator(".lane-problem, .error-text").count() == 0
+    assert recovered["last_error"] not in await other.inner_text()
+    await page.locator("#lanes").screenshot(path=str(tmp_path / "lanes.png"))
+    assert problems == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import click
@@ -109,8 +110,38 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 60}m{s % 60}s" if s >= 60 else f"{s}s"
 
 
-def render(report: dict[str, Any], *, color: bool) -> str:
-    """Human-readable status; colours only on a terminal."""
+def ago(at: str, now: float) -> str:
+    """How long before `now` the RFC 3339 time `at` was, coarsely: '40 s ago', '12 min ago'."""
+    s = max(0, int(now - datetime.fromisoformat(at).timestamp()))
+    if s < 60:
+        return f"{s} s ago"
+    if s < 3600:
+        return f"{s // 60} min ago"
+    if s < 86_400:
+        return f"{s // 3600} h ago"
+    days = s // 86_400
+    return f"{days} day{'' if days == 1 else 's'} ago"
+
+
+def _lane_trouble(lane: dict[str, Any], now: float) -> str | None:
+    """What stops the lane now; else its last error as history, with when it recovered."""
+    if "problem" not in lane:
+        # Read from the ledger while the daemon is down: a message's error, with no time.
+        return f"last error: {lane['last_error']}" if lane.get("last_error") else None
+    if lane["problem"]:
+        return f"problem: {lane['problem']}"
+    if not lane.get("last_error"):
+        return None
+    when = f" {ago(lane['last_error_at'], now)}" if lane.get("last_error_at") else ""
+    history = f"last error{when} ({lane['last_error']})"
+    if lane.get("recovered_at"):
+        history += f", recovered {ago(lane['recovered_at'], now)}"
+    return history
+
+
+def render(report: dict[str, Any], *, color: bool, now: float | None = None) -> str:
+    """Human-readable status; colours only on a terminal; durations relative to `now`."""
+    now = clock.now() if now is None else now
 
     def style(text: str, fg: str | None = None, bold: bool = False) -> str:
         return click.style(text, fg=fg, bold=bold) if color else text
@@ -160,14 +191,15 @@ def render(report: dict[str, Any], *, color: bool) -> str:
         ]
         if lane.get("next_send_at"):
             parts.append(f"next send {lane['next_send_at']}")
-        if lane.get("last_error"):
-            parts.append(f"last error: {lane['last_error']}")
+        trouble = _lane_trouble(lane, now)
+        if trouble:
+            parts.append(trouble)
         lines.append(" ".join(parts))
     last = report.get("last_error")
     if last:
         lines.append(
-            f"  last error {last['at']} task {last['task_id']} instance {last['instance']}: "
-            + style(str(last["error"]), "red")
+            f"  last error {last['at']} ({ago(last['at'], now)}) task {last['task_id']} "
+            f"instance {last['instance']}: " + style(str(last["error"]), "red")
         )
     for problem in report.get("problems") or []:
         lines.append(style(f"  ! {problem}", "red" if status == "down" else "yellow"))

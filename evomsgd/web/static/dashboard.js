@@ -114,6 +114,20 @@
     return seconds < 5 ? "just now" : duration(seconds) + " ago";
   }
 
+  // One coarse unit, as `evomsgd status` says it: "40 s", "12 min", "3 h", "2 days".
+  function roughly(seconds) {
+    const s = Math.max(0, Math.floor(seconds));
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min";
+    if (s < 86400) return Math.floor(s / 3600) + " h";
+    const days = Math.floor(s / 86400);
+    return days + (days === 1 ? " day" : " days");
+  }
+
+  function roughlyAgo(iso) {
+    return roughly((Date.now() - Date.parse(iso)) / 1000) + " ago";
+  }
+
   function localTime(iso) {
     return iso ? new Date(iso).toLocaleString() : "";
   }
@@ -244,11 +258,7 @@
               el("td", { title: lane.paused_reason || "" }, pill(lane.state)),
               el("td", { class: "num" }, number.format(lane.waiting)),
               el("td", { class: "num" }, number.format(lane.in_flight)),
-              el(
-                "td",
-                { class: "error-text" },
-                lane.last_error ? lane.last_error + " (" + ago(lane.last_error_at) + ")" : el("span", { class: "muted" }, "none"),
-              ),
+              laneTrouble(lane),
             ),
           )
         : [el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No instance has queued a message yet."))]),
@@ -259,6 +269,20 @@
     for (const lane of lanes) {
       if (!known.has(lane.instance)) select.append(el("option", { value: lane.instance }, lane.instance));
     }
+  }
+
+  // What stops a lane now, prominently; otherwise its last error as history, in the past tense
+  // and muted, so an outage that is over does not read as a current fault.
+  function laneTrouble(lane) {
+    if (lane.problem) return el("td", { class: "lane-problem", title: lane.problem }, lane.problem);
+    if (!lane.last_error) return el("td", {}, el("span", { class: "muted" }, "none"));
+    let text = "last error" + (lane.last_error_at ? " " + roughlyAgo(lane.last_error_at) : "");
+    let title = lane.last_error + (lane.last_error_at ? "\n" + localTime(lane.last_error_at) : "");
+    if (lane.recovered_at) {
+      text += ", recovered " + roughlyAgo(lane.recovered_at);
+      title += "\nrecovered " + localTime(lane.recovered_at);
+    }
+    return el("td", { class: "lane-history muted", title }, text);
   }
 
   function renderChart(stats) {

@@ -66,12 +66,7 @@ class Delivery:
         try:
             claimed = self._claim(job)
         except Exception:
-            log.exception(
-                "task %s instance %s: delivery crashed; the lease sweeper will retry it",
-                job.message_id,
-                job.instance,
-                extra=log_fields(job.message_id, job.instance),
-            )
+            _crashed(job)
             claimed = None
         if claimed is None:
             self._report(Finished(job))
@@ -141,12 +136,7 @@ class Delivery:
             else:
                 effect = None
         except Exception:
-            log.exception(
-                "task %s instance %s: delivery crashed; the lease sweeper will retry it",
-                job.message_id,
-                job.instance,
-                extra=log_fields(job.message_id, job.instance),
-            )
+            _crashed(job)
         finally:
             self._report(Finished(job, final, effect))
 
@@ -216,6 +206,16 @@ class Delivery:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+def _crashed(job: Job) -> None:
+    """A bug in an attempt: logged with its traceback; the row's lease brings the message back."""
+    log.exception(
+        "task %s instance %s: delivery crashed; the lease sweeper will retry it",
+        job.message_id,
+        job.instance,
+        extra=log_fields(job.message_id, job.instance),
+    )
 
 
 def _log_outcome(msg: Message, outcome: SendOutcome, transition: Transition) -> None:

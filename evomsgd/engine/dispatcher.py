@@ -248,9 +248,18 @@ class Dispatcher:
                 concurrency=concurrency,
                 unknown_grace=self.settings.unknown_instance_grace,
                 known=instance in self._known,
+                # Lanes made together (a start with a backlog on 1,000 instances) must not all
+                # probe Evolution in the same instant; an unprobed lane may send meanwhile.
+                next_probe_at=self._time()
+                + self._rng.uniform(0.0, min(self.settings.probe_interval, 5.0)),
             )
             self._lanes[instance] = lane
         return lane
+
+    def _probe_gap(self) -> float:
+        """Seconds to the next probe of a healthy lane: EVOMSGD_PROBE_INTERVAL, +-10% so that
+        lanes probed together drift apart instead of probing in step forever."""
+        return self.settings.probe_interval * self._rng.uniform(0.9, 1.1)
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -308,7 +317,15 @@ class Dispatcher:
 
     def _dispatch_lane(self, lane: Lane, now: float) -> float | None:
         """Hand out what may go now; returns when the lane needs a look again (None: only on
-        an event)."""
+        an event), its next probe included."""
+        wake = self._hand_out(lane, now)
+        with self._cond:
+            wants_probe = lane.health == Health.UNKNOWN or lane.waiting or lane.blocking
+            if self._probe is not None and wants_probe and not lane.probing:
+                return lane.next_probe_at if wake is None else min(wake, lane.next_probe_at)
+        return wake
+
+    def _hand_out(self, lane: Lane, now: float) -> float | None:
         with self._cond:
             self._maybe_probe(lane, now)
             blocked = lane.blocked_until(now)
@@ -388,7 +405,7 @@ class Dispatcher:
         if self._probe is None or lane.probing or now < lane.next_probe_at:
             return
         if not lane.blocking:
-            lane.next_probe_at = now + self.settings.probe_interval
+            lane.next_probe_at = now + self._probe_gap()
             if lane.health != Health.UNKNOWN and not lane.waiting:
                 return
         lane.probing = True
@@ -418,7 +435,7 @@ class Dispatcher:
                     lane.probe_backoff = min(lane.probe_backoff * 2, self.settings.probe_interval)
                 lane.next_probe_at = now + lane.probe_backoff
             else:
-                lane.next_probe_at = now + self.settings.probe_interval
+                lane.next_probe_at = now + self._probe_gap()
             self._dirty.add(lane.instance)
             self._notify()
 

@@ -36,13 +36,15 @@ def test_an_idle_worker_wakes_on_enqueue_not_on_a_poll(tmp_path: Path, monkeypat
     assert tq.alive_workers() == 0
 
 
-def test_the_queue_file_is_rebuilt_at_every_start(tmp_path: Path) -> None:
+def test_the_hand_off_starts_empty_and_an_old_queue_file_is_removed(tmp_path: Path) -> None:
+    old = tmp_path / "queue.db"  # Huey's SQLite queue of an older evomsgd
+    old.write_bytes(b"SQLite format 3\x00")
+    (tmp_path / "queue.db-wal").write_bytes(b"")
     first = TaskQueue(tmp_path, workers=1)
+    assert not old.exists() and not (tmp_path / "queue.db-wal").exists()
     first.register(lambda job: None)
     first.submit(Job("stale", "shop"))  # never consumed: no consumer started
     assert first.huey.pending_count() == 1
-    first.huey.storage.close()
     second = TaskQueue(tmp_path, workers=1)
     assert second.huey.pending_count() == 0  # the ledger, not Huey, says what is waiting
-    assert (tmp_path / "queue.db").stat().st_mode & 0o777 == 0o600
-    second.huey.storage.close()
+    assert list(tmp_path.iterdir()) == []  # nothing of Huey's on disk

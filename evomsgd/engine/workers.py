@@ -1,35 +1,38 @@
 """Huey, embedded: the worker threads that run deliveries, woken at once instead of polling.
 
-Huey's queue here is a hand-off, not the record: the ledger (`store.py`) is. Huey's SQLite storage
-deletes a task row before running it and keeps retries in a schedule table that a crash can lose,
-so retries and pacing live in the ledger, and Huey's queue file is emptied at every start and
-rebuilt from the ledger. That also lets it skip fsync: losing it loses nothing.
+Huey's queue here is a hand-off, not the record: the ledger is. Huey's SQLite storage deletes a
+task row before running it and keeps retries in a schedule table that a crash can lose, so
+retries, pacing and what waits live in the ledger, and the dispatcher hands each due message to
+Huey afresh. A queue that is rebuilt from the ledger at every start gains nothing from being a
+file, and measured it cost: 195-297 us of CPU per hand-off through SqliteStorage against 89 us
+through Huey's MemoryStorage (5,000 hand-offs to 4 workers, one run each), about half of the
+0.5 ms a delivery may cost in all. So the queue is Huey's in-memory storage; a queue.db left by
+an older evomsgd is removed at start.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from huey import SqliteHuey
+from huey import Huey
 from huey.consumer import Consumer
-from huey.storage import SqliteStorage
+from huey.storage import MemoryStorage
 
 from evomsgd.engine.jobs import Job
 
 log = logging.getLogger("evomsgd.queue")
 
-QUEUE_FILE = "queue.db"
+OLD_QUEUE_FILE = "queue.db"  # Huey's SQLite queue file of evomsgd before 0.2
 TASK_NAME = "evomsgd.deliver"  # explicit: a dev run and the frozen binary must agree on names
 _IDLE_WAIT = 1.0
 
 
-class WakeableSqliteStorage(SqliteStorage):  # type: ignore[misc]
-    """SqliteStorage whose dequeue waits on a condition instead of Huey's 0.1-10 s polling."""
+class WakeableStorage(MemoryStorage):  # type: ignore[misc]
+    """Huey's MemoryStorage whose dequeue waits on a condition instead of Huey's 0.1-10 s polling."""
 
     blocking = True  # tells Huey's Worker not to sleep between empty dequeues: we wait here
 
@@ -82,24 +85,15 @@ class TaskQueue:
     """The Huey instance, its delivery task and its consumer, built for one data directory."""
 
     def __init__(self, data_dir: Path, workers: int) -> None:
-        path = data_dir / QUEUE_FILE
-        for stale in (
-            path,
-            path.with_name(QUEUE_FILE + "-wal"),
-            path.with_name(QUEUE_FILE + "-shm"),
-        ):
-            # Rebuilt from the ledger at every start (see module docstring).
-            if stale.exists():
-                stale.unlink()
-        self.huey = SqliteHuey(
+        for name in (OLD_QUEUE_FILE, OLD_QUEUE_FILE + "-wal", OLD_QUEUE_FILE + "-shm"):
+            # An older evomsgd's hand-off file: what it held is in the ledger (module docstring).
+            (data_dir / name).unlink(missing_ok=True)
+        self.huey = Huey(
             name="evomsgd",
-            filename=str(path),
             results=False,  # outcomes go to the ledger
             utc=True,
-            fsync=False,  # explicit: the default depends on how SQLite was built
-            storage_class=WakeableSqliteStorage,
+            storage_class=WakeableStorage,
         )
-        os.chmod(path, 0o600)  # pickled payloads: whoever can write them can run code
         self._task: Any = None
         self.consumer = EmbeddedConsumer(
             self.huey,
@@ -116,8 +110,8 @@ class TaskQueue:
         self._task = self.huey.task(name=TASK_NAME, retries=0)(deliver)
 
     @property
-    def storage(self) -> WakeableSqliteStorage:
-        storage: WakeableSqliteStorage = self.huey.storage
+    def storage(self) -> WakeableStorage:
+        storage: WakeableStorage = self.huey.storage
         return storage
 
     def submit(self, job: Job) -> None:
@@ -139,4 +133,3 @@ class TaskQueue:
         self.consumer.stop_flag.set()
         self.storage.shut()
         self.consumer.stop(graceful=True)
-        self.huey.storage.close()

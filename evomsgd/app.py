@@ -23,7 +23,7 @@ from evomsgd.engine.workers import TaskQueue
 from evomsgd.evolution.client import Sender, new_session
 from evomsgd.evolution.outcomes import StateProbe
 from evomsgd.ledger.commit import GroupCommitter
-from evomsgd.ledger.records import InsertResult, NewMessage
+from evomsgd.ledger.records import InsertResult, Message, NewMessage
 from evomsgd.ledger.store import Store
 from evomsgd.ledger.tokens import TokenCache
 from evomsgd.service import Service, created_per_instance
@@ -101,11 +101,6 @@ def create_app(
         def probe(instance: str) -> concurrent.futures.Future[StateProbe]:
             return asyncio.run_coroutine_threadsafe(sender.connection_state(instance), loop)
 
-        queue = TaskQueue(data_dir, settings.workers)
-        dispatcher = Dispatcher(store, settings, queue.submit, probe)
-        meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
-        app[metrics.METRICS] = meter
-
         def committed(news: Sequence[NewMessage], results: Sequence[InsertResult]) -> None:
             created = created_per_instance(news, results)
             dispatcher.accepted(created)
@@ -114,6 +109,17 @@ def create_app(
         committer = GroupCommitter(
             store, loop, idempotency_ttl=settings.idempotency_ttl, on_commit=committed
         )
+
+        def claim(ids: list[str], now: float, lease: float) -> list[Message | None]:
+            # One transaction for the step's claims, shared with whatever else is being written.
+            return committer.write(
+                lambda cur: [store.claim_in(cur, message_id, now, lease) for message_id in ids]
+            ).result()
+
+        queue = TaskQueue(data_dir, settings.workers)
+        dispatcher = Dispatcher(store, settings, queue.submit, probe, claim=claim)
+        meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
+        app[metrics.METRICS] = meter
         delivery = Delivery(
             store,
             committer,
@@ -121,7 +127,6 @@ def create_app(
             loop,
             settings,
             report=dispatcher.finished,
-            draining=lambda: dispatcher.draining,
             on_outcome=meter.on_outcome,
         )
         queue.register(delivery.run)

@@ -1,8 +1,8 @@
 """A dispatcher over a real ledger, driven one step at a time with a controllable clock.
 
-No threads and no sleeps: `step()` is one pass of the dispatcher's loop, the jobs it hands out
-are collected in `jobs`, and `attempt()` plays a worker - claim, an outcome, the ledger write,
-the report back - the way `engine.delivery.Delivery` does, with the same rules (`decide`).
+No threads and no sleeps: `step()` is one pass of the dispatcher's loop (claims included), the
+jobs it hands out are collected in `jobs`, and `attempt()` plays a worker - an outcome, the ledger
+write, the report back - the way `engine.delivery.Delivery` does, with the same rules (`decide`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Stepper:
         self.dispatcher = Dispatcher(
             self.store,
             self.settings,
-            self.jobs.append,
+            self.jobs.extend,
             self._probe,
             time_source=lambda: self.now,
             rng=random.Random(0),
@@ -88,14 +88,13 @@ class Stepper:
         return jobs
 
     def attempt(self, job: Job, outcome: SendOutcome) -> Message:
-        """Play a worker: claim the message, record `outcome` under the rules, report back."""
-        msg = self.store.claim(job.message_id, self.now, 60.0)
-        if msg is None:
-            self.dispatcher.finished(Finished(job))
-            raise AssertionError(f"could not claim {job.message_id}")
+        """Play a worker: the dispatcher claimed the message; record `outcome` under the rules
+        and report back."""
+        msg = job.message
+        assert msg is not None, f"{job.message_id} was handed out unclaimed"
         self.started.append(msg.id)
         transition, effect = decide(msg, outcome, self.now, self.settings, self.rng, job)
-        assert self.store.finish_attempt(msg, self.now, self.now, transition)
+        assert self.store.finish_attempt(msg, job.started, self.now, transition)
         self.dispatcher.finished(Finished(job, transition.status in FINAL, effect))
         row = self.store.get(msg.id)
         assert row is not None

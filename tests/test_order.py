@@ -18,7 +18,7 @@ ANA, BEA = "5511900000001", "5511900000002"
 
 
 def test_a_message_waiting_for_its_retry_holds_back_its_recipient_only(tmp_path: Path) -> None:
-    s = Stepper(tmp_path, retry_delay=60.0, retry_jitter=0)
+    s = Stepper(tmp_path, retry_delay=20.0, retry_jitter=0)  # due within Bea's lease (32 s)
     first = s.accept(ANA)
     s.step()
     (job,) = s.take()
@@ -27,7 +27,7 @@ def test_a_message_waiting_for_its_retry_holds_back_its_recipient_only(tmp_path:
     other = s.accept(BEA)
     s.step()
     assert [j.message_id for j in s.take()] == [other]  # Ana's next ones wait for her first
-    s.now += 61.0  # the retry is due
+    s.now += 21.0  # the retry is due
     s.step()
     (retry,) = s.take()
     assert retry.message_id == first

@@ -17,7 +17,7 @@ def test_an_idle_worker_wakes_on_enqueue_not_on_a_poll(tmp_path: Path, monkeypat
     monkeypatch.setattr(queue_module, "_IDLE_WAIT", 60.0)  # type: ignore[attr-defined]
     ran = threading.Event()
     tq = TaskQueue(tmp_path, workers=1)
-    tq.register(lambda job: ran.set())
+    tq.register(lambda jobs: ran.set())
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     tq.start()
     try:
@@ -28,7 +28,7 @@ def test_an_idle_worker_wakes_on_enqueue_not_on_a_poll(tmp_path: Path, monkeypat
                 if tq.storage._cond._waiters:  # type: ignore[attr-defined]
                     break
             time.sleep(0.001)
-        tq.submit(Job("m1", "shop"))
+        tq.submit([Job("m1", "shop")])
         assert ran.wait(5), "the worker did not wake up on enqueue"
         assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # aiohttp keeps signals
     finally:
@@ -42,8 +42,8 @@ def test_the_hand_off_starts_empty_and_an_old_queue_file_is_removed(tmp_path: Pa
     (tmp_path / "queue.db-wal").write_bytes(b"")
     first = TaskQueue(tmp_path, workers=1)
     assert not old.exists() and not (tmp_path / "queue.db-wal").exists()
-    first.register(lambda job: None)
-    first.submit(Job("stale", "shop"))  # never consumed: no consumer started
+    first.register(lambda jobs: None)
+    first.submit([Job("stale", "shop")])  # never consumed: no consumer started
     assert first.huey.pending_count() == 1
     second = TaskQueue(tmp_path, workers=1)
     assert second.huey.pending_count() == 0  # the ledger, not Huey, says what is waiting

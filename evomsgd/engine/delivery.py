@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.engine.jobs import Finished, Job
+from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job
 from evomsgd.engine.rules import decide
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import Sender
@@ -23,9 +23,6 @@ from evomsgd.log import log_fields
 from evomsgd.models import FINAL, Status
 
 log = logging.getLogger("evomsgd.delivery")
-
-# A worker owns a claimed message this long past Evolution's timeout; then the sweeper takes it back.
-LEASE_MARGIN = 30.0
 
 
 class Delivery:
@@ -43,14 +40,12 @@ class Delivery:
         settings: Settings,
         *,
         report: Callable[[Finished], None],
-        draining: Callable[[], bool] = lambda: False,
         time_source: Callable[[], float] = clock.now,
         on_outcome: Callable[[Message, SendOutcome, Transition], None] | None = None,
     ) -> None:
         self.store = store
         self.committer = committer
         self._report = report
-        self._draining = draining
         self.sender = sender
         self.loop = loop
         self.settings = settings
@@ -61,55 +56,29 @@ class Delivery:
 
     # -- in a Huey worker thread ----------------------------------------------------------
 
-    def run(self, job: Job) -> None:
-        """Claim the job's message and start its send; reports back at once if it cannot."""
-        try:
-            claimed = self._claim(job)
-        except Exception:
-            _crashed(job)
-            claimed = None
-        if claimed is None:
-            self._report(Finished(job))
-            return
-        msg, started = claimed
-        self.loop.call_soon_threadsafe(self._start, job, msg, started)
-
-    def _claim(self, job: Job) -> tuple[Message, float] | None:
-        if self._draining():
-            return None
-        started = self._time()
-        lease = self.settings.evolution_timeout + LEASE_MARGIN
-        store, message_id = self.store, job.message_id
-        try:
-            msg = self.committer.write(
-                lambda cur: store.claim_in(cur, message_id, started, lease)
-            ).result()
-        except StoreUnavailable as exc:
-            log.warning(
-                "task %s instance %s: cannot claim (%s); will retry",
-                job.message_id,
-                job.instance,
-                exc,
-                extra=log_fields(job.message_id, job.instance),
-            )
-            return None
-        if msg is None:  # canceled, expired, or taken meanwhile
-            return None
-        log.debug(
-            "task %s instance %s: sending (attempt %s)",
-            msg.id,
-            msg.instance,
-            msg.attempts,
-            extra=log_fields(msg.id, msg.instance),
-        )
-        return msg, started
+    def run(self, jobs: list[Job]) -> None:
+        """Start the sends of claimed jobs on the event loop; the thread is free at once."""
+        for job in jobs:
+            if job.message is not None:
+                log.debug(
+                    "task %s instance %s: sending (attempt %s)",
+                    job.message_id,
+                    job.instance,
+                    job.message.attempts,
+                    extra=log_fields(job.message_id, job.instance),
+                )
+        self.loop.call_soon_threadsafe(self._start, jobs)
 
     # -- on the event loop ----------------------------------------------------------------
 
-    def _start(self, job: Job, msg: Message, started: float) -> None:
-        task = self.loop.create_task(self._attempt(job, msg, started))
-        self._tasks.add(task)  # a task nobody references may be collected mid-send
-        task.add_done_callback(self._tasks.discard)
+    def _start(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            if job.message is None:  # not a send (nothing claimed): nothing to do but say so
+                self._report(Finished(job))
+                continue
+            task = self.loop.create_task(self._attempt(job, job.message, job.started))
+            self._tasks.add(task)  # a task nobody references may be collected mid-send
+            task.add_done_callback(self._tasks.discard)
 
     def abandon(self) -> int:
         """Cancel sends still in flight at the end of the drain; their rows stay STARTED and the
@@ -173,8 +142,10 @@ class Delivery:
         deadline = time.monotonic() + self.settings.evolution_timeout + LEASE_MARGIN / 2
         while True:
             try:
-                done = self.committer.write(lambda cur: store.finish_in(cur, msg, started, now, tr))
-                if not await asyncio.wrap_future(done):
+                done = self.committer.write_soon(
+                    lambda cur: store.finish_in(cur, msg, started, now, tr)
+                )
+                if not await done:
                     log.warning(
                         "task %s instance %s: lease lost before the outcome was written",
                         msg.id,

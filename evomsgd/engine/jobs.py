@@ -8,6 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evomsgd.engine.lanes import Health
+from evomsgd.ledger.records import Message
+
+# A claimed message is the worker's this long past Evolution's timeout; then the dispatcher's
+# sweeper takes it back (and the next send is flagged as a possible duplicate).
+LEASE_MARGIN = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +25,10 @@ class Job:
     # deleted (perhaps to be re-created and paired again), so the message waits out a grace
     # period instead of failing at once.
     instance_known: bool = False
+    # The row as the dispatcher claimed it (STARTED, leased) at `started`; None only in the
+    # reports of what never was a send (a cancel).
+    message: Message | None = None
+    started: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ class _Insert:
 @dataclass(slots=True)
 class _Write:
     op: Callable[[sqlite3.Cursor], Any]
-    future: concurrent.futures.Future[Any]
+    future: concurrent.futures.Future[Any] | asyncio.Future[Any]
 
 
 class GroupCommitter:
@@ -86,6 +86,18 @@ class GroupCommitter:
         """Run `op` inside the next batch's transaction; the future resolves once it committed
         (or fails with StoreUnavailable, for every write of the batch)."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._stopped:
+            future.set_exception(
+                StoreUnavailable("the ledger's writer has stopped (shutting down)")
+            )
+            return future
+        self._queue.put(_Write(op, future))
+        return future
+
+    def write_soon(self, op: Callable[[sqlite3.Cursor], T]) -> asyncio.Future[T]:
+        """`write` for the event loop: the loop's future is resolved with the batch's others in
+        one hop to the loop, not one hop per write."""
+        future: asyncio.Future[T] = self.loop.create_future()
         if self._stopped:
             future.set_exception(
                 StoreUnavailable("the ledger's writer has stopped (shutting down)")
@@ -146,14 +158,22 @@ class GroupCommitter:
         # lane's backlog (backpressure) and the dispatcher must already know of the message.
         if self._on_commit is not None and news and not isinstance(inserted, BaseException):
             self._on_commit(news, inserted)
+        offset = 1 if news else 0
+        on_loop: list[tuple[asyncio.Future[Any], Any]] = [
+            (item.future, inserted if isinstance(inserted, BaseException) else inserted[index])
+            for index, item in enumerate(inserts)
+        ]
         for index, item in enumerate(writes):
-            if isinstance(results, BaseException):
-                item.future.set_exception(results)
+            outcome = results if isinstance(results, BaseException) else results[index + offset]
+            if isinstance(item.future, asyncio.Future):
+                on_loop.append((item.future, outcome))
+            elif isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
             else:
-                item.future.set_result(results[index + (1 if news else 0)])
-        if inserts:
-            # One hop to the loop per batch, not one per request.
-            self.loop.call_soon_threadsafe(_resolve, [item.future for item in inserts], inserted)
+                item.future.set_result(outcome)
+        if on_loop:
+            # One hop to the loop per batch, not one per request or per write.
+            self.loop.call_soon_threadsafe(_resolve, on_loop)
 
     def _refusing(self, count: int, exc: StoreUnavailable) -> None:
         """Each client gets its 503; the operator gets a warning now and then, not one per request."""
@@ -169,13 +189,11 @@ class GroupCommitter:
             )
 
 
-def _resolve(
-    futures: list[asyncio.Future[InsertResult]], results: Sequence[InsertResult] | BaseException
-) -> None:
-    for index, future in enumerate(futures):
+def _resolve(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, outcome in answers:
         if future.done():  # the client went away
             continue
-        if isinstance(results, BaseException):
-            future.set_exception(results)
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
         else:
-            future.set_result(results[index])
+            future.set_result(outcome)

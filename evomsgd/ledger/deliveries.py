@@ -58,39 +58,31 @@ class Deliveries(Database):
         )
         return {row[0]: (row[1], row[2]) for row in rows}
 
-    def ready(
-        self, instance: str, now: float, limit: int, exclude: Iterable[str] = ()
-    ) -> list[str]:
+    def ready(self, instance: str, now: float, limit: int) -> list[str]:
         """Ids due on one instance, best first: high priority, then the longest waiting.
 
         A message whose recipient has an earlier one of its priority still unsent (waiting for
         a retry, or being sent) is not ready: one recipient gets its messages in the order they
         were accepted, one at a time.
         """
-        excluded = list(exclude)
         now_db = clock.to_db(now)
         sql = (
             f"SELECT id FROM messages m WHERE instance = ? AND {IN_WAITING} AND next_attempt_at <= ?"
             f" AND NOT EXISTS ({_EARLIER_UNSENT})"
         )
-        if excluded:
-            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
         sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
-        rows = self.query(sql, [instance, now_db, now_db, *excluded, limit])
+        rows = self.query(sql, [instance, now_db, now_db, limit])
         return [row[0] for row in rows]
 
-    def next_due(self, instance: str, now: float, exclude: Iterable[str] = ()) -> float | None:
+    def next_due(self, instance: str, now: float) -> float | None:
         """When the next waiting message of an instance that is not held back becomes due."""
-        excluded = list(exclude)
         # Held-back messages are left out: they become ready when the message ahead of them is
         # attempted, which wakes the dispatcher anyway; counting them would wake it in a loop.
         sql = (
             f"SELECT min(next_attempt_at) FROM messages m WHERE instance = ? AND {IN_WAITING}"
             f" AND NOT EXISTS ({_EARLIER_UNSENT})"
         )
-        if excluded:
-            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
-        value = self.query(sql, [instance, clock.to_db(now), *excluded])[0][0]
+        value = self.query(sql, [instance, clock.to_db(now)])[0][0]
         return None if value is None else clock.from_db(value)
 
     def instances_that_sent(self) -> set[str]:
@@ -113,17 +105,13 @@ class Deliveries(Database):
             (instance, clock.to_db(now)),
         )
 
-    def fail_waiting(
-        self, instance: str, now: float, reason: str, kind: str, exclude: Iterable[str] = ()
-    ) -> list[str]:
-        """End every waiting message of an instance FAILURE without a send; returns their ids."""
-        excluded = list(exclude)
+    def fail_waiting(self, instance: str, now: float, reason: str, kind: str) -> list[str]:
+        """End the waiting messages of an instance FAILURE without a send (1,000 at a time);
+        returns their ids. Messages being sent are not waiting and are left to finish."""
         now_db = clock.to_db(now)
-        sql = f"SELECT id FROM messages WHERE instance = ? AND {IN_WAITING}"
-        if excluded:
-            sql += f" AND id NOT IN ({', '.join('?' * len(excluded))})"
+        sql = f"SELECT id FROM messages WHERE instance = ? AND {IN_WAITING} LIMIT 1000"
         with self.transaction() as cur:
-            ids = [row[0] for row in cur.execute(sql + " LIMIT 1000", [instance, *excluded])]
+            ids = [row[0] for row in cur.execute(sql, [instance])]
             for message_id in ids:
                 cur.execute(
                     "UPDATE messages SET status = 'FAILURE', finished_at = ?, next_attempt_at = NULL,"

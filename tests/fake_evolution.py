@@ -14,7 +14,9 @@ As a process, for end-to-end runs (prints `READY <port>` once listening, stops o
 
 and is driven over HTTP on the same port: `GET /_fake/received`, `POST /_fake/script`
 `{"number": "...", "responses": ["rate_limit", "ok"]}`, `POST /_fake/state {"instance", "state"}`,
-`POST /_fake/down {"seconds": 2}`, `POST /_fake/release`, `POST /_fake/reset`.
+`POST /_fake/down {"seconds": 2}`, `POST /_fake/release`, `POST /_fake/reset`, and
+`GET /_fake/count` (how many sends arrived and were answered, cheap enough to poll).
+`--any-instance` makes every instance name exist (open), for runs with many instances.
 
 What answers a send: a fault scripted for that number, else one scripted for any number, else
 what the real server would do (schema and blank-text checks, numbers marked not on WhatsApp,
@@ -175,6 +177,7 @@ class FakeEvolution:
         self.not_on_whatsapp = {_norm(n) for n in not_on_whatsapp}
         self.hang_seconds = hang_seconds
         self.license_required = False  # every route answers 503 LICENSE_REQUIRED
+        self.any_instance = False  # an unknown instance name is created (open) on first use
         self.default_fault = Fault.OK
         self.received: list[ReceivedSend] = []
         self.state_probes: list[tuple[float, str]] = []
@@ -201,6 +204,7 @@ class FakeEvolution:
             ("POST", "/_fake/down", self._ctl_down),
             ("POST", "/_fake/release", self._ctl_release),
             ("POST", "/_fake/reset", self._ctl_reset),
+            ("GET", "/_fake/count", self._ctl_count),
         ):
             app.router.add_route(method, path, handler)
         app.router.add_route("*", "/{tail:.*}", self._no_route)
@@ -324,6 +328,8 @@ class FakeEvolution:
             return None, web.json_response(_LICENSE_BODY, status=503)
         name = request.match_info["instance"]
         inst = self.instances.get(name)
+        if inst is None and self.any_instance:
+            inst = self.add_instance(name)
         if inst is None:
             return None, _envelope(404, [f'The "{name}" instance does not exist'])
         key = request.headers.get("apikey")
@@ -556,6 +562,10 @@ class FakeEvolution:
         self.reset()
         return web.json_response({"ok": True})
 
+    async def _ctl_count(self, request: web.Request) -> web.Response:
+        answered = sum(r.status is not None for r in self.received)
+        return web.json_response({"received": len(self.received), "answered": answered})
+
 
 def _dumps(data: Any) -> str:
     return json.dumps(data, default=repr)
@@ -605,6 +615,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per send")
     parser.add_argument("--not-on-whatsapp", default="", help="comma-separated numbers")
     parser.add_argument("--license-required", action="store_true")
+    parser.add_argument(
+        "--any-instance", action="store_true", help="every instance name exists (open)"
+    )
     return parser.parse_args(argv)
 
 
@@ -619,6 +632,7 @@ async def _serve(args: argparse.Namespace) -> None:
         not_on_whatsapp=[n for n in args.not_on_whatsapp.split(",") if n],
     )
     fake.license_required = args.license_required
+    fake.any_instance = args.any_instance
     for item in args.state:
         name, _, state = item.partition("=")
         fake.set_state(name, state)

@@ -14,7 +14,9 @@ As a process, for end-to-end runs (prints `READY <port>` once listening, stops o
 
 and is driven over HTTP on the same port: `GET /_fake/received`, `POST /_fake/script`
 `{"number": "...", "responses": ["rate_limit", "ok"]}`, `POST /_fake/state {"instance", "state"}`,
-`POST /_fake/down {"seconds": 2}`, `POST /_fake/release`, `POST /_fake/reset`.
+`POST /_fake/down {"seconds": 2}`, `POST /_fake/release`, `POST /_fake/reset`, and
+`GET /_fake/count` (how many sends arrived and were answered, cheap enough to poll).
+`--any-instance` makes every instance name exist (open), for runs with many instances.
 
 What answers a send: a fault scripted for that number, else one scripted for any number, else
 what the real server would do (schema and blank-text checks, numbers marked not on WhatsApp,
@@ -191,6 +193,7 @@ class FakeEvolution:
         self.not_on_whatsapp = {_norm(n) for n in not_on_whatsapp}
         self.hang_seconds = hang_seconds
         self.license_required = False  # every route answers 503 LICENSE_REQUIRED
+        self.any_instance = False  # an unknown instance name is created (open) on first use
         self.default_fault = Fault.OK
         self.received: list[ReceivedSend] = []
         self.state_probes: list[tuple[float, str]] = []
@@ -218,6 +221,7 @@ class FakeEvolution:
             ("POST", "/_fake/down", self._ctl_down),
             ("POST", "/_fake/release", self._ctl_release),
             ("POST", "/_fake/reset", self._ctl_reset),
+            ("GET", "/_fake/count", self._ctl_count),
         ):
             app.router.add_route(method, path, handler)
         app.router.add_route("*", "/{tail:.*}", self._no_route)
@@ -451,6 +455,8 @@ class FakeEvolution:
             return None, web.json_response(_LICENSE_BODY, status=503)
         name = request.match_info["instance"]
         inst = self.instances.get(name)
+        if inst is None and self.any_instance:
+            inst = self.add_instance(name)
         if inst is None:
             return None, _envelope(404, [f'The "{name}" instance does not exist'])
         key = request.headers.get("apikey")
@@ -686,6 +692,10 @@ class FakeEvolution:
         self.reset()
         return web.json_response({"ok": True})
 
+    async def _ctl_count(self, request: web.Request) -> web.Response:
+        answered = sum(r.status is not None for r in self.received)
+        return web.json_response({"received": len(self.received), "answered": answered})
+
 
 def _dumps(data: Any) -> str:
     return json.dumps(data, default=repr)
@@ -738,6 +748,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--idle-close", type=float, default=5.0, help="seconds before an idle connection closes"
     )
+    parser.add_argument(
+        "--any-instance", action="store_true", help="every instance name exists (open)"
+    )
     return parser.parse_args(argv)
 
 
@@ -753,6 +766,7 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     fake.license_required = args.license_required
     fake.idle_close = args.idle_close
+    fake.any_instance = args.any_instance
     for item in args.state:
         name, _, state = item.partition("=")
         fake.set_state(name, state)

@@ -18,6 +18,7 @@ from evomsgd.config import Settings
 from evomsgd.engine import purger
 from evomsgd.engine.delivery import Delivery
 from evomsgd.engine.dispatcher import Dispatcher
+from evomsgd.engine.receipts import Receipts
 from evomsgd.engine.senders import build_sender
 from evomsgd.engine.workers import TaskQueue
 from evomsgd.evolution.client import Sender, new_session
@@ -27,7 +28,7 @@ from evomsgd.ledger.records import InsertResult, Message, NewMessage
 from evomsgd.ledger.store import Store
 from evomsgd.ledger.tokens import TokenCache
 from evomsgd.service import Service, created_per_instance
-from evomsgd.web import api, dashboard, errors, guards, metrics, openapi
+from evomsgd.web import api, dashboard, errors, guards, metrics, openapi, webhooks
 
 log = logging.getLogger("evomsgd.app")
 
@@ -130,8 +131,15 @@ def create_app(
             on_outcome=meter.on_outcome,
         )
         queue.register(delivery.run)
+        receipts = Receipts(store, committer, dispatcher, settings, on_receipt=meter.on_receipt)
         service = Service(
-            settings, store, committer, dispatcher, data_dir, alive_workers=queue.alive_workers
+            settings,
+            store,
+            committer,
+            dispatcher,
+            data_dir,
+            alive_workers=queue.alive_workers,
+            receipts=receipts,
         )
         app[api.SERVICE] = service
         app[QUEUE] = queue
@@ -139,16 +147,19 @@ def create_app(
         queue.start()
         await asyncio.to_thread(dispatcher.start)
         health_task = asyncio.create_task(_check_workers(queue))
+        sweep_task = asyncio.create_task(receipts.run())
         if on_ready is not None:
             on_ready()
         yield
-        health_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await health_task
+        for task in (health_task, sweep_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await drain(dispatcher, delivery, queue, committer, settings.drain_timeout)
 
     app.cleanup_ctx.extend([store_ctx, retention_ctx, sender_ctx, engine_ctx])
     api.add_routes(app)
+    webhooks.add_routes(app)
     openapi.add_routes(app)
     metrics.add_routes(app)
     dashboard.add_routes(app)

@@ -240,6 +240,26 @@ class Settings(BaseModel):
         ge=0,
         description="Seconds between two retention runs of the daemon (0 turns them off).",
     )
+    ack_timeout: float = _env(
+        "EVOMSGD_ACK_TIMEOUT",
+        default=600.0,
+        gt=0,
+        description="Seconds after Evolution took a message (201) without a WhatsApp server ack "
+        "before its delivery state becomes unconfirmed.",
+    )
+    delivery_errors_pause: int = _env(
+        "EVOMSGD_DELIVERY_ERRORS_PAUSE",
+        default=5,
+        ge=0,
+        description="Failed delivery receipts (status ERROR) within 10 minutes on one instance "
+        "that pause it, as an operator pause (0 turns it off).",
+    )
+    public_url: str | None = _env(
+        "EVOMSGD_PUBLIC_URL",
+        default=None,
+        description="Where Evolution reaches evomsgd, e.g. http://127.0.0.1:8001; the default "
+        "of `evomsgd webhook setup --url`.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
         "EVOMSGD_LOG_LEVEL", default="INFO", description="Log level."
     )

@@ -32,6 +32,41 @@ WAITING = (Status.PENDING, Status.SCHEDULED, Status.RETRY)
 FINAL = (Status.SUCCESS, Status.FAILURE, Status.CANCELED, Status.EXPIRED)
 
 
+class Delivery(StrEnum):
+    """What WhatsApp did with a sent message (from Evolution's receipts), apart from `status`."""
+
+    ACCEPTED = "accepted"  # Evolution answered 201: handed to WhatsApp
+    UNCONFIRMED = "unconfirmed"  # accepted, and no server ack within EVOMSGD_ACK_TIMEOUT
+    SERVER_ACK = "server_ack"  # the WhatsApp server has it
+    FAILED = "failed"  # Evolution reported status ERROR
+    DELIVERED = "delivered"  # on the recipient's device
+    READ = "read"
+    PLAYED = "played"  # a voice note or video was played
+
+
+# A delivery state only moves up this ladder; a late or repeated receipt changes nothing.
+# `unconfirmed` is a label on `accepted` that any receipt replaces; `failed` beats a server ack
+# but not a delivery: a receipt proving the message arrived is the stronger evidence.
+DELIVERY_RANK: dict[Delivery, int] = {
+    Delivery.ACCEPTED: 10,
+    Delivery.UNCONFIRMED: 15,
+    Delivery.SERVER_ACK: 20,
+    Delivery.FAILED: 25,
+    Delivery.DELIVERED: 30,
+    Delivery.READ: 40,
+    Delivery.PLAYED: 50,
+}
+# The column holding when each step was reached (`accepted` is the message's finished_at).
+DELIVERY_AT: dict[Delivery, str] = {
+    Delivery.UNCONFIRMED: "unconfirmed_at",
+    Delivery.SERVER_ACK: "server_ack_at",
+    Delivery.FAILED: "delivery_failed_at",
+    Delivery.DELIVERED: "delivered_at",
+    Delivery.READ: "read_at",
+    Delivery.PLAYED: "played_at",
+}
+
+
 class SendRequest(BaseModel):
     """Body of POST /messages; unknown fields are ignored so old clients keep working."""
 
@@ -151,6 +186,31 @@ class TaskResult(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class DeliveryView(BaseModel):
+    """What WhatsApp did with a sent message, from Evolution's receipts (webhooks)."""
+
+    state: Delivery = Field(
+        description="accepted (Evolution took it) -> server_ack -> delivered -> read / played; "
+        "failed (WhatsApp reported ERROR); unconfirmed (no server ack within "
+        "EVOMSGD_ACK_TIMEOUT). Only moves forward."
+    )
+    accepted_at: str | None = Field(None, description="When Evolution answered 201 (RFC 3339).")
+    server_ack_at: str | None = Field(None, description="When the WhatsApp server acked it.")
+    delivered_at: str | None = Field(None, description="When it reached the recipient's device.")
+    read_at: str | None = Field(None, description="When the recipient read it.")
+    played_at: str | None = Field(None, description="When a voice note or video was played.")
+    failed_at: str | None = Field(None, description="When Evolution reported ERROR.")
+    unconfirmed_at: str | None = Field(
+        None, description="When it was marked unconfirmed (no server ack in time)."
+    )
+    error: str | None = Field(None, description="failed: what is known of the failure, in words.")
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Steps not reached are left out, not sent as null."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class TaskView(BaseModel):
     """GET /tasks/{task_id}: the Celery-compatible trio plus the ledger's columns."""
 
@@ -173,6 +233,11 @@ class TaskView(BaseModel):
     finished_at: str | None
     last_error: str | None
     sandbox: bool
+    delivery: DeliveryView | None = Field(
+        None,
+        description="After a SUCCESS: what WhatsApp did with it (receipts); null before, in "
+        "sandbox mode, and for messages sent before receipts existed.",
+    )
     history: list[Attempt]
 
 
@@ -285,3 +350,31 @@ class HealthView(BaseModel):
         description="The newest failed attempt, expiry or recovery: at, task_id, instance, error.",
     )
     problems: list[str]
+
+
+class EvolutionWebhook(BaseModel):
+    """The envelope Evolution posts (its webhook): only these fields are read."""
+
+    model_config = ConfigDict(extra="allow")
+
+    event: str = Field(
+        description="messages.update (receipts), connection.update, send.message; others "
+        "are answered 200 and ignored."
+    )
+    instance: str = Field(description="The instance's name.")
+    data: Any = Field(
+        None,
+        description="messages.update: {keyId, fromMe, status: SERVER_ACK|DELIVERY_ACK|READ|"
+        "PLAYED|ERROR}; connection.update: {state: open|close|refused, statusReason}.",
+    )
+
+
+class WebhookAnswer(BaseModel):
+    """What evomsgd did with a webhook (Evolution only looks at the status)."""
+
+    success: bool = True
+    outcome: str = Field(
+        description="applied, stale (not a step forward), pending (its send's outcome is not "
+        "recorded yet), dropped (not a message evomsgd sent), state, heard or ignored; "
+        "comma-separated when a body carried several receipts."
+    )

@@ -17,6 +17,7 @@ from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.jobs import Finished, Job
 from evomsgd.engine.lanes import BLOCKING
+from evomsgd.engine.receipts import Receipts
 from evomsgd.errors import (
     Backpressure,
     Conflict,
@@ -61,6 +62,7 @@ class Service:
     data_dir: Path
     alive_workers: Callable[[], int] = lambda: 0
     started_monotonic: float = field(default_factory=time.monotonic)
+    receipts: Receipts | None = None
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -207,6 +209,21 @@ class Service:
             )
 
         return await asyncio.to_thread(run)
+
+    # -- Evolution's webhooks -------------------------------------------------------------
+
+    async def webhook_authentic(self, presented: str | None) -> bool:
+        """True when `presented` is the webhook secret `evomsgd webhook setup` gave Evolution."""
+        return self.receipts is not None and await self.receipts.authentic(presented)
+
+    async def receive_webhook(self, body: Any) -> str:
+        """Store and apply one Evolution webhook body (durable when this returns)."""
+        if self.receipts is None:
+            raise ShuttingDown("evomsgd is starting or stopping - retry in a few seconds")
+        try:
+            return await self.receipts.receive(body)
+        except StoreUnavailable as exc:
+            raise StoreUnavailable(f"webhook not stored: {exc}", retry_after=5) from exc
 
     # -- operators ------------------------------------------------------------------------
 

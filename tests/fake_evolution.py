@@ -14,9 +14,15 @@ As a process, for end-to-end runs (prints `READY <port>` once listening, stops o
 
 and is driven over HTTP on the same port: `GET /_fake/received`, `POST /_fake/script`
 `{"number": "...", "responses": ["rate_limit", "ok"]}`, `POST /_fake/state {"instance", "state"}`,
-`POST /_fake/down {"seconds": 2}`, `POST /_fake/release`, `POST /_fake/reset`, and
+`POST /_fake/down {"seconds": 2}`, `POST /_fake/release`, `POST /_fake/reset`,
+`POST /_fake/event {"instance", "event", "data"}` (posts it to the instance's webhook), and
 `GET /_fake/count` (how many sends arrived and were answered, cheap enough to poll).
 `--any-instance` makes every instance name exist (open), for runs with many instances.
+
+Webhooks: `webhook/set` stores one row per instance (`webhook/find` returns it, or null); after a
+delivered send the fake posts `send.message` and then a `messages.update` per status in
+`auto_receipts` to it, with the configured headers (`receipts_first`: before the 201). `receipt()`
+and `connection_update()` post one event; `findStatusMessage` answers the receipts posted.
 
 What answers a send: a fault scripted for that number, else one scripted for any number, else
 what the real server would do (schema and blank-text checks, numbers marked not on WhatsApp,
@@ -42,7 +48,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -204,6 +210,15 @@ class FakeEvolution:
         self._site: web.TCPSite | None = None
         self._up_again: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Webhooks (shared/evolution-api.md "Delivery receipts"): the one row per instance that
+        # webhook/set stores, the events posted to it, and the receipts stored per key.id.
+        self.webhooks: dict[str, dict[str, Any]] = {}
+        self.posted: list[tuple[str, dict[str, Any], int | None]] = []  # (url, body, status)
+        self.status_updates: dict[str, list[str]] = defaultdict(list)  # key.id -> statuses
+        # After each delivered send: post send.message, then messages.update with each status
+        # here; `receipts_first` posts them BEFORE the 201 goes out (the race).
+        self.auto_receipts: list[str] = []
+        self.receipts_first = False
         self._init_connections()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -215,6 +230,10 @@ class FakeEvolution:
             ("GET", "/", self._root),
             ("POST", "/message/sendText/{instance}", self._send_text),
             ("GET", "/instance/connectionState/{instance}", self._connection_state),
+            ("POST", "/webhook/set/{instance}", self._webhook_set),
+            ("GET", "/webhook/find/{instance}", self._webhook_find),
+            ("POST", "/chat/findStatusMessage/{instance}", self._find_status),
+            ("POST", "/_fake/event", self._ctl_event),
             ("GET", "/_fake/received", self._ctl_received),
             ("POST", "/_fake/script", self._ctl_script),
             ("POST", "/_fake/state", self._ctl_state),
@@ -564,7 +583,162 @@ class FakeEvolution:
                     await self._released.wait()
         response = self._response(fault, inst, record)
         record.status = response.status
+        if record.key_id is not None and record.delivered:
+            if self.receipts_first:
+                await self._after_send(inst, record)
+            else:
+                self._spawn(self._after_send(inst, record))
         return response
+
+    # --- webhooks -----------------------------------------------------------------------
+
+    async def _after_send(self, inst: Instance, record: ReceivedSend) -> None:
+        assert record.key_id is not None
+        body = {
+            "key": {"remoteJid": _jid(record.number or ""), "fromMe": True, "id": record.key_id},
+            "status": "PENDING",
+            "message": {"conversation": record.text or ""},
+            "messageType": "conversation",
+            "instanceId": inst.instance_id,
+        }
+        await self.post_event(inst.name, "send.message", body)
+        for status in self.auto_receipts:
+            await self.receipt(record.key_id, status, instance=inst.name, remote=record.number)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # keep a reference until done
+        task.add_done_callback(self._tasks.discard)
+
+    async def receipt(
+        self,
+        key_id: str,
+        status: str,
+        *,
+        instance: str = "main",
+        remote: str | None = None,
+        from_me: bool = True,
+    ) -> int | None:
+        """Post one messages.update (as Baileys does for a receipt); returns evomsgd's status."""
+        self.status_updates[key_id].append(status)
+        inst = self.instances.get(instance)
+        data = {
+            "keyId": key_id,
+            "remoteJid": _jid(remote or "5511988887777"),
+            "fromMe": from_me,
+            "status": status,
+            "instanceId": inst.instance_id if inst else str(uuid.uuid4()),
+        }
+        return await self.post_event(instance, "messages.update", data)
+
+    async def connection_update(self, instance: str, state: str, reason: int = 200) -> int | None:
+        """Post one connection.update, and make connectionState agree."""
+        if state in STATES:
+            self.set_state(instance, state)
+        data = {"instance": instance, "state": state, "statusReason": reason}
+        return await self.post_event(instance, "connection.update", data)
+
+    async def post_event(self, instance: str, event: str, data: Any) -> int | None:
+        """POST one event to the instance's webhook as Evolution does; None when none is set
+        (or the event is not subscribed, or the call failed)."""
+        import aiohttp  # the fake's client side, only for webhooks
+
+        hook = self.webhooks.get(instance)
+        if hook is None or not hook["enabled"]:
+            return None
+        name = event.upper().replace(".", "_")
+        if hook["events"] and name not in hook["events"]:
+            return None
+        url = hook["url"]
+        if hook["webhookByEvents"]:
+            url = url.rstrip("/") + "/" + event.replace(".", "-")
+        body = {
+            "event": event,
+            "instance": instance,
+            "data": data,
+            "destination": hook["url"],
+            "date_time": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+            "sender": "5511999990000@s.whatsapp.net",
+            "server_url": self.url,
+            "apikey": (self.instances[instance].token if instance in self.instances else None)
+            or "instance-token-" + instance,
+        }
+        headers = {"Content-Type": "application/json", "User-Agent": "axios/1.13.2"}
+        headers.update(hook["headers"] or {})
+        status: int | None = None
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(url, data=json.dumps(body), headers=headers) as resp,
+            ):
+                status = resp.status
+        except aiohttp.ClientError:
+            status = None
+        self.posted.append((url, body, status))
+        return status
+
+    async def _webhook_set(self, request: web.Request) -> web.Response:
+        inst, refusal = self._gate(request)
+        if refusal is not None:
+            return refusal
+        assert inst is not None
+        body = await request.json()
+        hook = body.get("webhook") if isinstance(body, dict) else None
+        if not isinstance(hook, dict):
+            return _envelope(400, [['instance requires property "webhook"']])
+        if not hook.get("url"):
+            return _envelope(400, [['The "url" cannot be empty']])
+        enabled = bool(hook.get("enabled"))
+        if enabled and "events" not in hook:
+            return _envelope(500, "Cannot read properties of undefined (reading 'length')")
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        row = {
+            "id": "cm" + secrets.token_hex(12),
+            "url": hook["url"],
+            "headers": hook.get("headers") or {},
+            "enabled": enabled,
+            "events": list(hook.get("events") or []) if enabled else [],
+            "webhookByEvents": bool(hook.get("byEvents")),
+            "webhookBase64": bool(hook.get("base64")),
+            "createdAt": self.webhooks.get(inst.name, {}).get("createdAt", now),
+            "updatedAt": now,
+            "instanceId": inst.instance_id,
+        }
+        self.webhooks[inst.name] = row
+        return web.json_response(row, status=201)
+
+    async def _webhook_find(self, request: web.Request) -> web.Response:
+        inst, refusal = self._gate(request)
+        if refusal is not None:
+            return refusal
+        assert inst is not None
+        return web.json_response(self.webhooks.get(inst.name))
+
+    async def _find_status(self, request: web.Request) -> web.Response:
+        inst, refusal = self._gate(request)
+        if refusal is not None:
+            return refusal
+        assert inst is not None
+        body = await request.json()
+        where = body.get("where") if isinstance(body, dict) else None
+        wanted = where.get("id") if isinstance(where, dict) else None
+        rows = [
+            {
+                "id": "cm" + secrets.token_hex(8),
+                "keyId": key,
+                "remoteJid": None,
+                "fromMe": True,
+                "participant": None,
+                "pollUpdates": None,
+                "status": status,
+                "messageId": "cm" + secrets.token_hex(8),
+                "instanceId": inst.instance_id,
+            }
+            for key, statuses in self.status_updates.items()
+            if wanted is None or key == wanted
+            for status in statuses
+        ]
+        return web.json_response(rows)
 
     def _choose(self, inst: Instance, record: ReceivedSend) -> Fault | Reply:
         for queue_key in (_norm(record.number) if record.number else "", None):
@@ -654,6 +828,12 @@ class FakeEvolution:
         }
 
     # --- control routes for a fake run as a separate process ----------------------------
+
+    async def _ctl_event(self, request: web.Request) -> web.Response:
+        """Post an event to the instance's webhook: {"instance", "event", "data"}."""
+        data = await request.json()
+        status = await self.post_event(data.get("instance", "main"), data["event"], data["data"])
+        return web.json_response({"ok": True, "status": status})
 
     async def _ctl_received(self, request: web.Request) -> web.Response:
         return web.json_response([dataclasses.asdict(r) for r in self.received], dumps=_dumps)

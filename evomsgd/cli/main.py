@@ -27,6 +27,7 @@ from evomsgd.cli.common import (
 )
 from evomsgd.cli.daemon_client import error_text
 from evomsgd.cli.tokens import token
+from evomsgd.cli.webhook import webhook
 from evomsgd.config import resolve_data_dir
 
 
@@ -305,6 +306,12 @@ def tasks_show(
 @click.option(
     "--status", "statuses", multiple=True, help="Filter by status (repeatable), e.g. FAILURE."
 )
+@click.option(
+    "--delivery",
+    "deliveries",
+    multiple=True,
+    help="Filter by delivery state (repeatable): delivered, read, failed, unconfirmed, ...",
+)
 @click.option("--instance", help="Filter by instance.")
 @click.option("--phone", help="Filter by normalised phone (digits) or JID.")
 @click.option("--since", help="RFC 3339 time or a duration: 30m, 1h, 7d.")
@@ -315,6 +322,7 @@ def tasks_list(
     url: str | None,
     token: str | None,
     statuses: tuple[str, ...],
+    deliveries: tuple[str, ...],
     instance: str | None,
     phone: str | None,
     since: str | None,
@@ -327,12 +335,14 @@ def tasks_list(
     Example:
 
         evomsgd tasks list --status FAILURE --since 1h
+        evomsgd tasks list --delivery unconfirmed --delivery failed
     """
     from urllib.parse import urlencode
 
     from evomsgd.cli.status import render_list
 
     query: list[tuple[str, str]] = [("status", s) for s in statuses]
+    query += [("delivery", d) for d in deliveries]
     query += [(k, v) for k, v in (("instance", instance), ("phone", phone), ("since", since)) if v]
     query.append(("limit", str(limit)))
     settings = settings_from(**flags)
@@ -456,6 +466,7 @@ cli.command(
 
 
 cli.add_command(token)
+cli.add_command(webhook)
 
 
 def main() -> None:

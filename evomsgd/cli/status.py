@@ -217,6 +217,18 @@ def render_task(task: dict[str, Any]) -> str:
         lines.append(f"  evolution key {result['evolution_key']}  jid {result.get('remote_jid')}")
     if task.get("last_error"):
         lines.append(f"  last error: {task['last_error']}")
+    delivery = task.get("delivery")
+    if delivery:
+        steps = [
+            f"{name} {delivery[f'{name}_at']}"
+            for name in ("server_ack", "delivered", "read", "played", "failed", "unconfirmed")
+            if delivery.get(f"{name}_at")
+        ]
+        lines.append(
+            f"  delivery {delivery['state']}" + (f"  ({', '.join(steps)})" if steps else "")
+        )
+        if delivery.get("error"):
+            lines.append(f"  delivery error: {delivery['error']}")
     for event in task.get("history") or []:
         outcome = f" {event['outcome']}" if event.get("outcome") else ""
         status = f" HTTP {event['http_status']}" if event.get("http_status") else ""

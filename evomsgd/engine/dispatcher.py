@@ -191,6 +191,20 @@ class Dispatcher:
             self._dirty.add(lane.instance)
             self._notify()
 
+    def reported_state(self, instance: str, report: StateProbe) -> None:
+        """An instance's state reported from outside (Evolution's connection.update webhook),
+        applied at once as a probe's answer would be; an instance without a lane is left alone."""
+        now = self._time()
+        with self._cond:
+            lane = self._lanes.get(instance)
+            if lane is None:
+                return
+            effect = probe_effect(report, lane.known)
+            if effect is not None:
+                self._apply(lane, effect, now)
+            self._dirty.add(lane.instance)
+            self._notify()
+
     def _apply(self, lane: Lane, effect: LaneEffect, now: float) -> None:
         if effect.reason:
             lane.last_error, lane.last_error_at = effect.reason, now

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from evomsgd import clock
+from evomsgd.ledger import receipts
 from evomsgd.ledger.database import Database
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.models import FINAL, WAITING, Status
@@ -201,6 +202,9 @@ class Deliveries(Database):
         )
         for event, detail in tr.extra_events:
             self._event(cur, msg.id, msg.instance, now_db, event, detail)
+        if tr.status is Status.SUCCESS and not msg.sandbox:
+            # In the same transaction: a receipt that beat this outcome to the ledger is applied.
+            receipts.accepted_in(cur, msg.id, msg.instance, tr.evolution_key, now)
         return True
 
     @staticmethod

@@ -72,6 +72,15 @@ class Message:
     sandbox: bool
     idempotency_key: str | None
     token_name: str | None
+    # Migration 4: the delivery state and each step's time (models.Delivery, DELIVERY_AT).
+    delivery: str | None = None
+    server_ack_at: str | None = None
+    delivered_at: str | None = None
+    read_at: str | None = None
+    played_at: str | None = None
+    delivery_failed_at: str | None = None
+    unconfirmed_at: str | None = None
+    delivery_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,3 +164,26 @@ class ListFilter:
     until: float | None = None
     before_seq: int | None = None
     limit: int = 50
+    deliveries: tuple[str, ...] = ()  # delivery states (models.Delivery values)
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """One delivery receipt from Evolution: which message (instance + key.id) reached which state."""
+
+    instance: str
+    evolution_key: str
+    delivery: str  # a models.Delivery value
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptResult:
+    """What one receipt did: applied (the state moved), stale (no move), pending (the send's
+    outcome is not recorded yet), or dropped (no such message of ours)."""
+
+    outcome: Literal["applied", "stale", "pending", "dropped"]
+    message_id: str | None = None
+    delivery: str | None = None
+    # failed receipts on the instance in the last 10 minutes, counted when this one failed
+    recent_failures: int = 0

@@ -112,4 +112,59 @@ INSERT INTO lanes (instance, first_sent_at)
     ON CONFLICT (instance) DO UPDATE SET first_sent_at = excluded.first_sent_at;
 """,
     ),
+    (
+        4,
+        "delivery receipts",
+        """
+-- What WhatsApp did with a sent message, from Evolution's webhooks; `status` keeps its meaning.
+-- delivery: NULL until sent (and in sandbox mode), then accepted, unconfirmed, server_ack,
+-- failed, delivered, read, played; it only moves forward (models.DELIVERY_RANK).
+ALTER TABLE messages ADD COLUMN delivery TEXT;
+ALTER TABLE messages ADD COLUMN server_ack_at TEXT;
+ALTER TABLE messages ADD COLUMN delivered_at TEXT;
+ALTER TABLE messages ADD COLUMN read_at TEXT;
+ALTER TABLE messages ADD COLUMN played_at TEXT;
+ALTER TABLE messages ADD COLUMN delivery_failed_at TEXT;
+ALTER TABLE messages ADD COLUMN unconfirmed_at TEXT;
+ALTER TABLE messages ADD COLUMN delivery_error TEXT;
+-- A receipt names the message by Evolution's key.id on an instance.
+CREATE INDEX messages_evolution_key ON messages (instance, evolution_key)
+    WHERE evolution_key IS NOT NULL;
+CREATE INDEX messages_delivery ON messages (delivery, seq) WHERE delivery IS NOT NULL;
+-- Accepted and not acked yet: what the ack-timeout sweep looks at.
+CREATE INDEX messages_unacked ON messages (finished_at) WHERE delivery = 'accepted';
+
+-- Receipts that arrived before their send's 201 was recorded (the webhook races the answer):
+-- applied, then deleted, when the outcome lands; dropped (and counted) when none comes.
+CREATE TABLE receipts_pending (
+    id            INTEGER PRIMARY KEY,
+    instance      TEXT NOT NULL,
+    evolution_key TEXT NOT NULL,
+    delivery      TEXT NOT NULL,                  -- the delivery state it reports
+    received_at   TEXT NOT NULL
+);
+CREATE INDEX receipts_pending_key ON receipts_pending (instance, evolution_key);
+
+-- The secret Evolution sends back with every webhook (header x-evomsgd-secret, or a path
+-- segment for v1 servers). Only its SHA-256 is kept, as for API tokens.
+CREATE TABLE webhook_secrets (
+    name        TEXT PRIMARY KEY,                 -- 'evolution'
+    sha256      TEXT NOT NULL,
+    created_at  TEXT NOT NULL
+);
+
+-- Raw webhook bodies waiting to be forwarded by the relay (issue 15); a body can carry an
+-- instance token, so a row lives only until forwarded. Nothing writes it yet.
+CREATE TABLE webhook_outbox (
+    id          INTEGER PRIMARY KEY,
+    instance    TEXT,
+    event       TEXT,
+    received_at TEXT NOT NULL,
+    body        BLOB NOT NULL
+);
+
+-- Per instance: when evomsgd last heard from Evolution's webhook (evomsgd doctor shows it).
+ALTER TABLE lanes ADD COLUMN last_webhook_at TEXT;
+""",
+    ),
 ]

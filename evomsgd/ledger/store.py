@@ -126,6 +126,9 @@ class Store(Deliveries):
         if flt.statuses:
             where.append(f"status IN ({', '.join('?' * len(flt.statuses))})")
             params.extend(s.value for s in flt.statuses)
+        if flt.deliveries:
+            where.append(f"delivery IN ({', '.join('?' * len(flt.deliveries))})")
+            params.extend(flt.deliveries)
         if flt.instances:
             where.append(f"instance IN ({', '.join('?' * len(flt.instances))})")
             params.extend(flt.instances)

@@ -18,6 +18,7 @@ from evomsgd.ledger.records import ListFilter
 from evomsgd.log import log_fields
 from evomsgd.models import (
     Accepted,
+    Delivery,
     HealthView,
     Lanes,
     Paused,
@@ -221,6 +222,20 @@ async def list_tasks(request: web.Request) -> web.Response:
             f"limit must be between 1 and {MAX_LIST}",
             details=[{"field": "limit", "message": f"must be 1-{MAX_LIST}"}],
         )
+    deliveries: list[str] = []
+    for raw in query.getall("delivery", []):
+        for part in raw.split(","):
+            if part.strip():
+                try:
+                    deliveries.append(Delivery(part.strip().lower()).value)
+                except ValueError:
+                    raise ApiError(
+                        422,
+                        "validation_error",
+                        f"delivery {part!r} is unknown; use one of "
+                        f"{', '.join(d.value for d in Delivery)}",
+                        details=[{"field": "delivery", "message": "unknown delivery state"}],
+                    ) from None
     instance = query.get("instance")
     only = scope(request)
     if instance is not None:
@@ -234,6 +249,7 @@ async def list_tasks(request: web.Request) -> web.Response:
         until=_time_param(query.get("until"), "until"),
         before_seq=before,
         limit=limit,
+        deliveries=tuple(deliveries),
     )
     return _json(task_list(await request.app[SERVICE].tasks(flt)))
 
@@ -363,6 +379,12 @@ API = (
             (Answer(200, "A page", TaskList), Answer(422, "Invalid filter")),
             params=(
                 Param("status", "query", "Comma-separated statuses, e.g. FAILURE,EXPIRED"),
+                Param(
+                    "delivery",
+                    "query",
+                    "Comma-separated delivery states: accepted, server_ack, delivered, read, "
+                    "played, failed, unconfirmed",
+                ),
                 Param("instance", "query", "Instance name (a scoped token sees only its own)"),
                 Param("phone", "query", "Normalised phone (E.164 digits) or JID"),
                 Param("since", "query", "RFC 3339 time or a duration back from now (30m, 1h, 7d)"),

@@ -89,6 +89,18 @@ def is_public(method: str, path: str) -> bool:
     return path in _PUBLIC_PATHS or path.startswith(_PUBLIC_PREFIXES)
 
 
+# Evolution's webhooks: a server-to-server POST that carries the webhook secret instead of an
+# API token (web/webhooks.py checks it) and is addressed to EVOMSGD_PUBLIC_URL, which may be a
+# domain name: neither the token nor the Host check applies. The Origin and Content-Type checks
+# still do: Evolution sends no Origin and always JSON.
+WEBHOOK_PREFIX = "/webhooks/evolution"
+
+
+def is_webhook(path: str) -> bool:
+    """True for the paths Evolution's webhooks are posted to."""
+    return path == WEBHOOK_PREFIX or path.startswith(WEBHOOK_PREFIX + "/")
+
+
 def _origin(value: str) -> str:
     return value.strip().rstrip("/").lower()
 
@@ -166,6 +178,8 @@ def auth_middleware(settings: Settings) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if is_webhook(request.path) and _routed(request):
+            return await handler(request)
         rows = await request.app[TOKENS].rows()
         if not rows:
             if not settings.insecure_no_auth:

@@ -24,6 +24,7 @@ from evomsgd import __version__, clock
 from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
+from evomsgd.ledger import receipts
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
 from evomsgd.models import WAITING, LaneView, Status
@@ -89,6 +90,14 @@ class Metrics:
             [LABEL, "error_kind"],
             registry=reg,
         )
+        self.receipts = Counter(
+            "evomsgd_receipts",
+            "Delivery receipts from Evolution's webhooks, by the delivery state they moved a "
+            "message to (server_ack, delivered, read, played, failed, unconfirmed) or stale, "
+            "pending (before its send's outcome), dropped (not a message evomsgd sent).",
+            [LABEL, "state"],
+            registry=reg,
+        )
         self.latency = Histogram(
             "evomsgd_accept_to_sent_seconds",
             "From acceptance (or send_at, when later) to Evolution's acceptance of the message.",
@@ -120,6 +129,10 @@ class Metrics:
         """The committer's hook: messages newly written, per instance (replays excluded)."""
         for instance, count in per_instance.items():
             self.accepted.labels(instance).inc(count)
+
+    def on_receipt(self, instance: str, state: str) -> None:
+        """The receipts' hook: one receipt and what it did (a delivery state, stale, ...)."""
+        self.receipts.labels(instance, state).inc()
 
     def on_outcome(self, msg: Message, outcome: SendOutcome, transition: Transition) -> None:
         """Delivery's hook, in a worker thread once the attempt is recorded."""
@@ -163,6 +176,7 @@ class LedgerCollector(Collector):
         up = GaugeMetricFamily("evomsgd_ledger_up", "1 when this scrape could read the ledger.")
         try:
             counts = self.store.counts()
+            deliveries = receipts.delivery_counts(self.store)
             waiting = self.store.waiting_breakdown()
             expired = self._count_expired()
         except StoreUnavailable as exc:
@@ -173,6 +187,15 @@ class LedgerCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from _ledger_gauges(counts, waiting, instances | {row[0] for row in waiting})
+        by_delivery = GaugeMetricFamily(
+            "evomsgd_messages_delivery",
+            "Sent messages in the ledger by delivery state (unconfirmed: no server ack within "
+            "EVOMSGD_ACK_TIMEOUT).",
+            labels=["state"],
+        )
+        for state, count in deliveries.items():
+            by_delivery.add_metric([state], count)
+        yield by_delivery
         total = CounterMetricFamily(
             "evomsgd_messages_expired",
             "Messages that expired before they could be sent.",

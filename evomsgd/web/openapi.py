@@ -36,6 +36,8 @@ _UNAVAILABLE = Answer(503, "The ledger cannot be used right now, or the daemon i
 _PUBLIC: list[dict[str, list[str]]] = []
 # A token when tokens exist; nothing while there are none.
 _TOKEN: list[dict[str, list[str]]] = [{"bearer": []}, {}]
+# Evolution's webhooks: the secret `evomsgd webhook setup` configured (header or path).
+_WEBHOOK: list[dict[str, list[str]]] = [{"webhookSecret": []}]
 
 
 def _ref(model: type) -> dict[str, str]:
@@ -70,8 +72,9 @@ def _path_params(path: str) -> list[dict[str, Any]]:
 def _operation(route: Route, op: Operation) -> dict[str, Any]:
     """One operation: its own answers, then those the guards give every operation of its kind."""
     public = guards.is_public(route.method, route.path)
+    webhook = guards.is_webhook(route.path)  # its own secret, its own 401 and 503
     common = [_FORBIDDEN]
-    if not public:
+    if not public and not webhook:
         common += [_UNAUTHORIZED, _UNAVAILABLE]
     if route.method in guards.FORM_METHODS:
         common.append(_NOT_JSON)
@@ -81,7 +84,7 @@ def _operation(route: Route, op: Operation) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "summary": op.summary,
         "operationId": op.id,
-        "security": _PUBLIC if public else _TOKEN,
+        "security": _WEBHOOK if webhook else _PUBLIC if public else _TOKEN,
     }
     params = _path_params(route.path) + [_param(p) for p in op.params]
     if params:
@@ -133,7 +136,14 @@ def document(table: Iterable[Route]) -> dict[str, Any]:
                     "scheme": "bearer",
                     "description": "A token from `evomsgd token create NAME`; needed once any "
                     "token exists.",
-                }
+                },
+                "webhookSecret": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-evomsgd-secret",
+                    "description": "The secret `evomsgd webhook setup` configured in Evolution's "
+                    "webhook headers (v1 servers: the path /webhooks/evolution/key/{secret}).",
+                },
             },
         },
     }

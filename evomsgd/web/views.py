@@ -6,7 +6,17 @@ from typing import Any
 
 from evomsgd import clock
 from evomsgd.ledger.records import Message
-from evomsgd.models import FINAL, WAITING, Attempt, Status, TaskList, TaskResult, TaskView
+from evomsgd.models import (
+    FINAL,
+    WAITING,
+    Attempt,
+    Delivery,
+    DeliveryView,
+    Status,
+    TaskList,
+    TaskResult,
+    TaskView,
+)
 from evomsgd.service import TaskPage, TaskRecord
 
 
@@ -36,6 +46,7 @@ def task_view(record: TaskRecord) -> TaskView:
         finished_at=clock.db_to_rfc3339(msg.finished_at),
         last_error=msg.last_error,
         sandbox=msg.sandbox,
+        delivery=delivery_view(msg),
         history=[
             Attempt(
                 at=clock.db_to_rfc3339(ev.at) or "",
@@ -90,3 +101,21 @@ def _result(msg: Message, waiting_because: str | None = None) -> TaskResult | No
         # Never attempted (or re-queued): nothing failed, so no error - only why it waits.
         return TaskResult(**common, waiting_because=waiting_because)
     return None
+
+
+def delivery_view(msg: Message) -> DeliveryView | None:
+    """The delivery object of a sent message (None before it was sent, or in sandbox mode)."""
+    if msg.delivery is None:
+        return None
+    at = clock.db_to_rfc3339
+    return DeliveryView(
+        state=Delivery(msg.delivery),
+        accepted_at=at(msg.finished_at),
+        server_ack_at=at(msg.server_ack_at),
+        delivered_at=at(msg.delivered_at),
+        read_at=at(msg.read_at),
+        played_at=at(msg.played_at),
+        failed_at=at(msg.delivery_failed_at),
+        unconfirmed_at=at(msg.unconfirmed_at),
+        error=msg.delivery_error,
+    )

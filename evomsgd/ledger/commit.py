@@ -31,6 +31,7 @@ OUTAGE_LOG_EVERY = 10.0  # seconds between two "still refusing" warnings
 _STOP = object()
 
 T = TypeVar("T")
+F = TypeVar("F", "concurrent.futures.Future[Any]", "asyncio.Future[Any]")
 
 
 @dataclass(slots=True)
@@ -86,24 +87,21 @@ class GroupCommitter:
         """Run `op` inside the next batch's transaction; the future resolves once it committed
         (or fails with StoreUnavailable, for every write of the batch)."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        if self._stopped:
-            future.set_exception(
-                StoreUnavailable("the ledger's writer has stopped (shutting down)")
-            )
-            return future
-        self._queue.put(_Write(op, future))
-        return future
+        return self._enqueue(op, future)
 
     def write_soon(self, op: Callable[[sqlite3.Cursor], T]) -> asyncio.Future[T]:
         """`write` for the event loop: the loop's future is resolved with the batch's others in
         one hop to the loop, not one hop per write."""
         future: asyncio.Future[T] = self.loop.create_future()
+        return self._enqueue(op, future)
+
+    def _enqueue(self, op: Callable[[sqlite3.Cursor], Any], future: F) -> F:
         if self._stopped:
             future.set_exception(
                 StoreUnavailable("the ledger's writer has stopped (shutting down)")
             )
-            return future
-        self._queue.put(_Write(op, future))
+        else:
+            self._queue.put(_Write(op, future))
         return future
 
     def _run(self) -> None:

@@ -176,6 +176,14 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds between connection-state probes of an instance with waiting messages.",
     )
+    not_on_whatsapp_ttl: float = _env(
+        "EVOMSGD_NOT_ON_WHATSAPP_TTL",
+        default=604_800.0,
+        ge=0,
+        description="Seconds a number WhatsApp said is not on WhatsApp (400 exists: false) is "
+        "remembered for its instance: later messages to it fail at once without asking WhatsApp "
+        "again (mass number checks are a ban signal). 0 turns the memory off.",
+    )
     unknown_instance_grace: float = _env(
         "EVOMSGD_UNKNOWN_INSTANCE_GRACE",
         default=900.0,

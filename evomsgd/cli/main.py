@@ -25,6 +25,7 @@ from evomsgd.cli.common import (
     settings_from,
     use_color,
 )
+from evomsgd.cli.contacts import contacts
 from evomsgd.cli.daemon_client import error_text
 from evomsgd.cli.tokens import token
 from evomsgd.cli.webhook import webhook
@@ -466,6 +467,7 @@ cli.command(
 
 
 cli.add_command(token)
+cli.add_command(contacts)
 cli.add_command(webhook)
 
 

@@ -26,7 +26,7 @@ from evomsgd.evolution.outcomes import StateProbe
 from evomsgd.ledger.records import Message
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
-from evomsgd.models import LaneView
+from evomsgd.models import LaneView, Status
 
 log = logging.getLogger("evomsgd.dispatcher")
 
@@ -419,9 +419,22 @@ class Dispatcher:
         for plan in plans:
             for message_id in plan.taken:
                 msg = next(rows)
-                if msg is None:  # canceled or expired meanwhile
+                if msg is None or msg.status is not Status.STARTED:
+                    # Canceled or expired meanwhile, or failed from what the ledger remembers
+                    # (a number not on WhatsApp): nothing to send.
                     with self._cond:
                         self._release(plan.lane, message_id)
+                        if msg is not None:
+                            plan.lane.waiting = max(0, plan.lane.waiting - 1)
+                    if msg is not None:
+                        log.error(
+                            "task %s instance %s: failed (%s): %s",
+                            message_id,
+                            plan.lane.instance,
+                            msg.error_kind,
+                            msg.last_error,
+                            extra=log_fields(message_id, plan.lane.instance),
+                        )
                     continue
                 jobs.append(Job(message_id, plan.lane.instance, plan.known, msg, now))
         return jobs

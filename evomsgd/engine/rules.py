@@ -52,6 +52,9 @@ def decide(
             health=Health.UNKNOWN_INSTANCE, reason=detail
         )
     if kind in (OutcomeKind.PERMANENT, OutcomeKind.UNKNOWN_INSTANCE):
+        ttl = settings.not_on_whatsapp_ttl
+        if outcome.not_on_whatsapp and ttl > 0:
+            return to(Status.FAILURE, not_on_whatsapp_until=now + ttl), None
         return to(Status.FAILURE), None
     if kind == OutcomeKind.RATE_LIMITED:
         hold = settings.rate_limit_pause

@@ -50,6 +50,9 @@ class SendOutcome:
     # "reading 'onWhatsApp'" 500 means the instance is not paired (CLOSE), not that Evolution is
     # down, so the lane pauses in the state a probe would report and the two agree.
     instance_state: InstanceState | None = None
+    # The numbers WhatsApp said it does not know (400 ... exists: false): worth remembering, so
+    # they are not asked about again (mass number checks are themselves a ban signal).
+    not_on_whatsapp: tuple[str, ...] = ()
 
 
 class InstanceState(enum.StrEnum):
@@ -241,6 +244,7 @@ def classify_response(status: int, body: bytes, *, elapsed: float = 0.0) -> Send
             detail=_excerpt(env),
             elapsed=elapsed,
             instance_state=InstanceState.CLOSE if paired else None,
+            not_on_whatsapp=env.missing if status == 400 and kind is _K.PERMANENT else (),
         )
     except Exception as exc:  # a parser bug must not lose the verdict on a send
         logger.exception("could not classify Evolution answer (HTTP %s)", status)

@@ -27,6 +27,8 @@ FAILED = tuple(status for status in FINAL if status is not Status.SUCCESS)
 # Word for word the predicate of the partial indexes messages_waiting and messages_expiry (the
 # planner uses them only then); tests/test_ledger.py holds the two together.
 IN_WAITING = f"status IN {status_in(WAITING)}"
+# error_kind of a message failed from the not-on-WhatsApp memory, without a send.
+REMEMBERED = "not_on_whatsapp_remembered"
 # An earlier message to the same recipient on the same instance and of the same priority that is
 # still to be sent - waiting (a SCHEDULED one only once due) or being sent - holds `m` back.
 # The only parameter is now. Served by the messages_recipient partial index (migration 3).
@@ -140,8 +142,18 @@ class Deliveries(Database):
     def claim_in(
         self, cur: sqlite3.Cursor, message_id: str, now: float, lease: float
     ) -> Message | None:
-        """`claim` inside the caller's transaction."""
+        """`claim` inside the caller's transaction. A message to a number remembered as not on
+        WhatsApp for its instance is not claimed but ended FAILURE at once (the row returned
+        says so), without a send."""
         now_db = clock.to_db(now)
+        remembered = cur.execute(
+            "SELECT c.since, c.until, c.reason FROM messages m JOIN contacts c"
+            " ON c.instance = m.instance AND c.phone = m.phone"
+            f" WHERE m.id = ? AND m.{IN_WAITING} AND c.until > ?",
+            (message_id, now_db),
+        ).fetchone()
+        if remembered is not None:
+            return self._fail_remembered(cur, message_id, now_db, *remembered)
         cur.execute(
             f"UPDATE messages SET status = 'STARTED', attempts = attempts + 1, started_at = ?,"
             f" lease_until = ?, next_attempt_at = NULL WHERE id = ? AND {IN_WAITING}"
@@ -152,6 +164,35 @@ class Deliveries(Database):
             return None
         row = cur.execute(f"SELECT {COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
         return message_from_row(row)
+
+    def _fail_remembered(
+        self, cur: sqlite3.Cursor, message_id: str, now_db: str, since: str, until: str, why: str
+    ) -> Message:
+        detail = (
+            f"{why} - remembered since {clock.db_to_rfc3339(since)}, so WhatsApp was not asked "
+            f"again (until {clock.db_to_rfc3339(until)}, EVOMSGD_NOT_ON_WHATSAPP_TTL; "
+            "`evomsgd contacts forget PHONE` clears it)"
+        )
+        cur.execute(
+            "UPDATE messages SET status = 'FAILURE', finished_at = ?, next_attempt_at = NULL,"
+            f" last_error = ?, error_kind = '{REMEMBERED}' WHERE id = ?",
+            (now_db, detail, message_id),
+        )
+        row = cur.execute(f"SELECT {COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+        msg = message_from_row(row)
+        self._event(cur, message_id, msg.instance, now_db, "failed", detail)
+        return msg
+
+    def remember_not_on_whatsapp_in(
+        self, cur: sqlite3.Cursor, instance: str, phone: str, now: float, until: float, reason: str
+    ) -> None:
+        """Remember that `phone` is not on WhatsApp for `instance` until `until`."""
+        cur.execute(
+            "INSERT INTO contacts (instance, phone, since, until, reason) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (instance, phone) DO UPDATE SET since = excluded.since,"
+            " until = excluded.until, reason = excluded.reason",
+            (instance, phone, clock.to_db(now), clock.to_db(until), reason),
+        )
 
     def finish_attempt(self, msg: Message, started: float, now: float, tr: Transition) -> bool:
         """Record an attempt's outcome and the message's new status; False if the lease was lost."""
@@ -202,6 +243,10 @@ class Deliveries(Database):
         )
         for event, detail in tr.extra_events:
             self._event(cur, msg.id, msg.instance, now_db, event, detail)
+        if tr.not_on_whatsapp_until is not None:
+            self.remember_not_on_whatsapp_in(
+                cur, msg.instance, msg.phone, now, tr.not_on_whatsapp_until, tr.detail or ""
+            )
         if tr.status is Status.SUCCESS and not msg.sandbox:
             # In the same transaction: a receipt that beat this outcome to the ledger is applied.
             receipts.accepted_in(cur, msg.id, msg.instance, tr.evolution_key, now)

@@ -110,6 +110,8 @@ class Transition:
     remote_jid: str | None = None
     error_kind: str | None = None
     extra_events: list[tuple[str, str]] = field(default_factory=list)
+    # Remember the recipient as not on WhatsApp (for this instance) until then.
+    not_on_whatsapp_until: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

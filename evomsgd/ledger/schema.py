@@ -167,4 +167,21 @@ CREATE TABLE webhook_outbox (
 ALTER TABLE lanes ADD COLUMN last_webhook_at TEXT;
 """,
     ),
+    (
+        5,
+        "not-on-WhatsApp memory",
+        """
+-- Numbers WhatsApp said it does not know (400 ... exists: false), per instance: until
+-- `until`, a message to one fails at once with what WhatsApp said, without asking again.
+-- `evomsgd contacts forget PHONE` deletes a row.
+CREATE TABLE contacts (
+    instance    TEXT NOT NULL,
+    phone       TEXT NOT NULL,                    -- messages.phone: digits without '+', or a JID
+    since       TEXT NOT NULL,                    -- when WhatsApp said so
+    until       TEXT NOT NULL,                    -- remembered until (EVOMSGD_NOT_ON_WHATSAPP_TTL)
+    reason      TEXT NOT NULL,                    -- what the failed attempt said
+    PRIMARY KEY (instance, phone)
+);
+""",
+    ),
 ]

@@ -249,7 +249,10 @@ class Store(Deliveries):
     def requeue(
         self, message_id: str, now: float, expires_at: float
     ) -> tuple[bool, Message | None]:
-        """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history; (changed, row now)."""
+        """Send a FAILURE/EXPIRED/CANCELED message again, keeping its history; (changed, row now).
+
+        An operator's retry is an explicit "ask again": the recipient's not-on-WhatsApp memory
+        for the instance is forgotten with it."""
         now_db = clock.to_db(now)
         with self.transaction() as cur:
             cur.execute(
@@ -260,13 +263,27 @@ class Store(Deliveries):
             )
             changed = cur.rowcount == 1
             if changed:
-                instance = cur.execute(
-                    "SELECT instance FROM messages WHERE id = ?", (message_id,)
-                ).fetchone()[0]
+                instance, phone = cur.execute(
+                    "SELECT instance, phone FROM messages WHERE id = ?", (message_id,)
+                ).fetchone()
+                cur.execute(
+                    "DELETE FROM contacts WHERE instance = ? AND phone = ?", (instance, phone)
+                )
                 self._event(
                     cur, message_id, instance, now_db, "requeued", "retry requested by an operator"
                 )
         return changed, self.get(message_id)
+
+    def forget_contact(self, phone: str, instance: str | None = None) -> list[str]:
+        """Forget that `phone` is not on WhatsApp (for one instance, or all); the instances it
+        was remembered for."""
+        where, params = "phone = ?", [phone]
+        if instance is not None:
+            where, params = "phone = ? AND instance = ?", [phone, instance]
+        with self.transaction() as cur:  # no RETURNING: SQLite before 3.35 (RHEL 9) lacks it
+            rows = cur.execute(f"SELECT instance FROM contacts WHERE {where}", params).fetchall()
+            cur.execute(f"DELETE FROM contacts WHERE {where}", params)
+        return sorted(row[0] for row in rows)
 
     def set_paused(self, instance: str, paused: bool, reason: str | None, now: float) -> None:
         """Record an operator's pause or resume of one instance (survives restarts)."""

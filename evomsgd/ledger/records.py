@@ -110,6 +110,7 @@ class Transition:
     remote_jid: str | None = None
     error_kind: str | None = None
     extra_events: list[tuple[str, str]] = field(default_factory=list)
+    integration: str | None = None  # SENT: the instance's integration as its 201 showed it
 
 
 @dataclass(frozen=True, slots=True)

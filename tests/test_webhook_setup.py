@@ -110,3 +110,36 @@ def test_setup_errors(fake: FakeEvolution, tmp_path: Path) -> None:
         "instance gone: Evolution has no such instance (404) - check the instance name\n"
     )
     assert "gone" not in fake.webhooks
+
+
+def test_doctor_says_whether_receipts_are_configured_and_the_last_one(
+    fake: FakeEvolution, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    fake.add_instance("evo", integration="EVOLUTION")
+    fake.add_instance("crm")
+    assert setup(fake, data, "--instance", "main", "--url", PUBLIC).exit_code == 0
+    fake.webhooks["crm"] = {"url": "https://crm.example/hook", "headers": {}, "enabled": True}
+    store = Store(data)
+    try:
+        with store.transaction() as cur:
+            ledger.heard_in(cur, "main", 1_796_156_906.0)
+            cur.execute("INSERT INTO lanes (instance, integration) VALUES ('evo', 'EVOLUTION')")
+            cur.execute("INSERT INTO lanes (instance) VALUES ('crm'), ('other')")
+    finally:
+        store.close()
+    data.chmod(0o700)
+    env = {"EVOLUTION_API_URL": fake.url, "EVOLUTION_API_KEY": API_KEY}
+    result = invoke("doctor", "--data-dir", str(data), **env)
+    receipts = [line.rstrip() for line in result.stdout.splitlines() if "receipts" in line]
+    assert receipts == [
+        "WARN  receipts crm     Evolution sends them to https://crm.example/hook, without "
+        "evomsgd's secret - run `evomsgd webhook setup --instance crm` (--replace if another "
+        "app uses that URL)",
+        "OK    receipts evo     no receipts on this instance (its integration EVOLUTION emits none)",
+        f"OK    receipts main    configured ({OURS}); last receipt 2026-12-01T20:28:26.000Z",
+        "WARN  receipts other   not configured: no delivery receipts - run "
+        "`evomsgd webhook setup --instance other`",
+    ]
+    secret = fake.webhooks["main"]["headers"][SECRET_HEADER]
+    assert secret not in result.output

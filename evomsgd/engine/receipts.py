@@ -163,7 +163,7 @@ def points_at_us(config: WebhookConfig, ours: str | None) -> bool:
     return ours is not None and secret is not None and hmac.compare_digest(ours, digest(secret))
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """A configured URL as it may be printed: a v1 path secret is hidden."""
     head, sep, _ = url.partition(WEBHOOK_PATH + V1_KEY_SEGMENT)
     return head + WEBHOOK_PATH + V1_KEY_SEGMENT + "<secret>" if sep else url
@@ -196,7 +196,7 @@ async def setup_webhooks(
                     name,
                     False,
                     f"instance {name}: Evolution already sends its webhooks to "
-                    f"{_shown(config.url)} (one webhook per instance) - not changed; pass "
+                    f"{shown_url(config.url)} (one webhook per instance) - not changed; pass "
                     f"--replace to point it at {hook_url(base, None, client.api_version)}",
                 )
             )

@@ -36,7 +36,6 @@ from evomsgd.evolution.outcomes import (
     loads,
     may_have_sent,
     never_written,
-    parse_found_messages,
     parse_state,
     parse_webhook,
 )
@@ -388,19 +387,6 @@ class EvolutionClient:
                 }
             }
         return await self._call("POST", self._url("webhook", "set", instance), body)
-
-    async def find_messages(self, instance: str, remote_jid: str) -> Answer:
-        """`POST /chat/findMessages/{instance}`: the instance's stored sends to `remote_jid`
-        (`data` is a list of StoredSend, newest page)."""
-        body = {
-            "where": {"key": {"remoteJid": remote_jid, "fromMe": True}},
-            "page": 1,
-            "offset": 50,
-        }
-        answer = await self._call("POST", self._url("chat", "findMessages", instance), body)
-        if not answer.ok:
-            return answer
-        return dataclasses.replace(answer, data=parse_found_messages(answer.data))
 
     async def server_info(self) -> ServerInfo:
         """`GET /` without the key: is Evolution there, and which version; never raises."""

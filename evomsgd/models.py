@@ -56,6 +56,8 @@ DELIVERY_RANK: dict[Delivery, int] = {
     Delivery.READ: 40,
     Delivery.PLAYED: 50,
 }
+# The delivery note of a message whose instance emits no receipts (EVOLUTION integration).
+NO_RECEIPTS = "no receipts on this instance"
 # The column holding when each step was reached (`accepted` is the message's finished_at).
 DELIVERY_AT: dict[Delivery, str] = {
     Delivery.UNCONFIRMED: "unconfirmed_at",
@@ -204,6 +206,11 @@ class DeliveryView(BaseModel):
         None, description="When it was marked unconfirmed (no server ack in time)."
     )
     error: str | None = Field(None, description="failed: what is known of the failure, in words.")
+    note: str | None = Field(
+        None,
+        description=f'"{NO_RECEIPTS}" when the instance\'s Evolution integration (EVOLUTION) '
+        "emits no receipts: the state stays accepted and is never marked unconfirmed.",
+    )
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

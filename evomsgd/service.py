@@ -27,6 +27,7 @@ from evomsgd.errors import (
     StoreUnavailable,
 )
 from evomsgd.ledger.commit import GroupCommitter
+from evomsgd.ledger.receipts import silent_instances
 from evomsgd.ledger.records import Event, InsertResult, ListFilter, Message, NewMessage
 from evomsgd.ledger.store import Store
 from evomsgd.models import HealthView, LaneView, SendRequest
@@ -41,6 +42,7 @@ class TaskRecord:
     message: Message
     history: list[Event] | None
     waiting_because: str | None
+    no_receipts: bool = False  # its instance's integration emits no receipts (EVOLUTION)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +194,14 @@ class Service:
             raise NotFound(
                 f"no task with id {message_id!r} - check the task_id returned by POST /messages"
             )
-        return self._view(msg, self.store.history(message_id))
+        return self._view(msg, self.store.history(message_id), silent_instances(self.store))
 
-    def _view(self, msg: Message, history: list[Event] | None) -> TaskRecord:
-        return TaskRecord(msg, history, self.dispatcher.waiting_because(msg.instance))
+    def _view(
+        self, msg: Message, history: list[Event] | None, silent: frozenset[str]
+    ) -> TaskRecord:
+        return TaskRecord(
+            msg, history, self.dispatcher.waiting_because(msg.instance), msg.instance in silent
+        )
 
     async def tasks(self, flt: ListFilter) -> TaskPage:
         """A page of messages, newest first."""
@@ -203,8 +209,9 @@ class Service:
         def run() -> TaskPage:
             rows = self.store.list_messages(flt)
             more = len(rows) == flt.limit
+            silent = silent_instances(self.store)
             return TaskPage(
-                [self._view(msg, None) for msg in rows],
+                [self._view(msg, None, silent) for msg in rows],
                 str(rows[-1].seq) if more and rows else None,
             )
 
@@ -241,7 +248,7 @@ class Service:
                     code="too_late",
                 )
             self.dispatcher.finished(Finished(Job(msg.id, msg.instance), final=True))
-            return self._view(msg, self.store.history(message_id))
+            return self._view(msg, self.store.history(message_id), frozenset())
 
         return await asyncio.to_thread(run)
 
@@ -260,7 +267,7 @@ class Service:
                     code="not_retryable",
                 )
             self.dispatcher.accepted({msg.instance: 1})
-            return self._view(msg, self.store.history(message_id))
+            return self._view(msg, self.store.history(message_id), frozenset())
 
         return await asyncio.to_thread(run)
 

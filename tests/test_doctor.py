@@ -234,6 +234,8 @@ def test_a_version_mismatch_warns_with_the_setting_to_change(
         "EVOMSGD_EVOLUTION_API_VERSION is 2 - set it to 1",
         "OK    api key          accepted (connectionState main: HTTP 200)",
         "OK    instance main    open (connected to WhatsApp)",
+        "WARN  receipts main    not configured: no delivery receipts - run "
+        "`evomsgd webhook setup --instance main`",
     ]
 
 

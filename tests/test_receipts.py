@@ -367,3 +367,74 @@ def test_cli_webhook_secret_prints_it_once_and_keeps_its_hash(tmp_path: Path) ->
         assert secret not in str(store.query("SELECT * FROM webhook_secrets"))
     finally:
         store.close()
+
+
+# -- instances whose integration emits no receipts --------------------------------------------
+
+# The 201s of a real 2.3.7 server (shared/evolution-api.md "Real 2.3.7 answers captured").
+EVOLUTION_201 = (
+    b'{"key": {"fromMe": true, "id": "b2388458-16cd-48dc-b75b-c2dbce61a26a", "remoteJid": '
+    b'"5215512345678"}, "message": {"conversation": "Hola Carlos"}, "messageType": '
+    b'"conversation", "messageTimestamp": 1796156906, "source": "unknown", "instanceId": '
+    b'"cd7b71bf-c054-4ea6-b0ee-4e5010064200"}'
+)
+BAILEYS_201 = (
+    b'{"key": {"remoteJid": "5511988887777@s.whatsapp.net", "fromMe": true, "id": '
+    b'"3EB01931794A08C3BC5DD8"}, "pushName": "Voc\\u00ea", "status": "PENDING", "message": '
+    b'{"conversation": "Your code is 123456"}, "messageType": "conversation", '
+    b'"messageTimestamp": 1782601516, "instanceId": "6f63d2db-2c64-4135-8076-3fb20e7659ad", '
+    b'"source": "web"}'
+)
+
+
+def test_the_201_tells_the_integration() -> None:
+    from evomsgd.evolution import outcomes
+
+    assert outcomes.classify_response(201, EVOLUTION_201).integration == "EVOLUTION"
+    assert outcomes.classify_response(201, BAILEYS_201).integration == "WHATSAPP-BAILEYS"
+    v1 = b'{"key": {"id": "3EB0AA", "remoteJid": "x"}, "status": "PENDING"}'
+    assert outcomes.classify_response(201, v1).integration == "WHATSAPP-BAILEYS"
+    # Neither sign: not guessed.
+    assert outcomes.classify_response(201, b'{"key": {"id": "3EB0AA"}}').integration is None
+    assert outcomes.EVOLUTION_CHANNEL == ledger.EVOLUTION_CHANNEL  # spelled in two rooms
+
+
+def test_no_receipts_instance_is_never_unconfirmed(stepper: Any) -> None:
+    steps, receipts, _ = stepper
+    evo = steps.accept("5511900000001", instance="evo")
+    steps.step()
+    (job,) = steps.take()
+    steps.attempt(job, outcomes_sent(EVOLUTION_201))
+    baileys = _send(steps, "5511900000002", "3EB0BAILEYS")
+    # The stepper's SENT outcome for main says nothing of its integration: none kept.
+    assert steps.store.query("SELECT instance, integration FROM lanes") == [("evo", "EVOLUTION")]
+    steps.now += 601.0
+    assert receipts.sweep(steps.now) == [(baileys, "main")]
+    assert steps.store.get(evo).delivery == "accepted"
+
+
+def outcomes_sent(body: bytes) -> SendOutcome:
+    from evomsgd.evolution.outcomes import classify_response
+
+    return classify_response(201, body)
+
+
+async def test_no_receipts_is_shown(make_client: MakeClient, fake: FakeEvolution) -> None:
+    from evomsgd.cli.status import render_task
+
+    fake.add_instance("evo", integration="EVOLUTION")
+    client, _ = await _hooked(make_client, fake)
+    evo = await post(client, instance_name="evo")
+    body = await wait_status(client, evo["task_id"])
+    assert body["delivery"]["state"] == "accepted"
+    assert body["delivery"]["note"] == "no receipts on this instance"
+    assert render_task(body).splitlines()[3:5] == [
+        "  delivery accepted",
+        "  delivery: no receipts on this instance",
+    ]
+    listed = await (await client.get("/tasks?instance=evo")).json()
+    assert listed["tasks"][0]["delivery"]["note"] == "no receipts on this instance"
+    task_id, _ = await _sent(client)  # on main, a Baileys instance
+    assert "note" not in await _delivery(client, task_id)
+    rows = client.app[SERVICE].store.query("SELECT instance, integration FROM lanes")
+    assert sorted(rows) == [("evo", "EVOLUTION"), ("main", "WHATSAPP-BAILEYS")]

@@ -6,19 +6,23 @@ import asyncio
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import click
 
+from evomsgd import clock
 from evomsgd.config import Settings, load_settings, resolve_data_dir
+from evomsgd.engine.receipts import points_at_us, shown_url
 from evomsgd.engine.senders import build_sender
 from evomsgd.errors import ConfigError, StoreUnavailable
-from evomsgd.evolution.client import new_session
-from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
+from evomsgd.evolution.client import EvolutionClient, new_session
+from evomsgd.evolution.outcomes import Answer, InstanceState, OutcomeKind, StateProbe, WebhookConfig
+from evomsgd.ledger import receipts
 from evomsgd.ledger.schema import MIGRATIONS
 from evomsgd.ledger.store import LEDGER_FILE, IntegrityCheck, Store
+from evomsgd.models import NO_RECEIPTS
 
 Verdict = Literal["OK", "WARN", "FAIL", "SKIP"]
 
@@ -50,9 +54,10 @@ def diagnose(
         checks.append(Check("FAIL", "data dir", str(exc)))
         data_dir = None
     instances: list[str] = []
+    hooks = _Hooks()
     if data_dir is not None:
         checks.append(_data_dir(data_dir))
-        ledger, instances = _ledger(data_dir / LEDGER_FILE, full)
+        ledger, instances, hooks = _ledger(data_dir / LEDGER_FILE, full)
         checks.append(ledger)
     names = list(
         dict.fromkeys(
@@ -60,8 +65,18 @@ def diagnose(
             + sorted(set(instances) | set(settings.instances))
         )
     )
-    checks += asyncio.run(_evolution(settings, names))
+    checks += asyncio.run(_evolution(settings, names, hooks))
     return checks
+
+
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    """What the ledger knows of receipts: the secret's hash, when each instance's webhook was
+    last heard, and the instances whose integration emits no receipts."""
+
+    digest: str | None = None
+    last: Mapping[str, str] = field(default_factory=dict)
+    silent: frozenset[str] = frozenset()
 
 
 def _config(settings: Settings) -> Check:
@@ -120,43 +135,64 @@ def _data_dir(path: Path) -> Check:
     return Check("OK", "data dir", f"{path} (mode {mode:04o}, writable)")
 
 
-def _ledger(path: Path, full: bool) -> tuple[Check, list[str]]:
+def _ledger(path: Path, full: bool) -> tuple[Check, list[str], _Hooks]:
     """Integrity on a read-only connection, and the instances the ledger has seen."""
     if not path.exists():
-        return Check("SKIP", "ledger", f"no ledger at {path} yet (created at first start)"), []
+        return (
+            Check("SKIP", "ledger", f"no ledger at {path} yet (created at first start)"),
+            [],
+            _Hooks(),
+        )
     pragma: IntegrityCheck = "integrity_check" if full else "quick_check"
     try:
         store = Store(path.parent, busy_timeout=5, readonly=True)
         try:
             problems = store.integrity_problems(pragma)
             if problems:
-                return Check(
-                    "FAIL",
-                    "ledger",
-                    f"{pragma} found damage in {path}: {'; '.join(problems)} - stop the daemon, "
-                    f"copy the file aside and rebuild it: sqlite3 {path} .recover | sqlite3 "
-                    "recovered.db",
-                ), []
+                return (
+                    Check(
+                        "FAIL",
+                        "ledger",
+                        f"{pragma} found damage in {path}: {'; '.join(problems)} - stop the daemon, "
+                        f"copy the file aside and rebuild it: sqlite3 {path} .recover | sqlite3 "
+                        "recovered.db",
+                    ),
+                    [],
+                    _Hooks(),
+                )
             version = store.schema_version()
             count = store.message_count()
             instances = store.known_instances()
+            hooks = _Hooks(
+                receipts.secret_digest(store),
+                receipts.last_webhooks(store),
+                receipts.silent_instances(store),
+            )
         finally:
             store.close()
     except StoreUnavailable as exc:
-        return Check(
-            "FAIL", "ledger", f"{exc} - is it an evomsgd ledger? restore it from a backup"
-        ), []
+        return (
+            Check("FAIL", "ledger", f"{exc} - is it an evomsgd ledger? restore it from a backup"),
+            [],
+            _Hooks(),
+        )
     known = max(v for v, _, _ in MIGRATIONS)
     size = path.stat().st_size / 1_048_576
     detail = f"{pragma} ok; schema {version}; {count} messages; {size:.1f} MB"
     if version is not None and version > known:
-        return Check(
-            "WARN", "ledger", f"{detail}; made by a newer evomsgd (schema {known} here) - upgrade"
-        ), instances
-    return Check("OK", "ledger", detail), instances
+        return (
+            Check(
+                "WARN",
+                "ledger",
+                f"{detail}; made by a newer evomsgd (schema {known} here) - upgrade",
+            ),
+            instances,
+            hooks,
+        )
+    return Check("OK", "ledger", detail), instances, hooks
 
 
-async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
+async def _evolution(settings: Settings, instances: list[str], hooks: _Hooks) -> list[Check]:
     if settings.sandbox:
         why = "sandbox mode: nothing is sent to Evolution"
         return [Check("SKIP", name, why) for name in ("evolution", "api key", "instances")]
@@ -168,9 +204,11 @@ async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
         client = build_sender(settings, session)
         # The probes run beside GET / (not after it): when / fails they tell a server that
         # answers (a wrong path, another program) from one that does not, at no extra wait.
-        info, probes = await asyncio.gather(
+        assert isinstance(client, EvolutionClient)
+        info, probes, found = await asyncio.gather(
             client.server_info(),
             asyncio.gather(*(client.connection_state(name) for name in instances)),
+            asyncio.gather(*(client.find_webhook(name) for name in instances)),
         )
     if not info.reachable:
         fail = Check("FAIL", "evolution", _at_url(info.reason, url))
@@ -217,7 +255,33 @@ async def _evolution(settings: Settings, instances: list[str]) -> list[Check]:
             )
         )
     checks += [_instance(name, probe) for name, probe in zip(instances, probes, strict=True)]
+    checks += [
+        _receipts(name, answer, hooks) for name, answer in zip(instances, found, strict=True)
+    ]
     return checks
+
+
+def _receipts(name: str, answer: Answer, hooks: _Hooks) -> Check:
+    """Whether the instance's webhook points at evomsgd (sends its secret), and the last receipt."""
+    label = f"receipts {name}"
+    setup = f"run `evomsgd webhook setup --instance {name}`"
+    if name in hooks.silent:
+        return Check("OK", label, f"{NO_RECEIPTS} (its integration EVOLUTION emits none)")
+    if not answer.ok:
+        return Check("WARN", label, f"cannot read its webhook: {answer.reason}")
+    config: WebhookConfig | None = answer.data
+    if config is None or not config.enabled:
+        return Check("WARN", label, f"not configured: no delivery receipts - {setup}")
+    if not points_at_us(config, hooks.digest):
+        return Check(
+            "WARN",
+            label,
+            f"Evolution sends them to {shown_url(config.url)}, without evomsgd's secret - "
+            f"{setup} (--replace if another app uses that URL)",
+        )
+    last = hooks.last.get(name)
+    heard = f"last receipt {clock.db_to_rfc3339(last)}" if last else "nothing received yet"
+    return Check("OK", label, f"configured ({shown_url(config.url)}); {heard}")
 
 
 _NO_INSTANCE = "no instance to ask: none configured or in the ledger - set EVOLUTION_INSTANCE_NAME"

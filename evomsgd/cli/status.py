@@ -229,6 +229,8 @@ def render_task(task: dict[str, Any]) -> str:
         )
         if delivery.get("error"):
             lines.append(f"  delivery error: {delivery['error']}")
+        if delivery.get("note"):
+            lines.append(f"  delivery: {delivery['note']}")
     for event in task.get("history") or []:
         outcome = f" {event['outcome']}" if event.get("outcome") else ""
         status = f" HTTP {event['http_status']}" if event.get("http_status") else ""

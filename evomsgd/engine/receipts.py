@@ -23,7 +23,8 @@ from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution.outcomes import InstanceState, StateProbe
+from evomsgd.evolution.client import EvolutionClient
+from evomsgd.evolution.outcomes import InstanceState, StateProbe, WebhookConfig
 from evomsgd.ledger import receipts as ledger
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import Receipt, ReceiptResult
@@ -122,6 +123,97 @@ def make_secret(store: Store) -> str:
     secret = new_secret()
     ledger.set_secret(store, digest(secret), clock.now())
     return secret
+
+
+# -- evomsgd webhook setup ---------------------------------------------------------------------
+
+WEBHOOK_PATH = "/webhooks/evolution"
+V1_KEY_SEGMENT = "/key/"  # v1 servers send no custom headers: the secret rides in the path
+
+
+@dataclass(frozen=True, slots=True)
+class SetupResult:
+    """What `webhook setup` did for one instance; `line` never holds the secret."""
+
+    instance: str
+    ok: bool
+    line: str
+
+
+def hook_url(base: str, secret: str | None, api_version: int) -> str:
+    """The URL Evolution is given: v2 `{base}/webhooks/evolution`, v1 with the secret in it
+    (`secret` None: the same with a placeholder, for printing)."""
+    url = base.rstrip("/") + WEBHOOK_PATH
+    if api_version == 1:
+        url += V1_KEY_SEGMENT + (secret if secret is not None else "<secret>")
+    return url
+
+
+def presented_secret(config: WebhookConfig) -> str | None:
+    """The secret a configured webhook sends evomsgd: the header, or v1's path segment."""
+    if SECRET_HEADER in config.headers:
+        return config.headers[SECRET_HEADER]
+    _, sep, tail = config.url.partition(WEBHOOK_PATH + V1_KEY_SEGMENT)
+    return tail.split("/", 1)[0] or None if sep else None
+
+
+def points_at_us(config: WebhookConfig, ours: str | None) -> bool:
+    """True when `config` sends evomsgd's secret (compared with its hash `ours`)."""
+    secret = presented_secret(config)
+    return ours is not None and secret is not None and hmac.compare_digest(ours, digest(secret))
+
+
+def shown_url(url: str) -> str:
+    """A configured URL as it may be printed: a v1 path secret is hidden."""
+    head, sep, _ = url.partition(WEBHOOK_PATH + V1_KEY_SEGMENT)
+    return head + WEBHOOK_PATH + V1_KEY_SEGMENT + "<secret>" if sep else url
+
+
+async def setup_webhooks(
+    client: EvolutionClient, store: Store, instances: list[str], base: str, *, replace: bool
+) -> list[SetupResult]:
+    """Point each instance's one Evolution webhook at evomsgd. Reads every instance's current
+    webhook first; if any sends elsewhere (and not `replace`) nothing is changed. The secret is
+    reused when a configured instance already presents it (only its hash is kept, so a new one
+    would cut off instances set up before), else made anew."""
+    found = await asyncio.gather(*(client.find_webhook(name) for name in instances))
+    ours = await asyncio.to_thread(ledger.secret_digest, store)
+    refusals: list[SetupResult] = []
+    secret: str | None = None
+    target = base.rstrip("/") + WEBHOOK_PATH
+    for name, answer in zip(instances, found, strict=True):
+        if not answer.ok:
+            refusals.append(SetupResult(name, False, f"instance {name}: {answer.reason}"))
+            continue
+        config: WebhookConfig | None = answer.data
+        if config is None or not config.enabled:
+            continue
+        if points_at_us(config, ours):
+            secret = secret or presented_secret(config)
+        elif not replace and not config.url.startswith(target):
+            refusals.append(
+                SetupResult(
+                    name,
+                    False,
+                    f"instance {name}: Evolution already sends its webhooks to "
+                    f"{shown_url(config.url)} (one webhook per instance) - not changed; pass "
+                    f"--replace to point it at {hook_url(base, None, client.api_version)}",
+                )
+            )
+    if refusals:
+        return refusals
+    if secret is None:
+        secret = await asyncio.to_thread(make_secret, store)
+    headers = {SECRET_HEADER: secret} if client.api_version == 2 else {}
+    url = hook_url(base, secret, client.api_version)
+    shown = hook_url(base, None, client.api_version)
+    done = await asyncio.gather(*(client.set_webhook(name, url, headers) for name in instances))
+    return [
+        SetupResult(name, True, f"instance {name}: receipts configured ({shown})")
+        if answer.ok
+        else SetupResult(name, False, f"instance {name}: {answer.reason}")
+        for name, answer in zip(instances, done, strict=True)
+    ]
 
 
 def pause_reason(count: int, instance: str) -> str:
@@ -242,9 +334,11 @@ class Receipts:
         timeout = self.settings.ack_timeout
 
         def op(cur: Any) -> tuple[list[tuple[str, str]], int]:
-            return ledger.mark_unconfirmed_in(cur, now, timeout), ledger.drop_pending_in(
-                cur, now - PENDING_TTL
-            )
+            # An EVOLUTION-channel instance never sends a receipt: waiting for one is no sign
+            # of trouble, so its messages stay accepted ("no receipts on this instance").
+            silent = ledger.silent_instances_in(cur)
+            marked = ledger.mark_unconfirmed_in(cur, now, timeout, silent)
+            return marked, ledger.drop_pending_in(cur, now - PENDING_TTL)
 
         marked, dropped = self.committer.write(op).result()
         self.dropped += dropped

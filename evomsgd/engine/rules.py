@@ -41,6 +41,7 @@ def decide(
             outcome.http_status,
             evolution_key=outcome.key_id,
             remote_jid=outcome.remote_jid,
+            integration=outcome.integration,
         )
         return sent, LaneEffect(health=Health.OPEN)
     if kind == OutcomeKind.SENT_UNCONFIRMED:

@@ -24,6 +24,8 @@ from yarl import URL
 
 from evomsgd.evolution.outcomes import (
     STATE_REASONS,
+    WEBHOOK_EVENTS,
+    Answer,
     InstanceState,
     OutcomeKind,
     SendOutcome,
@@ -35,6 +37,7 @@ from evomsgd.evolution.outcomes import (
     may_have_sent,
     never_written,
     parse_state,
+    parse_webhook,
 )
 from evomsgd.log import log_fields
 
@@ -335,6 +338,55 @@ class EvolutionClient:
         ):
             kind = OutcomeKind.TRANSIENT
         return StateProbe(InstanceState.UNKNOWN, kind, self._scrub(outcome.reason), status)
+
+    async def _call(self, method: str, url: URL, body: Any = None) -> Answer:
+        """One call other than a send (a read, or an idempotent write): 2xx -> its JSON body;
+        anything else -> why not, in an operator's words. Never raises."""
+        headers = {**_HEADERS, "apikey": self._api_key}
+        limit = min(_PROBE_TIMEOUT, self._timeout)
+        timeout = aiohttp.ClientTimeout(total=limit, connect=limit)
+        try:
+            async with self._session.request(
+                method, url, json=body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as resp:
+                status, raw = resp.status, await _read_capped(resp)
+        except Exception as exc:
+            reason = classify_exception(exc, sent=False).reason
+            return Answer(False, reason=self._scrub(reason))
+        if 200 <= status < 300:
+            return Answer(True, loads(raw), http_status=status)
+        return Answer(
+            False, reason=self._scrub(classify_response(status, raw).reason), http_status=status
+        )
+
+    async def find_webhook(self, instance: str) -> Answer:
+        """`GET /webhook/find/{instance}`: `data` is its WebhookConfig, or None when none is set."""
+        answer = await self._call("GET", self._url("webhook", "find", instance))
+        return dataclasses.replace(answer, data=parse_webhook(answer.data)) if answer.ok else answer
+
+    async def set_webhook(self, instance: str, url: str, headers: dict[str, str]) -> Answer:
+        """`POST /webhook/set/{instance}`: Evolution's one webhook of the instance becomes `url`
+        with evomsgd's events (and `headers`: v2 only; v1 cannot send custom headers)."""
+        if self._api_version == 1:
+            body: dict[str, Any] = {
+                "enabled": True,
+                "url": url,
+                "webhook_by_events": False,
+                "webhook_base64": False,
+                "events": list(WEBHOOK_EVENTS),
+            }
+        else:
+            body = {
+                "webhook": {
+                    "enabled": True,
+                    "url": url,
+                    "events": list(WEBHOOK_EVENTS),  # always sent: omitted, Evolution answers 500
+                    "headers": headers,
+                    "byEvents": False,
+                    "base64": False,
+                }
+            }
+        return await self._call("POST", self._url("webhook", "set", instance), body)
 
     async def server_info(self) -> ServerInfo:
         """`GET /` without the key: is Evolution there, and which version; never raises."""

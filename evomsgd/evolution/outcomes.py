@@ -11,6 +11,7 @@ import asyncio
 import enum
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,8 @@ class SendOutcome:
     # The numbers WhatsApp said it does not know (400 ... exists: false): worth remembering, so
     # they are not asked about again (mass number checks are themselves a ban signal).
     not_on_whatsapp: tuple[str, ...] = ()
+    # SENT: the instance's Evolution integration as its 201 shows it (`integration_of`).
+    integration: str | None = None
 
 
 class InstanceState(enum.StrEnum):
@@ -227,12 +230,42 @@ def _key(data: Any) -> tuple[str, str | None] | None:
     return key_id.strip(), jid if isinstance(jid, str) and jid else None
 
 
+# Evolution's integration types, as far as receipts go: Baileys reports WhatsApp's acks
+# (messages.update); the EVOLUTION channel emits only send.message, so its messages never get
+# past accepted and must not be flagged unconfirmed.
+BAILEYS = "WHATSAPP-BAILEYS"
+EVOLUTION_CHANNEL = "EVOLUTION"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+
+
+def integration_of(data: Any) -> str | None:
+    """The instance's integration as a send's 201 shows it; None when the body does not tell.
+
+    Read from the answer evomsgd gets anyway (no extra call): an EVOLUTION-channel instance
+    answers without `status` and with a UUID `key.id` (captured on 2.3.7); Baileys (v1 and v2)
+    always says `status` ("PENDING") and uses WhatsApp's hex ids."""
+    if not isinstance(data, dict) or not isinstance(data.get("key"), dict):
+        return None
+    key_id = data["key"].get("id")
+    if "status" in data:
+        return BAILEYS
+    if isinstance(key_id, str) and _UUID.fullmatch(key_id.strip()):
+        return EVOLUTION_CHANNEL
+    return None
+
+
 def classify_response(status: int, body: bytes, *, elapsed: float = 0.0) -> SendOutcome:
     """Map one HTTP answer from Evolution to an outcome; pure, never raises."""
     try:
-        if status == 201 and (key := _key(loads(body))) is not None:
+        if status == 201 and (key := _key(data := loads(body))) is not None:
             return SendOutcome(
-                _K.SENT, "handed to WhatsApp (201)", status, key[0], key[1], elapsed=elapsed
+                _K.SENT,
+                "handed to WhatsApp (201)",
+                status,
+                key[0],
+                key[1],
+                elapsed=elapsed,
+                integration=integration_of(data),
             )
         env = _envelope(body)
         kind, reason = _verdict(status, env)
@@ -372,3 +405,44 @@ def parse_state(data: Any) -> InstanceState | None:
     if isinstance(value, str) and value in ("open", "connecting", "close"):
         return InstanceState(value)
     return None
+
+
+# --- webhooks and look-ups (pure) -----------------------------------------------------------
+
+# The events evomsgd needs (shared/evolution-api.md "Configure: one webhook per instance").
+WEBHOOK_EVENTS = ("SEND_MESSAGE", "MESSAGES_UPDATE", "CONNECTION_UPDATE")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An Evolution call other than a send: its parsed body when it succeeded, else why not."""
+
+    ok: bool
+    data: Any = None
+    reason: str = ""
+    http_status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """An instance's one webhook as `webhook/find` reports it. `headers` can hold a secret:
+    never print it."""
+
+    url: str
+    enabled: bool
+    events: tuple[str, ...]
+    headers: dict[str, str]
+
+
+def parse_webhook(data: Any) -> WebhookConfig | None:
+    """`webhook/find`'s body (v2 row, or v1's flat object); None when none is set (`null`)."""
+    if not isinstance(data, dict) or not isinstance(data.get("url"), str) or not data["url"]:
+        return None
+    events = data.get("events")
+    headers = data.get("headers")
+    return WebhookConfig(
+        data["url"],
+        data.get("enabled") is True,
+        tuple(e for e in events if isinstance(e, str)) if isinstance(events, list) else (),
+        {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {},
+    )

@@ -249,7 +249,9 @@ class Deliveries(Database):
             )
         if tr.status is Status.SUCCESS and not msg.sandbox:
             # In the same transaction: a receipt that beat this outcome to the ledger is applied.
-            receipts.accepted_in(cur, msg.id, msg.instance, tr.evolution_key, now)
+            receipts.accepted_in(
+                cur, msg.id, msg.instance, tr.evolution_key, now, integration=tr.integration
+            )
         return True
 
     @staticmethod

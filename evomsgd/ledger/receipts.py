@@ -15,6 +15,9 @@ from evomsgd.ledger.database import Database
 from evomsgd.ledger.records import Receipt, ReceiptResult
 from evomsgd.models import DELIVERY_AT, DELIVERY_RANK, Delivery
 
+# Evolution's integration that emits no receipts (evolution.outcomes.EVOLUTION_CHANNEL; the
+# ledger imports nothing of evolution/, so the name is spelled here and a test ties the two).
+EVOLUTION_CHANNEL = "EVOLUTION"
 # How far back failed receipts count towards EVOMSGD_DELIVERY_ERRORS_PAUSE.
 FAILURE_WINDOW = 600.0
 SECRET_NAME = "evolution"
@@ -86,14 +89,29 @@ def _advance(
 
 
 def accepted_in(
-    cur: sqlite3.Cursor, message_id: str, instance: str, evolution_key: str | None, now: float
+    cur: sqlite3.Cursor,
+    message_id: str,
+    instance: str,
+    evolution_key: str | None,
+    now: float,
+    *,
+    integration: str | None = None,
 ) -> list[str]:
-    """A send's SUCCESS was recorded: its delivery state starts at accepted, and receipts that
-    arrived before it are applied now. Returns the states they moved it to."""
+    """A send's SUCCESS was recorded: its delivery state starts at accepted, the instance's
+    integration (when the 201 showed it) is kept, and receipts that arrived before it are
+    applied now. Returns the states they moved it to."""
     cur.execute(
         "UPDATE messages SET delivery = 'accepted' WHERE id = ? AND delivery IS NULL",
         (message_id,),
     )
+    if integration is not None:
+        # Written only when it changes (an instance re-created with another integration).
+        cur.execute(
+            "INSERT INTO lanes (instance, integration) VALUES (?, ?) ON CONFLICT (instance)"
+            " DO UPDATE SET integration = excluded.integration"
+            " WHERE integration IS NOT excluded.integration",
+            (instance, integration),
+        )
     if evolution_key is None:
         return []
     rows = cur.execute(
@@ -143,6 +161,20 @@ def mark_unconfirmed_in(
     for message_id, instance in rows:
         _advance(cur, message_id, instance, Delivery.ACCEPTED, Delivery.UNCONFIRMED, now_db)
     return [(row[0], row[1]) for row in rows]
+
+
+def silent_instances_in(cur: sqlite3.Cursor) -> list[str]:
+    """Instances whose integration emits no receipts at all (EVOLUTION: only send.message)."""
+    rows = cur.execute(
+        "SELECT instance FROM lanes WHERE integration = ?", (EVOLUTION_CHANNEL,)
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
+def silent_instances(db: Database) -> frozenset[str]:
+    """`silent_instances_in` on a read connection."""
+    rows = db.query("SELECT instance FROM lanes WHERE integration = ?", (EVOLUTION_CHANNEL,))
+    return frozenset(row[0] for row in rows)
 
 
 def drop_pending_in(cur: sqlite3.Cursor, before: float) -> int:

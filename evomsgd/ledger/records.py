@@ -112,6 +112,7 @@ class Transition:
     extra_events: list[tuple[str, str]] = field(default_factory=list)
     # Remember the recipient as not on WhatsApp (for this instance) until then.
     not_on_whatsapp_until: float | None = None
+    integration: str | None = None  # SENT: the instance's integration as its 201 showed it
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,6 +165,10 @@ CREATE TABLE webhook_outbox (
 
 -- Per instance: when evomsgd last heard from Evolution's webhook (evomsgd doctor shows it).
 ALTER TABLE lanes ADD COLUMN last_webhook_at TEXT;
+-- Per instance: its Evolution integration as its last 201 showed it: WHATSAPP-BAILEYS, or
+-- EVOLUTION (emits no receipts: its messages stay accepted and are never flagged unconfirmed);
+-- NULL until it has sent.
+ALTER TABLE lanes ADD COLUMN integration TEXT;
 """,
     ),
     (

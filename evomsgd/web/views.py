@@ -8,6 +8,7 @@ from evomsgd import clock
 from evomsgd.ledger.records import Message
 from evomsgd.models import (
     FINAL,
+    NO_RECEIPTS,
     WAITING,
     Attempt,
     Delivery,
@@ -46,7 +47,7 @@ def task_view(record: TaskRecord) -> TaskView:
         finished_at=clock.db_to_rfc3339(msg.finished_at),
         last_error=msg.last_error,
         sandbox=msg.sandbox,
-        delivery=delivery_view(msg),
+        delivery=delivery_view(msg, no_receipts=record.no_receipts),
         history=[
             Attempt(
                 at=clock.db_to_rfc3339(ev.at) or "",
@@ -103,8 +104,9 @@ def _result(msg: Message, waiting_because: str | None = None) -> TaskResult | No
     return None
 
 
-def delivery_view(msg: Message) -> DeliveryView | None:
-    """The delivery object of a sent message (None before it was sent, or in sandbox mode)."""
+def delivery_view(msg: Message, *, no_receipts: bool = False) -> DeliveryView | None:
+    """The delivery object of a sent message (None before it was sent, or in sandbox mode);
+    `no_receipts`: its instance emits none, which the object says."""
     if msg.delivery is None:
         return None
     at = clock.db_to_rfc3339
@@ -118,4 +120,5 @@ def delivery_view(msg: Message) -> DeliveryView | None:
         failed_at=at(msg.delivery_failed_at),
         unconfirmed_at=at(msg.unconfirmed_at),
         error=msg.delivery_error,
+        note=NO_RECEIPTS if no_receipts else None,
     )

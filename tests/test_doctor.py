@@ -123,6 +123,14 @@ def test_every_instance_is_checked_and_a_closed_one_fails(
         "Evolution's manager",
         "WARN  instance pairing connecting - wait a minute; if it stays so, pair it again in "
         "Evolution's manager",
+        "WARN  receipts main    not configured: no delivery receipts - run "
+        "`evomsgd webhook setup --instance main`",
+        "WARN  receipts ghost   cannot read its webhook: Evolution has no such instance (404) - "
+        "check the instance name",
+        "WARN  receipts other   not configured: no delivery receipts - run "
+        "`evomsgd webhook setup --instance other`",
+        "WARN  receipts pairing not configured: no delivery receipts - run "
+        "`evomsgd webhook setup --instance pairing`",
     ]
     assert API_KEY not in result.stdout
 

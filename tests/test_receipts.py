@@ -93,6 +93,12 @@ async def test_the_whole_ladder_forward_only(make_client: MakeClient, fake: Fake
     assert 'evomsgd_receipts_total{evolution_instance="main",state="played"} 1.0' in metrics
     assert 'evomsgd_receipts_total{evolution_instance="main",state="stale"} 4.0' in metrics
     assert 'evomsgd_messages_delivery{state="played"} 1.0' in metrics
+    for name in ("delivered", "read"):  # each counted once, at its first receipt
+        assert f'evomsgd_accept_to_{name}_seconds_count{{evolution_instance="main"}} 1.0' in metrics
+        assert (
+            f'evomsgd_accept_to_{name}_seconds_bucket{{evolution_instance="main",le="+Inf"}} 1.0'
+            in metrics
+        )
 
 
 async def test_failed_receipt(make_client: MakeClient, fake: FakeEvolution) -> None:

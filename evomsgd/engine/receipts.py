@@ -237,7 +237,7 @@ class Receipts:
         settings: Settings,
         *,
         time_source: Callable[[], float] = clock.now,
-        on_receipt: Callable[[str, str], None] | None = None,
+        on_receipt: Callable[[str, str, float | None], None] | None = None,
     ) -> None:
         self.store = store
         self.committer = committer
@@ -317,7 +317,7 @@ class Receipts:
             self.dropped += 1
         label = result.delivery if result.outcome == "applied" else result.outcome
         if self._on_receipt is not None and label is not None:
-            self._on_receipt(instance, label)
+            self._on_receipt(instance, label, result.since_accepted)
         if result.outcome == "applied" and result.delivery == Delivery.FAILED:
             log.warning(
                 "task %s instance %s: WhatsApp reported the message failed (delivery ERROR)",
@@ -344,7 +344,7 @@ class Receipts:
         self.dropped += dropped
         for message_id, instance in marked:
             if self._on_receipt is not None:
-                self._on_receipt(instance, Delivery.UNCONFIRMED.value)
+                self._on_receipt(instance, Delivery.UNCONFIRMED.value, None)
             log.warning(
                 "task %s instance %s: no WhatsApp server ack %gs after Evolution took it "
                 "(delivery unconfirmed)",

@@ -37,7 +37,7 @@ def apply_in(cur: sqlite3.Cursor, receipt: Receipt) -> ReceiptResult:
     now_db = clock.to_db(receipt.at)
     heard_in(cur, receipt.instance, receipt.at)
     row = cur.execute(
-        "SELECT id, delivery FROM messages WHERE instance = ? AND evolution_key = ?"
+        "SELECT id, delivery, created_at FROM messages WHERE instance = ? AND evolution_key = ?"
         " ORDER BY seq DESC LIMIT 1",
         (receipt.instance, receipt.evolution_key),
     ).fetchone()
@@ -54,7 +54,7 @@ def apply_in(cur: sqlite3.Cursor, receipt: Receipt) -> ReceiptResult:
             (receipt.instance, receipt.evolution_key, receipt.delivery, now_db),
         )
         return ReceiptResult("pending")
-    message_id, current = row
+    message_id, current, created_at = row
     if not _advance(cur, message_id, receipt.instance, current, receipt.delivery, now_db):
         return ReceiptResult("stale", message_id, current)
     failures = 0
@@ -64,7 +64,8 @@ def apply_in(cur: sqlite3.Cursor, receipt: Receipt) -> ReceiptResult:
             " AND delivery_failed_at >= ?",
             (receipt.instance, clock.to_db(receipt.at - FAILURE_WINDOW)),
         ).fetchone()[0]
-    return ReceiptResult("applied", message_id, receipt.delivery, failures)
+    since = max(0.0, receipt.at - clock.from_db(created_at))
+    return ReceiptResult("applied", message_id, receipt.delivery, failures, since)
 
 
 def _advance(

@@ -190,3 +190,5 @@ class ReceiptResult:
     delivery: str | None = None
     # failed receipts on the instance in the last 10 minutes, counted when this one failed
     recent_failures: int = 0
+    # applied: seconds from the message's acceptance to this receipt (for the latency metrics)
+    since_accepted: float | None = None

@@ -98,6 +98,20 @@ class Metrics:
             [LABEL, "state"],
             registry=reg,
         )
+        self.to_delivered = Histogram(
+            "evomsgd_accept_to_delivered_seconds",
+            "From acceptance to WhatsApp's delivery receipt (DELIVERY_ACK) of the message.",
+            [LABEL],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.to_read = Histogram(
+            "evomsgd_accept_to_read_seconds",
+            "From acceptance to the recipient's read receipt (READ) of the message.",
+            [LABEL],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
         self.latency = Histogram(
             "evomsgd_accept_to_sent_seconds",
             "From acceptance (or send_at, when later) to Evolution's acceptance of the message.",
@@ -130,9 +144,16 @@ class Metrics:
         for instance, count in per_instance.items():
             self.accepted.labels(instance).inc(count)
 
-    def on_receipt(self, instance: str, state: str) -> None:
-        """The receipts' hook: one receipt and what it did (a delivery state, stale, ...)."""
+    def on_receipt(self, instance: str, state: str, since_accepted: float | None) -> None:
+        """The receipts' hook: one receipt, what it did (a delivery state, stale, ...) and, when
+        it moved a message, how long after its acceptance."""
         self.receipts.labels(instance, state).inc()
+        if since_accepted is None:
+            return
+        if state == "delivered":
+            self.to_delivered.labels(instance).observe(since_accepted)
+        elif state == "read":
+            self.to_read.labels(instance).observe(since_accepted)
 
     def on_outcome(self, msg: Message, outcome: SendOutcome, transition: Transition) -> None:
         """Delivery's hook, in a worker thread once the attempt is recorded."""

@@ -131,7 +131,9 @@ class Attempt(BaseModel):
     """One entry of a message's history."""
 
     at: str = Field(description="RFC 3339 time.")
-    event: str = Field(description="attempt, retry, recovered, canceled, requeued, expired ...")
+    event: str = Field(
+        description="attempt, lookup, retry, recovered, canceled, requeued, expired ..."
+    )
     attempt: int | None = Field(None, description="Attempt number for calls to Evolution.")
     outcome: str | None = Field(None, description="sent, transient, permanent, ambiguous, ...")
     http_status: int | None = None

@@ -22,7 +22,8 @@ and is driven over HTTP on the same port: `GET /_fake/received`, `POST /_fake/sc
 Webhooks: `webhook/set` stores one row per instance (`webhook/find` returns it, or null); after a
 delivered send the fake posts `send.message` and then a `messages.update` per status in
 `auto_receipts` to it, with the configured headers (`receipts_first`: before the 201). `receipt()`
-and `connection_update()` post one event; `findStatusMessage` answers the receipts posted.
+and `connection_update()` post one event; `findStatusMessage` answers the receipts posted;
+`findMessages` answers from the sends delivered (`stored`), DROP and HANG included.
 
 What answers a send: a fault scripted for that number, else one scripted for any number, else
 what the real server would do (schema and blank-text checks, numbers marked not on WhatsApp,
@@ -219,6 +220,12 @@ class FakeEvolution:
         # here; `receipts_first` posts them BEFORE the 201 goes out (the race).
         self.auto_receipts: list[str] = []
         self.receipts_first = False
+        # The messages Evolution stored, as findMessages answers them: one per delivered send
+        # (not PRISMA: its database write failed). `find_messages_route = False` is a server
+        # without the route (404 "Cannot POST ..."); `lookups` counts the calls.
+        self.stored: list[dict[str, Any]] = []
+        self.find_messages_route = True
+        self.lookups = 0
         self._init_connections()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -233,6 +240,7 @@ class FakeEvolution:
             ("POST", "/webhook/set/{instance}", self._webhook_set),
             ("GET", "/webhook/find/{instance}", self._webhook_find),
             ("POST", "/chat/findStatusMessage/{instance}", self._find_status),
+            ("POST", "/chat/findMessages/{instance}", self._find_messages),
             ("POST", "/_fake/event", self._ctl_event),
             ("GET", "/_fake/received", self._ctl_received),
             ("POST", "/_fake/script", self._ctl_script),
@@ -333,6 +341,7 @@ class FakeEvolution:
         self.received.clear()
         self.state_probes.clear()
         self._scripts.clear()
+        self.stored.clear()
 
     @property
     def delivered(self) -> list[ReceivedSend]:
@@ -567,10 +576,14 @@ class FakeEvolution:
         record.fault = fault = self._choose(inst, record)
         if isinstance(fault, Reply):
             record.delivered, record.status = fault.delivered, fault.status
+            if fault.delivered:
+                self._store(inst, record, Fault.OK)
             return _reply(fault)
         record.delivered = fault in DELIVERS
         if self.latency:
             await asyncio.sleep(self.latency)
+        if record.delivered and fault is not Fault.PRISMA:
+            self._store(inst, record, fault)  # stored as it goes out, before any answer
         if fault is Fault.DROP:
             await self._notify()
             if request.transport is not None:
@@ -714,14 +727,25 @@ class FakeEvolution:
         assert inst is not None
         return web.json_response(self.webhooks.get(inst.name))
 
-    async def _find_status(self, request: web.Request) -> web.Response:
+    async def _query(
+        self, request: web.Request
+    ) -> tuple[Instance, dict[str, Any], dict[str, Any]] | web.Response:
+        """A chat look-up's instance, body and `where` (empty when absent), or its refusal."""
         inst, refusal = self._gate(request)
         if refusal is not None:
             return refusal
         assert inst is not None
         body = await request.json()
-        where = body.get("where") if isinstance(body, dict) else None
-        wanted = where.get("id") if isinstance(where, dict) else None
+        body = body if isinstance(body, dict) else {}
+        where = body.get("where")
+        return inst, body, where if isinstance(where, dict) else {}
+
+    async def _find_status(self, request: web.Request) -> web.Response:
+        query = await self._query(request)
+        if isinstance(query, web.Response):
+            return query
+        inst, _, where = query
+        wanted = where.get("id")
         rows = [
             {
                 "id": "cm" + secrets.token_hex(8),
@@ -739,6 +763,66 @@ class FakeEvolution:
             for status in statuses
         ]
         return web.json_response(rows)
+
+    def _store(self, inst: Instance, record: ReceivedSend, fault: Fault) -> None:
+        """Keep a delivered send as Evolution's database does (the `Message` row)."""
+        minimal = fault is Fault.OK_MINIMAL  # the EVOLUTION channel's row, as its 201
+        record.key_id = record.key_id or _new_key(fault)
+        number = record.number or ""
+        self.stored.append(
+            {
+                "id": "cm" + secrets.token_hex(12),
+                "key": {
+                    "id": record.key_id,
+                    "fromMe": True,
+                    "remoteJid": number if minimal else _jid(number),
+                },
+                "pushName": None if minimal else "Você",
+                "messageType": "conversation",
+                "message": {"conversation": record.text or ""},
+                "messageTimestamp": int(time.time()),
+                "instanceId": inst.instance_id,
+                "source": "unknown" if minimal else "web",
+                "contextInfo": None,
+                "MessageUpdate": [],
+            }
+        )
+
+    async def _find_messages(self, request: web.Request) -> web.Response:
+        """`POST /chat/findMessages`: stored messages filtered by `where.key` (id, remoteJid,
+        fromMe - only `fromMe: true` filters, as in the real code), newest first, paged by
+        `offset` (page size, 50) and `page` (shared/evolution-api.md)."""
+        self.lookups += 1
+        if not self.find_messages_route:
+            return await self._no_route(request)
+        query = await self._query(request)
+        if isinstance(query, web.Response):
+            return query
+        inst, body, where = query
+        key = where.get("key") if isinstance(where.get("key"), dict) else {}
+        rows = [
+            m
+            for m in self.stored
+            if m["instanceId"] == inst.instance_id
+            and (not key.get("id") or m["key"]["id"] == key["id"])
+            and (not key.get("remoteJid") or m["key"]["remoteJid"] == key["remoteJid"])
+            and (not key.get("fromMe") or m["key"]["fromMe"] is True)
+        ]
+        rows.sort(key=lambda m: m["messageTimestamp"], reverse=True)
+        size = int(body.get("offset") or 50)
+        page = int(body.get("page") or 1)
+        if self.api_version == 1:  # 1.8 answers the bare list
+            return web.json_response(rows[(page - 1) * size : page * size])
+        return web.json_response(
+            {
+                "messages": {
+                    "total": len(rows),
+                    "pages": -(-len(rows) // size),
+                    "currentPage": page,
+                    "records": rows[(page - 1) * size : page * size],
+                }
+            }
+        )
 
     def _choose(self, inst: Instance, record: ReceivedSend) -> Fault | Reply:
         for queue_key in (_norm(record.number) if record.number else "", None):
@@ -797,7 +881,7 @@ class FakeEvolution:
         number, text = record.number or "", record.text or ""
         now = int(time.time())
         if fault is Fault.OK_MINIMAL:
-            record.key_id = str(uuid.uuid4())
+            record.key_id = record.key_id or str(uuid.uuid4())
             return {
                 "key": {"remoteJid": number, "fromMe": True, "id": record.key_id},
                 "message": {"conversation": text},
@@ -806,7 +890,7 @@ class FakeEvolution:
                 "source": "unknown",  # as a real 2.3.7 EVOLUTION instance answered
                 "instanceId": inst.instance_id,
             }
-        record.key_id = "3EB0" + secrets.token_hex(9).upper()
+        record.key_id = record.key_id or _new_key(fault)
         key = {"remoteJid": _jid(number), "fromMe": True, "id": record.key_id}
         if self.api_version == 1:
             return {
@@ -875,6 +959,13 @@ class FakeEvolution:
     async def _ctl_count(self, request: web.Request) -> web.Response:
         answered = sum(r.status is not None for r in self.received)
         return web.json_response({"received": len(self.received), "answered": answered})
+
+
+def _new_key(fault: Fault) -> str:
+    # An EVOLUTION-channel instance uses UUIDs; Baileys WhatsApp's hex ids.
+    if fault is Fault.OK_MINIMAL:
+        return str(uuid.uuid4())
+    return "3EB0" + secrets.token_hex(9).upper()
 
 
 def _dumps(data: Any) -> str:

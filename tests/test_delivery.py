@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from evomsgd.evolution.outcomes import OutcomeKind
 from tests.conftest import MakeClient, fast_settings, post, wait_status
-from tests.fake_evolution import FakeEvolution, Fault
+from tests.fake_evolution import FakeEvolution, Fault, Reply
 
 PHONE = "5511988887777"
 
@@ -175,24 +175,105 @@ async def test_rate_limit_rests_the_instance_and_does_not_spend_retries(
     assert ledger(tmp_path, task["task_id"])["retries_used"] == 0
 
 
-@pytest.mark.parametrize(
-    "fault", [Fault.BAD_GATEWAY, Fault.GATEWAY_TIMEOUT, Fault.DROP, Fault.OK_NO_KEY]
-)
-async def test_ambiguous_outcomes_get_one_more_try_and_are_recorded(
-    client: TestClient[Any, Any], fake: FakeEvolution, tmp_path: Path, fault: Fault
+NOT_DELIVERED = Reply(502, "<html>502 Bad Gateway</html>", delivered=False)
+
+
+@pytest.mark.parametrize("fault", [Fault.BAD_GATEWAY, Fault.GATEWAY_TIMEOUT, NOT_DELIVERED])
+async def test_an_ambiguous_send_evolution_does_not_have_is_looked_up_then_resent_flagged(
+    client: TestClient[Any, Any], fake: FakeEvolution, tmp_path: Path, fault: Fault | Reply
 ) -> None:
     fake.script([fault])
     task = await wait_status(client, (await post(client))["task_id"])
     assert task["status"] == "SUCCESS"
     assert task["result"]["possibly_duplicated"] is True
-    assert [h["outcome"] for h in task["history"]] == ["ambiguous", "sent"]
+    assert [(h["event"], h["outcome"]) for h in task["history"]] == [
+        ("attempt", "ambiguous"),
+        ("lookup", None),
+        ("attempt", "sent"),
+    ]
     assert "may have been delivered" in task["history"][0]["detail"]
+    assert task["history"][1]["detail"].startswith(
+        "not among Evolution's messages to 5511988887777@s.whatsapp.net since "
+    )
+    assert fake.lookups == 1
+    assert len(fake.received) == 2 and len(fake.delivered) == 1
+    assert task["result"]["evolution_key"] == fake.delivered[0].key_id
     assert ledger(tmp_path, task["task_id"])["ambiguous"] == 1
+
+
+@pytest.mark.parametrize("fault", [Fault.DROP, Fault.OK_NO_KEY])
+async def test_an_ambiguous_send_evolution_stored_is_found_and_not_sent_again(
+    client: TestClient[Any, Any], fake: FakeEvolution, tmp_path: Path, fault: Fault
+) -> None:
+    # DROP: delivered, then the connection closes before the answer - the duplicate seen on a
+    # real server when the resend went out blind.
+    fake.script([fault])
+    task = await wait_status(client, (await post(client))["task_id"])
+    assert task["status"] == "SUCCESS"
+    assert len(fake.received) == 1  # no second send
+    assert task["result"]["evolution_key"] == fake.delivered[0].key_id
+    assert task["result"]["remote_jid"] == "5511988887777@s.whatsapp.net"
+    assert "possibly_duplicated" not in task["result"]  # one copy at Evolution: settled
+    assert [h["outcome"] for h in task["history"]] == ["ambiguous", "found"]
+    assert task["history"][1]["detail"].startswith(
+        f"Evolution already has it (key {fake.delivered[0].key_id}, stored at "
+    )
+    assert task["history"][1]["detail"].endswith("its answer was lost - not sent again")
+    assert task["delivery"]["state"] == "accepted"  # receipts for that key now apply
+    row = ledger(tmp_path, task["task_id"])
+    assert (row["ambiguous"], row["error_kind"]) == (1, "found")
+
+
+async def test_a_hanging_send_is_found_after_the_pause_not_sent_again(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url, evolution_timeout=0.3))
+    fake.hang_seconds = 5
+    fake.script([Fault.HANG])  # delivered, answered only after our timeout
+    task = await wait_status(client, (await post(client))["task_id"], timeout=10)
+    assert task["status"] == "SUCCESS"
+    assert [h["outcome"] for h in task["history"]] == ["ambiguous", "found"]
+    assert len(fake.received) == 1
+    assert task["result"]["evolution_key"] == fake.delivered[0].key_id
+    fake.release()
+
+
+async def test_a_lookup_takes_no_key_recorded_for_another_message(
+    client: TestClient[Any, Any], fake: FakeEvolution
+) -> None:
+    # The same text to the same recipient twice: Evolution holds both copies; the first is
+    # the first message's (recorded), so the second message's look-up must take only its own.
+    first = await wait_status(client, (await post(client))["task_id"])
+    fake.script([Fault.DROP])
+    second = await wait_status(client, (await post(client))["task_id"])
+    assert [h["outcome"] for h in second["history"]] == ["ambiguous", "found"]
+    assert first["result"]["evolution_key"] == fake.delivered[0].key_id
+    assert second["result"]["evolution_key"] == fake.delivered[1].key_id
+    assert "possibly_duplicated" not in second["result"]
+    assert len(fake.received) == 2
+
+
+async def test_without_the_lookup_route_an_ambiguous_send_is_resent_flagged(
+    client: TestClient[Any, Any], fake: FakeEvolution
+) -> None:
+    fake.find_messages_route = False  # an older server: 404 "Cannot POST /chat/findMessages/main"
+    fake.script([Fault.DROP])
+    task = await wait_status(client, (await post(client))["task_id"])
+    assert task["status"] == "SUCCESS"
+    assert task["result"]["possibly_duplicated"] is True
+    assert [h["event"] for h in task["history"]] == ["attempt", "lookup", "attempt"]
+    assert task["history"][1]["detail"] == (
+        "could not look it up in Evolution (Evolution has no such route (404) - check "
+        "EVOLUTION_API_URL); sent again"
+    )
+    assert fake.lookups == 1
+    assert len(fake.delivered) == 2  # the duplicate the look-up would have prevented, flagged
 
 
 async def test_a_second_ambiguous_outcome_fails_instead_of_risking_more_duplicates(
     client: TestClient[Any, Any], fake: FakeEvolution
 ) -> None:
+    fake.find_messages_route = False
     fake.script([Fault.DROP, Fault.DROP, Fault.OK])
     task = await wait_status(client, (await post(client))["task_id"])
     assert task["status"] == "FAILURE"
@@ -206,11 +287,15 @@ async def test_evolution_hanging_times_out_as_ambiguous_without_a_storm(
     client = await make_client(
         fast_settings(evolution_url=fake.url, evolution_timeout=0.3, ambiguous_retries=1)
     )
+    fake.find_messages_route = False
     fake.hang_seconds = 5
     fake.script([Fault.HANG, Fault.HANG])
     task = await wait_status(client, (await post(client))["task_id"], timeout=10)
     assert task["status"] == "FAILURE"
-    assert [h["outcome"] for h in task["history"]] == ["ambiguous", "ambiguous"]
+    assert [h["outcome"] for h in task["history"] if h["event"] == "attempt"] == [
+        "ambiguous",
+        "ambiguous",
+    ]
     assert len(fake.received) == 2  # one resend, no storm
     fake.release()
 

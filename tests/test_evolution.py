@@ -18,12 +18,20 @@ from hypothesis import strategies as st
 from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender, new_session
 from evomsgd.evolution.outcomes import (
     DETAIL_LIMIT,
+    EVOLUTION_CHANNEL,
+    LOOKUP_CLOCK_SKEW,
     InstanceState,
     OutcomeKind,
     SendOutcome,
     ServerInfo,
+    StoredMessage,
     classify_exception,
     classify_response,
+    find_messages_body,
+    found_outcome,
+    match_sent,
+    parse_messages,
+    recipient_jid,
 )
 from tests.fake_evolution import DELIVERS, FakeEvolution, Fault, Reply
 
@@ -646,3 +654,94 @@ def test_license_code_wins_over_status() -> None:
     body = json.dumps({"status": 503, "code": "LICENSE_REQUIRED", "message": "activate"})
     assert classify_response(503, body.encode()).kind is K.CONFIG_ERROR
     assert classify_response(503, b"<html>503</html>").kind is K.TRANSIENT
+
+
+# --- looking a send up: findMessages -------------------------------------------------------
+
+
+async def test_find_messages_answers_the_sends_evolution_stored_for_that_recipient(
+    client: EvolutionClient, fake: FakeEvolution
+) -> None:
+    fake.script([Fault.DROP, Reply(502, "bad gateway", delivered=False), Fault.OK])
+    await client.send_text("main", NUMBER, TEXT)  # delivered, no answer
+    await client.send_text("main", NUMBER, "not delivered")
+    await client.send_text("main", "5511900000000", TEXT)  # another recipient
+    answer = await client.find_messages("main", recipient_jid(NUMBER))
+    assert answer.ok
+    assert answer.data == (
+        StoredMessage(
+            fake.delivered[0].key_id or "",
+            f"{NUMBER}@s.whatsapp.net",
+            True,
+            TEXT,
+            answer.data[0].at,
+        ),
+    )
+    assert isinstance(answer.data[0].at, float)
+    assert match_sent(answer.data, TEXT, answer.data[0].at) == answer.data
+
+
+async def test_find_messages_without_the_route_or_the_server_says_it_cannot_tell(
+    client: EvolutionClient, fake: FakeEvolution
+) -> None:
+    fake.find_messages_route = False
+    answer = await client.find_messages("main", recipient_jid(NUMBER))
+    assert (answer.ok, answer.http_status) == (False, 404)
+    assert answer.reason == "Evolution has no such route (404) - check EVOLUTION_API_URL"
+    await fake.go_down()
+    answer = await client.find_messages("main", recipient_jid(NUMBER))
+    assert not answer.ok and "cannot connect to Evolution" in answer.reason
+    assert_no_key(answer)
+
+
+def _record(key: str, text: Any, at: Any, *, from_me: bool = True) -> dict[str, Any]:
+    return {
+        "key": {"id": key, "fromMe": from_me, "remoteJid": f"{NUMBER}@s.whatsapp.net"},
+        "message": {"conversation": text} if isinstance(text, str) else text,
+        "messageTimestamp": at,
+    }
+
+
+def test_parse_messages_reads_v2_records_and_v1_lists() -> None:
+    v2 = {
+        "messages": {"total": 1, "pages": 1, "currentPage": 1, "records": [_record("A", TEXT, 100)]}
+    }
+    v1 = [_record("B", {"extendedTextMessage": {"text": TEXT}}, "200"), {"key": {}}, "junk"]
+    assert parse_messages(v2) == (
+        StoredMessage("A", f"{NUMBER}@s.whatsapp.net", True, TEXT, 100.0),
+    )
+    assert parse_messages(v1) == (
+        StoredMessage("B", f"{NUMBER}@s.whatsapp.net", True, TEXT, 200.0),
+    )
+    assert parse_messages(None) == parse_messages({"messages": None}) == ()
+
+
+def test_match_sent_takes_only_our_copies_of_the_text_since_the_attempt() -> None:
+    started = 10_000.0
+    messages = parse_messages(
+        [
+            _record("NEW", TEXT, started + 5),
+            _record("SKEWED", TEXT, started - LOOKUP_CLOCK_SKEW),  # within the allowance
+            _record("OLD", TEXT, started - LOOKUP_CLOCK_SKEW - 1),  # an earlier message's
+            _record("OTHER-TEXT", TEXT + ".", started + 1),
+            _record("INCOMING", TEXT, started + 1, from_me=False),
+            _record("UNDATED", TEXT, None),
+            _record("TAKEN", TEXT, started + 2),  # recorded for another message
+        ]
+    )
+    found = match_sent(messages, TEXT, started, taken={"TAKEN"})
+    assert [m.key_id for m in found] == ["SKEWED", "NEW"]  # oldest first
+    outcome = found_outcome(found)
+    assert (outcome.kind, outcome.key_id, outcome.copies) == (K.FOUND, "SKEWED", 2)
+    assert outcome.reason.endswith("not sent again; Evolution holds 2 copies")
+    assert match_sent(messages, "another text", started) == ()
+
+
+def test_the_lookup_asks_for_the_jid_evolution_stores() -> None:
+    assert recipient_jid(NUMBER) == f"{NUMBER}@s.whatsapp.net"
+    assert recipient_jid(NUMBER, EVOLUTION_CHANNEL) == NUMBER  # kept as sent
+    assert recipient_jid("120363000000000000@g.us") == "120363000000000000@g.us"
+    assert find_messages_body("x@s.whatsapp.net") == {
+        "where": {"key": {"remoteJid": "x@s.whatsapp.net", "fromMe": True}},
+        "offset": 50,
+    }

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from evomsgd import clock
 from evomsgd.engine.rules import decide
+from evomsgd.evolution.client import EvolutionClient
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.records import Message
 from evomsgd.models import Status
@@ -121,8 +123,39 @@ async def test_a_lost_lease_is_swept_back_and_sent(
         task["result"]["recovered_after_crash"] == 1
         and task["result"]["possibly_duplicated"] is True
     )
-    assert [h["event"] for h in task["history"]] == ["recovered", "attempt"]
+    # Nothing was sent under that lease, so the look-up finds nothing and it is sent.
+    assert [h["event"] for h in task["history"]] == ["recovered", "lookup", "attempt"]
     assert "lease expired" in task["history"][0]["detail"]
+    assert task["history"][1]["detail"].startswith("not among Evolution's messages to ")
+    assert len(fake.received) == 1
+
+
+async def test_a_send_cut_by_a_crash_that_evolution_has_is_found_not_sent_again(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    await client.post("/instances/main/pause", json={})
+    accepted = await post(client, message="Your code is 424242")
+    store = client.app[SERVICE].store
+    # A worker claimed it and sent it; Evolution stored it; the daemon died before recording
+    # the 201: the row stays STARTED until its lease runs out.
+    assert store.claim(accepted["task_id"], clock.now(), lease=0.2) is not None
+    async with aiohttp.ClientSession() as session:
+        sent = await EvolutionClient(session, fake.url, API_KEY).send_text(
+            "main", "5511988887777", "Your code is 424242"
+        )
+    assert sent.kind is OutcomeKind.SENT
+    await client.post("/instances/main/resume", json={})
+    task = await wait_status(client, accepted["task_id"])
+    assert task["status"] == "SUCCESS"
+    assert [(h["event"], h["outcome"]) for h in task["history"]] == [
+        ("recovered", None),
+        ("attempt", "found"),
+    ]
+    assert task["result"]["evolution_key"] == sent.key_id
+    assert task["result"]["recovered_after_crash"] == 1
+    assert "possibly_duplicated" not in task["result"]
+    assert len(fake.received) == 1  # not sent again
 
 
 async def test_a_full_disk_answers_503_and_recovers(
@@ -363,12 +396,13 @@ def test_a_data_directory_that_turns_read_only_under_the_daemon(tmp_path: Path) 
             assert set(ledger_rows(data_dir)) == set(sent) | set(waiting)
 
 
-def test_a_send_in_flight_when_the_disk_fails_is_sent_again_flagged_not_lost(
+def test_a_send_in_flight_when_the_disk_fails_is_found_after_the_repair_not_lost(
     tmp_path: Path,
 ) -> None:
     """Evolution answers after the file system turned read-only: the outcome cannot be written.
     The worker must not sit out the drain retrying a write that cannot succeed, and the message
-    must come back after the repair (a possible duplicate, flagged) rather than vanish."""
+    must come back after the repair rather than vanish: looked up in Evolution, which has it, so
+    it is not sent twice."""
     fake = FakeProcess("--instances", "main")
     number = phone(7)
     request(fake.url + "/_fake/script", {"number": number, "responses": ["hang"]}, "POST")
@@ -394,10 +428,12 @@ def test_a_send_in_flight_when_the_disk_fails_is_sent_again_flagged_not_lost(
             repaired(tmp_path, data_dir),
             running(Daemon(data_dir, free_port(), **evolution_env(fake))) as daemon,
         ):
-            wait_until(lambda: statuses(data_dir, [task]) == {"SUCCESS"}, 20, "resent")
+            wait_until(lambda: statuses(data_dir, [task]) == {"SUCCESS"}, 20, "looked up")
             row = ledger_rows(data_dir)[task]
-            assert row["recovered"] == 1  # flagged: the first send may have arrived too
-            assert [r["number"] for r in fake.received()].count(number.lstrip("+")) == 2
+            assert row["recovered"] == 1
+            # Evolution had it (its 201 was what could not be recorded): found, not sent again.
+            assert row["error_kind"] == "found"
+            assert [r["number"] for r in fake.received()].count(number.lstrip("+")) == 1
             daemon.stop()
     finally:
         fake.stop()

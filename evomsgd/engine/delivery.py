@@ -15,7 +15,13 @@ from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job
 from evomsgd.engine.rules import decide
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import Sender
-from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
+from evomsgd.evolution.outcomes import (
+    OutcomeKind,
+    SendOutcome,
+    found_outcome,
+    match_sent,
+    recipient_jid,
+)
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
@@ -23,6 +29,9 @@ from evomsgd.log import log_fields
 from evomsgd.models import FINAL, Status
 
 log = logging.getLogger("evomsgd.delivery")
+
+# Outcomes after which WhatsApp has the message from this instance.
+SENT = (OutcomeKind.SENT, OutcomeKind.FOUND)
 
 
 class Delivery:
@@ -92,11 +101,16 @@ class Delivery:
         """Send, decide, record; always reports back, whatever happens."""
         final, effect = False, None
         try:
-            outcome = await self._send(msg)
+            outcome, looked_up = None, None
+            if msg.ambiguous and not msg.sandbox:
+                outcome, looked_up = await self._look_up(msg)
+            if outcome is None:
+                outcome = await self._send(msg)
             now = self._time()
             transition, effect = decide(msg, outcome, now, self.settings, self._rng, job)
+            transition.lookup = looked_up
             if await self._record(msg, started, now, transition, outcome):
-                if outcome.kind == OutcomeKind.SENT and not job.instance_known and not msg.sandbox:
+                if outcome.kind in SENT and not job.instance_known and not msg.sandbox:
                     self._first_send(msg, now)
                 if self._on_outcome is not None:
                     self._on_outcome(msg, outcome, transition)
@@ -122,6 +136,27 @@ class Delivery:
         self.committer.write(lambda cur: store.mark_sent_in(cur, instance, now)).add_done_callback(
             failed
         )
+
+    async def _look_up(self, msg: Message) -> tuple[SendOutcome | None, str | None]:
+        """Before resending a message an earlier attempt may have sent: does Evolution have it?
+        (FOUND, None) when it does; else (None, what the look-up said), and it is sent."""
+        assert msg.text is not None
+        started = time.monotonic()
+        try:
+            facts = await asyncio.to_thread(self.store.lookup_facts, msg)
+        except StoreUnavailable as exc:
+            return None, f"could not look it up ({exc}); sent again"
+        jid = recipient_jid(msg.phone, facts.integration)
+        answer = await self.sender.find_messages(msg.instance, jid)
+        if not answer.ok:
+            return None, f"could not look it up in Evolution ({answer.reason}); sent again"
+        matches = match_sent(answer.data, msg.text, facts.since, facts.taken)
+        if not matches:
+            return None, (
+                f"not among Evolution's messages to {jid} since "
+                f"{clock.to_rfc3339(facts.since)}; sent again"
+            )
+        return found_outcome(matches, elapsed=time.monotonic() - started), None
 
     async def _send(self, msg: Message) -> SendOutcome:
         assert msg.text is not None
@@ -193,7 +228,16 @@ def _log_outcome(msg: Message, outcome: SendOutcome, transition: Transition) -> 
     took = f"{outcome.elapsed * 1000:.0f}ms"
     if outcome.http_status is not None:
         took = f"HTTP {outcome.http_status}, {took}"
-    if transition.status == Status.SUCCESS:
+    if outcome.kind == OutcomeKind.FOUND:
+        log.info(
+            "task %s instance %s: found in Evolution, not sent again (attempt %s, key %s)",
+            msg.id,
+            msg.instance,
+            msg.attempts,
+            outcome.key_id,
+            extra=log_fields(msg.id, msg.instance),
+        )
+    elif transition.status == Status.SUCCESS:
         log.log(
             logging.WARNING if outcome.kind == OutcomeKind.SENT_UNCONFIRMED else logging.INFO,
             "task %s instance %s: sent (attempt %s, %s, key %s)",

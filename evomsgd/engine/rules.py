@@ -44,6 +44,19 @@ def decide(
             integration=outcome.integration,
         )
         return sent, LaneEffect(health=Health.OPEN)
+    if kind == OutcomeKind.FOUND:
+        # An earlier attempt sent it; nothing was sent now. One copy at Evolution: the
+        # ambiguity is resolved, not a duplicate (error_kind "found" says so to the result).
+        found = Transition(
+            Status.SUCCESS,
+            kind.value,
+            detail,
+            outcome.http_status,
+            evolution_key=outcome.key_id,
+            remote_jid=outcome.remote_jid,
+            error_kind=kind.value if outcome.copies == 1 else None,
+        )
+        return found, None
     if kind == OutcomeKind.SENT_UNCONFIRMED:
         return to(Status.SUCCESS), None  # WhatsApp has it: resending would duplicate it
     if kind == OutcomeKind.UNKNOWN_INSTANCE and job is not None and job.instance_known:

@@ -33,9 +33,11 @@ from evomsgd.evolution.outcomes import (
     StateProbe,
     classify_exception,
     classify_response,
+    find_messages_body,
     loads,
     may_have_sent,
     never_written,
+    parse_messages,
     parse_state,
     parse_webhook,
 )
@@ -74,6 +76,8 @@ class Sender(Protocol):
     async def connection_state(self, instance: str) -> StateProbe: ...
 
     async def server_info(self) -> ServerInfo: ...
+
+    async def find_messages(self, instance: str, remote_jid: str) -> Answer: ...
 
 
 # --- connections ------------------------------------------------------------------------------
@@ -388,6 +392,17 @@ class EvolutionClient:
             }
         return await self._call("POST", self._url("webhook", "set", instance), body)
 
+    async def find_messages(self, instance: str, remote_jid: str) -> Answer:
+        """`POST /chat/findMessages/{instance}`: the newest messages evomsgd's instance sent to
+        `remote_jid`; `data` is a tuple of StoredMessage. A look-up, so never a send: a failure
+        (Evolution down, a server without the route) only says it could not tell."""
+        answer = await self._call(
+            "POST", self._url("chat", "findMessages", instance), find_messages_body(remote_jid)
+        )
+        return (
+            dataclasses.replace(answer, data=parse_messages(answer.data)) if answer.ok else answer
+        )
+
     async def server_info(self) -> ServerInfo:
         """`GET /` without the key: is Evolution there, and which version; never raises."""
         try:
@@ -439,6 +454,10 @@ class SandboxClient:
     async def connection_state(self, instance: str) -> StateProbe:
         """Every sandbox instance is open."""
         return StateProbe(InstanceState.OPEN, None, "sandbox: always open")
+
+    async def find_messages(self, instance: str, remote_jid: str) -> Answer:
+        """The sandbox keeps no messages to look up: it cannot tell."""
+        return Answer(False, reason="sandbox: no server is contacted")
 
     async def server_info(self) -> ServerInfo:
         """The sandbox is always reachable, version "sandbox"."""

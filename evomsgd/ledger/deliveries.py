@@ -13,7 +13,7 @@ from typing import Any
 from evomsgd import clock
 from evomsgd.ledger import receipts
 from evomsgd.ledger.database import Database
-from evomsgd.ledger.records import Message, Transition
+from evomsgd.ledger.records import LookupFacts, Message, Transition
 from evomsgd.models import FINAL, WAITING, Status
 
 
@@ -228,6 +228,8 @@ class Deliveries(Database):
         )
         if cur.rowcount != 1:
             return False
+        if tr.lookup is not None:
+            self._event(cur, msg.id, msg.instance, clock.to_db(started), "lookup", tr.lookup)
         cur.execute(
             "INSERT INTO events (message_id, at, instance, event, attempt, outcome, http_status,"
             " detail) VALUES (?, ?, ?, 'attempt', ?, ?, ?, ?)",
@@ -262,6 +264,30 @@ class Deliveries(Database):
             "INSERT INTO events (message_id, at, instance, event, detail) VALUES (?, ?, ?, ?, ?)",
             (message_id, at, instance, event, detail),
         )
+
+    def lookup_facts(self, msg: Message) -> LookupFacts:
+        """For looking up a message whose earlier send may have gone out (`ambiguous` > 0).
+
+        `since`: the start of its first ambiguous attempt (its `attempt` event), or, for an
+        attempt a crash cut (no `attempt` event, only `recovered`), the message's event before
+        the recovery - the crashed attempt began after it - or its acceptance."""
+        rows = self.query(
+            "SELECT min(t) FROM (SELECT at AS t FROM events WHERE message_id = ?"
+            " AND event = 'attempt' AND outcome = 'ambiguous'"
+            " UNION ALL SELECT coalesce((SELECT max(p.at) FROM events p"
+            " WHERE p.message_id = r.message_id AND p.id < r.id), ?)"
+            " FROM events r WHERE r.message_id = ? AND r.event = 'recovered')",
+            (msg.id, msg.created_at, msg.id),
+        )
+        since = clock.from_db(rows[0][0] or msg.created_at)
+        # The recipient's latest messages are enough: a look-up reads one page of the newest.
+        keys = self.query(
+            "SELECT evolution_key FROM messages WHERE instance = ? AND phone = ? AND id != ?"
+            " AND evolution_key IS NOT NULL ORDER BY seq DESC LIMIT 500",
+            (msg.instance, msg.phone, msg.id),
+        )
+        lane = self.query("SELECT integration FROM lanes WHERE instance = ?", (msg.instance,))
+        return LookupFacts(since, frozenset(row[0] for row in keys), lane[0][0] if lane else None)
 
     def recover(self, now: float, *, only_expired_leases: bool) -> list[tuple[str, str]]:
         """Put STARTED messages back to RETRY: all of them at start-up, or those whose lease ran out.

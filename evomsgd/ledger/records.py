@@ -84,6 +84,15 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class LookupFacts:
+    """What looking an ambiguous send up in Evolution needs from the ledger."""
+
+    since: float  # the earliest attempt that may have sent it started no earlier than this
+    taken: frozenset[str]  # Evolution keys recorded for evomsgd's other messages to the recipient
+    integration: str | None  # the instance's integration (lanes.integration), when known
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
     """One row of `events`: a message's history."""
 
@@ -110,6 +119,9 @@ class Transition:
     remote_jid: str | None = None
     error_kind: str | None = None
     extra_events: list[tuple[str, str]] = field(default_factory=list)
+    # What the look-up before this attempt found, in words: a `lookup` history row, before the
+    # attempt's own (an attempt after an ambiguous one asks Evolution first).
+    lookup: str | None = None
     # Remember the recipient as not on WhatsApp (for this instance) until then.
     not_on_whatsapp_until: float | None = None
     integration: str | None = None  # SENT: the instance's integration as its 201 showed it

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from evomsgd import clock
+from evomsgd.evolution.outcomes import OutcomeKind
 from evomsgd.ledger.records import Message
 from evomsgd.models import (
     FINAL,
@@ -19,6 +20,8 @@ from evomsgd.models import (
     TaskView,
 )
 from evomsgd.service import TaskPage, TaskRecord
+
+FOUND = OutcomeKind.FOUND.value
 
 
 def task_list(page: TaskPage) -> TaskList:
@@ -68,7 +71,8 @@ def _result(msg: Message, waiting_because: str | None = None) -> TaskResult | No
         "instance": msg.instance,
         "attempts": msg.attempts,
         "recovered_after_crash": msg.recovered or None,
-        "possibly_duplicated": True if msg.ambiguous else None,
+        # A look-up that found exactly one copy at Evolution settled the doubt (rules: FOUND).
+        "possibly_duplicated": True if msg.ambiguous and msg.error_kind != FOUND else None,
     }
     if msg.status == Status.SUCCESS:
         unconfirmed = msg.error_kind == "sent_unconfirmed"

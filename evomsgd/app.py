@@ -131,7 +131,9 @@ def create_app(
             on_outcome=meter.on_outcome,
         )
         queue.register(delivery.run)
-        receipts = Receipts(store, committer, dispatcher, settings, on_receipt=meter.on_receipt)
+        receipts = Receipts(
+            store, committer, dispatcher, settings, sender=sender, on_receipt=meter.on_receipt
+        )
         service = Service(
             settings,
             store,

@@ -444,3 +444,47 @@ async def test_no_receipts_is_shown(make_client: MakeClient, fake: FakeEvolution
     assert "note" not in await _delivery(client, task_id)
     rows = client.app[SERVICE].store.query("SELECT instance, integration FROM lanes")
     assert sorted(rows) == [("evo", "EVOLUTION"), ("main", "WHATSAPP-BAILEYS")]
+
+
+async def test_without_webhooks_evolution_is_asked_before_a_message_is_called_unconfirmed(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    # No webhook points at evomsgd: findStatusMessage is the only way to learn what happened.
+    client = await make_client(fast_settings(evolution_url=fake.url, ack_timeout=0.3))
+    acked_id, acked_key = await _sent(client)
+    silent = await post(client, phone="+5511988880001")
+    silent_key = (await wait_status(client, silent["task_id"]))["result"]["evolution_key"]
+    fake.status_updates[acked_key] += ["SERVER_ACK", "DELIVERY_ACK"]  # stored, in no set order
+
+    async def settled() -> bool:
+        states = [(await _delivery(client, t))["state"] for t in (acked_id, silent["task_id"])]
+        return states == ["delivered", "unconfirmed"]
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await settled():
+        assert asyncio.get_running_loop().time() < deadline, "never looked up"
+        await asyncio.sleep(0.05)
+    assert fake.status_updates.get(silent_key) in (None, [])  # asked, nothing stored: unconfirmed
+    metrics = await (await client.get("/metrics")).text()
+    assert 'evomsgd_receipts_total{evolution_instance="main",state="delivered"} 1.0' in metrics
+
+
+async def test_an_instance_with_webhooks_is_not_asked(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client, _ = await _hooked(make_client, fake, ack_timeout=0.3)
+    task_id, key = await _sent(client)
+    await fake.receipt(key, "SERVER_ACK")  # a webhook came: the instance has them
+    fake.status_updates[key].append("READ")  # would be found if asked
+
+    async def stays_server_ack() -> bool:
+        return (await _delivery(client, task_id))["state"] == "server_ack"
+
+    assert await stays_server_ack()
+    second, second_key = await _sent(client)
+    fake.status_updates[second_key].append("DELIVERY_ACK")
+    deadline = asyncio.get_running_loop().time() + 10
+    while (await _delivery(client, second))["state"] != "unconfirmed":
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    assert await stays_server_ack()  # and the first was never looked up either

@@ -10,6 +10,7 @@ accepted messages that got no server ack in time as unconfirmed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -23,7 +24,7 @@ from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution.client import EvolutionClient
+from evomsgd.evolution.client import EvolutionClient, Sender
 from evomsgd.evolution.outcomes import InstanceState, StateProbe, WebhookConfig
 from evomsgd.ledger import receipts as ledger
 from evomsgd.ledger.commit import GroupCommitter
@@ -40,6 +41,9 @@ SECRET_CACHE_TTL = 1.0  # a new secret (evomsgd webhook setup) works within this
 # A receipt waits this long for its send's outcome before it is dropped as not ours.
 PENDING_TTL = 600.0
 SWEEP_EVERY = 5.0
+# findStatusMessage look-ups per sweep, all instances together: a message is asked about once,
+# just before it would be marked unconfirmed, so this only bounds a burst of stuck messages.
+LOOKUPS_PER_SWEEP = 20
 
 # Evolution's `status` of a messages.update (renderStatus.ts), by name and by Baileys' number.
 _STATUSES: dict[str, Delivery | None] = {
@@ -236,10 +240,12 @@ class Receipts:
         dispatcher: Dispatcher,
         settings: Settings,
         *,
+        sender: Sender | None = None,
         time_source: Callable[[], float] = clock.now,
         on_receipt: Callable[[str, str, float | None], None] | None = None,
     ) -> None:
         self.store = store
+        self._sender = sender
         self.committer = committer
         self.dispatcher = dispatcher
         self.settings = settings
@@ -355,10 +361,39 @@ class Receipts:
             )
         return marked
 
+    async def look_up_stuck(self, now: float) -> int:
+        """For instances without webhooks, ask Evolution (`findStatusMessage`) about messages the
+        sweep would mark unconfirmed, and apply what it stored; returns how many moved."""
+        if self._sender is None:
+            return 0
+        stuck = await asyncio.to_thread(
+            ledger.stuck_without_webhooks,
+            self.store,
+            now,
+            self.settings.ack_timeout,
+            LOOKUPS_PER_SWEEP,
+        )
+        found: list[Receipt] = []
+        for _, instance, key, jid in stuck:
+            answer = await self._sender.find_status(instance, key, jid)
+            state = _STATUSES.get(answer.data) if answer.ok and answer.data else None
+            if state is not None:
+                found.append(Receipt(instance, key, state.value, now))
+        moved = 0
+        for receipt in found:  # one at a time: the delivery-error pause counts per instance
+            results = await asyncio.wrap_future(
+                self.committer.write(functools.partial(self._apply_in, found=[receipt], now=now))
+            )
+            for result in results:
+                self._counted(receipt.instance, result)
+                moved += result.outcome == "applied"
+        return moved
+
     async def run(self) -> None:
-        """Sweep every few seconds until cancelled."""
+        """Sweep every few seconds until cancelled (asking about stuck messages first)."""
         while True:
             try:
+                await self.look_up_stuck(self._time())
                 await asyncio.to_thread(self.sweep, self._time())
             except StoreUnavailable as exc:
                 log.warning("receipts: sweep failed (%s); trying again", exc)

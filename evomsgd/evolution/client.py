@@ -34,11 +34,13 @@ from evomsgd.evolution.outcomes import (
     classify_exception,
     classify_response,
     find_messages_body,
+    find_status_body,
     loads,
     may_have_sent,
     never_written,
     parse_messages,
     parse_state,
+    parse_status_updates,
     parse_webhook,
 )
 from evomsgd.log import log_fields
@@ -78,6 +80,8 @@ class Sender(Protocol):
     async def server_info(self) -> ServerInfo: ...
 
     async def find_messages(self, instance: str, remote_jid: str) -> Answer: ...
+
+    async def find_status(self, instance: str, key_id: str, remote_jid: str | None) -> Answer: ...
 
 
 # --- connections ------------------------------------------------------------------------------
@@ -403,6 +407,20 @@ class EvolutionClient:
             dataclasses.replace(answer, data=parse_messages(answer.data)) if answer.ok else answer
         )
 
+    async def find_status(self, instance: str, key_id: str, remote_jid: str | None) -> Answer:
+        """`POST /chat/findStatusMessage/{instance}`: the highest status Evolution stored for one
+        message we sent (`data`: a STATUS_RANK name or None). A look-up: never raises."""
+        answer = await self._call(
+            "POST",
+            self._url("chat", "findStatusMessage", instance),
+            find_status_body(key_id, remote_jid),
+        )
+        return (
+            dataclasses.replace(answer, data=parse_status_updates(answer.data, key_id))
+            if answer.ok
+            else answer
+        )
+
     async def server_info(self) -> ServerInfo:
         """`GET /` without the key: is Evolution there, and which version; never raises."""
         try:
@@ -457,6 +475,10 @@ class SandboxClient:
 
     async def find_messages(self, instance: str, remote_jid: str) -> Answer:
         """The sandbox keeps no messages to look up: it cannot tell."""
+        return Answer(False, reason="sandbox: no server is contacted")
+
+    async def find_status(self, instance: str, key_id: str, remote_jid: str | None) -> Answer:
+        """The sandbox keeps no statuses to look up: it cannot tell."""
         return Answer(False, reason="sandbox: no server is contacted")
 
     async def server_info(self) -> ServerInfo:

@@ -487,6 +487,34 @@ def recipient_jid(number: str, integration: str | None = None) -> str:
     return number + "@s.whatsapp.net"
 
 
+# findStatusMessage's statuses, lowest to highest (renderStatus.ts; Baileys' numbering).
+STATUS_RANK = ("ERROR", "PENDING", "SERVER_ACK", "DELIVERY_ACK", "READ", "PLAYED")
+
+
+def find_status_body(key_id: str, remote_jid: str | None) -> dict[str, Any]:
+    """`POST /chat/findStatusMessage` body: the stored updates of one message we sent."""
+    where: dict[str, Any] = {"id": key_id}
+    if remote_jid:
+        where["remoteJid"] = remote_jid
+    return {"where": where, "offset": 50, "page": 1}
+
+
+def parse_status_updates(data: Any, key_id: str) -> str | None:
+    """The highest status among `findStatusMessage`'s updates of `key_id` (a bare array in no set
+    order), a name of STATUS_RANK; None when it stored none. A delivery outranks an ERROR."""
+    if not isinstance(data, list):
+        return None
+    found = [
+        row["status"]
+        for row in data
+        if isinstance(row, dict)
+        and row.get("keyId") == key_id
+        and row.get("status") in STATUS_RANK
+        and row.get("fromMe") is not False
+    ]
+    return max(found, key=STATUS_RANK.index) if found else None
+
+
 def find_messages_body(remote_jid: str) -> dict[str, Any]:
     """`POST /chat/findMessages` body: the newest page of our own messages to one JID."""
     return {"where": {"key": {"remoteJid": remote_jid, "fromMe": True}}, "offset": LOOKUP_PAGE}

@@ -172,6 +172,23 @@ def silent_instances_in(cur: sqlite3.Cursor) -> list[str]:
     return [row[0] for row in rows]
 
 
+def stuck_without_webhooks(
+    db: Database, now: float, ack_timeout: float, limit: int
+) -> list[tuple[str, str, str, str | None]]:
+    """Messages accepted over `ack_timeout` ago with no receipt since, on instances no webhook
+    ever came from and whose integration can report receipts: (id, instance, evolution key,
+    remote jid), oldest first. What the sweep would mark unconfirmed without asking."""
+    rows = db.query(
+        "SELECT m.id, m.instance, m.evolution_key, m.remote_jid FROM messages m"
+        " LEFT JOIN lanes l ON l.instance = m.instance"
+        " WHERE m.delivery = 'accepted' AND m.finished_at <= ? AND m.sandbox = 0"
+        " AND m.evolution_key IS NOT NULL AND l.last_webhook_at IS NULL"
+        " AND l.integration IS NOT ? ORDER BY m.finished_at LIMIT ?",
+        (clock.to_db(now - ack_timeout), EVOLUTION_CHANNEL, limit),
+    )
+    return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+
 def silent_instances(db: Database) -> frozenset[str]:
     """`silent_instances_in` on a read connection."""
     rows = db.query("SELECT instance FROM lanes WHERE integration = ?", (EVOLUTION_CHANNEL,))

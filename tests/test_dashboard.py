@@ -7,6 +7,7 @@ import os
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,7 @@ from evomsgd.ledger.store import LEDGER_FILE, Store
 from evomsgd.models import ErrorBody
 from tests.conftest import MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
+from tests.test_receipts import _hooked, _sent
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_ARGS = [
@@ -76,6 +78,38 @@ async def test_hourly_stats_count_sent_and_failed_attempts(
     assert len((await (await client.get("/stats/hourly?hours=2")).json())["buckets"]) == 2
 
 
+FUNNEL_ZERO = {"sent": 0, "delivered": 0, "read": 0, "failed": 0}
+
+
+async def test_hourly_stats_count_the_delivery_funnel_of_the_messages_sent(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client, _ = await _hooked(make_client, fake)
+    keys = [(await _sent(client))[1] for _ in range(5)]
+    for key, statuses in zip(
+        keys,
+        [["DELIVERY_ACK"], ["DELIVERY_ACK", "READ"], ["READ"], ["SERVER_ACK", "ERROR"], []],
+        strict=True,
+    ):
+        for status in statuses:
+            assert await fake.receipt(key, status) == 200
+    fake.script([Fault.NOT_ON_WHATSAPP], number=FAILING)  # a FAILURE is never in the funnel
+    await wait_status(client, (await post(client, phone="+" + FAILING))["task_id"])
+    body = await (await client.get("/stats/hourly")).json()
+    last = body["buckets"][-1]
+    # A READ without a DELIVERY_ACK was delivered too; failed is WhatsApp's ERROR receipt.
+    assert last["funnel"] == {"sent": 5, "delivered": 3, "read": 2, "failed": 1}
+    assert (last["sent"], last["failed"]) == (5, 1)  # the attempts, as before
+    assert all(b["funnel"] == FUNNEL_ZERO for b in body["buckets"][:-1])
+
+
+async def test_sandbox_messages_are_not_in_the_funnel(make_client: MakeClient) -> None:
+    client = await make_client(fast_settings(sandbox=True))
+    await wait_status(client, (await post(client))["task_id"])
+    body = await (await client.get("/stats/hourly?hours=1")).json()
+    assert body["buckets"][0]["funnel"] == FUNNEL_ZERO
+
+
 @pytest.mark.parametrize("hours", ["0", "169", "-1", "1.5", "day"])
 async def test_hourly_stats_reject_a_bad_window(client: TestClient[Any, Any], hours: str) -> None:
     resp = await client.get("/stats/hourly", params={"hours": hours})
@@ -104,30 +138,45 @@ async def browser() -> AsyncIterator[Any]:
             await launched.close()
 
 
-def backfill_a_day(data_dir: Path) -> None:
-    """Earlier traffic in the ledger's history, so the chart has a day to draw."""
+def backfill_a_day(data_dir: Path) -> int:
+    """Earlier traffic in the ledger's history, so the chart has a day to draw: attempts, and
+    the messages sent with the delivery states their receipts reached. Returns how many."""
     Store(data_dir).close()
     now = clock.now()
-    rows = []
+    rows, messages = [], []
     for hours_ago in range(1, 24):
         sent = 20 + (hours_ago * 37) % 45
         for n in range(sent + hours_ago % 4):
             outcome = "sent" if n < sent else "transient"
             at = clock.to_db(now - hours_ago * 3600 - n * 7)
-            rows.append((f"earlier-{hours_ago}-{n}", at, "main", "attempt", 1, outcome))
+            message_id = str(uuid.uuid4())
+            rows.append((message_id, at, "main", "attempt", 1, outcome))
+            if n < sent:  # most delivered, some of those read, a few failed
+                delivery = ("read", "delivered", "read", "server_ack", "delivered")[n % 5]
+                delivery = "failed" if n % 17 == 3 else delivery
+                phone = f"55119{(hours_ago * 7919 + n * 104729) % 10**8:08d}"
+                messages.append((message_id, phone, at, delivery))
+    messages.sort(key=lambda m: m[2])  # oldest first, as they arrived
     with sqlite3.connect(data_dir / LEDGER_FILE) as conn:
         conn.executemany(
             "INSERT INTO events (message_id, at, instance, event, attempt, outcome)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             rows,
         )
+        conn.executemany(
+            "INSERT INTO messages (id, status, instance, phone, phone_input, created_at,"
+            " expires_at, finished_at, delivery, attempts)"
+            " VALUES (?, 'SUCCESS', 'main', ?, ?, ?, ?, ?, ?, 1)",
+            [(m, phone, "+" + phone, at, at, at, d) for m, phone, at, d in messages],
+        )
     conn.close()
+    return len(messages)
 
 
 async def test_the_dashboard_shows_messages_and_retries_a_failed_one(
     make_client: MakeClient, fake: FakeEvolution, browser: Any, tmp_path: Path
 ) -> None:
-    backfill_a_day(tmp_path)
+    earlier = backfill_a_day(tmp_path)
     client = await make_client(fast_settings(evolution_url=fake.url))
     fake.script([Fault.NOT_ON_WHATSAPP], number=FAILING)  # the first send fails, a retry succeeds
     sent = [
@@ -158,9 +207,13 @@ async def test_the_dashboard_shows_messages_and_retries_a_failed_one(
     await row.wait_for()
     assert await row.get_attribute("data-status") == "SUCCESS"
     assert "+5511900000001" in await row.inner_text()
-    assert await page.locator('#counts [data-status="SUCCESS"] .card-value').inner_text() == "3"
+    assert (
+        await page.locator('#counts [data-status="SUCCESS"] .card-value').inner_text()
+        == f"{earlier + 3:,}"
+    )
     assert await page.locator('#lanes tr[data-instance="other"]').count() == 1
     assert await page.locator("#chart rect.sent").count() >= 20
+    assert await page.locator("#chart rect.read").count() >= 20
 
     failed_row = page.locator(f'#attention tr[data-task-id="{failed}"]')
     await failed_row.click()  # opens its history
@@ -315,4 +368,72 @@ async def test_the_instances_panel_shows_a_current_problem_and_a_past_error_apar
     assert await other.locator(".lane-problem, .error-text").count() == 0
     assert recovered["last_error"] not in await other.inner_text()
     await page.locator("#lanes").screenshot(path=str(tmp_path / "lanes.png"))
+    assert problems == []
+
+
+async def test_the_delivery_column_and_the_funnel_show_receipts(
+    make_client: MakeClient, fake: FakeEvolution, browser: Any, tmp_path: Path
+) -> None:
+    fake.add_instance("evo", integration="EVOLUTION")
+    client, _ = await _hooked(make_client, fake)
+    (delivered, key_d), (read, key_r), (waiting, _) = [await _sent(client) for _ in range(3)]
+    assert await fake.receipt(key_d, "DELIVERY_ACK") == 200
+    for status in ("DELIVERY_ACK", "READ"):
+        assert await fake.receipt(key_r, status) == 200
+    evo = (await post(client, instance_name="evo"))["task_id"]
+    await wait_status(client, evo)
+    later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
+    scheduled = (await post(client, phone="+5511900000004", send_at=later))["task_id"]
+    read_at = (await (await client.get(f"/tasks/{read}")).json())["delivery"]["read_at"]
+
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    problems: list[str] = []
+    page.on(
+        "console",
+        lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
+    )
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    await page.goto(str(client.make_url("/dashboard")))
+    await page.locator(f'#recent tr[data-task-id="{scheduled}"]').wait_for()
+
+    def cell(task_id: str) -> Any:
+        return page.locator(f'#recent tr[data-task-id="{task_id}"] td.delivery')
+
+    assert await page.locator("table:has(#recent) thead th").nth(6).text_content() == "Delivery"
+    assert await cell(delivered).inner_text() == "delivered"
+    assert await cell(read).inner_text() == "read"
+    assert await cell(waiting).inner_text() == "accepted"
+    assert await cell(evo).inner_text() == "no receipts"
+    assert await cell(evo).get_attribute("title") == "no receipts on this instance"
+    assert await cell(scheduled).inner_text() == ""  # nothing before a send
+    title = await cell(read).get_attribute("title") or ""
+    expected = await page.evaluate("at => new Date(at).toLocaleString()", read_at)
+    assert title == "read " + expected  # its time on hover
+
+    last_hour = page.locator("#chart g.bar").last
+    counts = {
+        step: await last_hour.locator(f"rect.{step}").get_attribute("data-count")
+        for step in ("sent", "delivered", "read")
+    }
+    assert counts == {"sent": "4", "delivered": "2", "read": "1"}
+    assert await last_hour.locator("rect.failed").count() == 0
+    heights = [
+        float(await last_hour.locator(f"rect.{step}").get_attribute("height") or 0)
+        for step in ("sent", "delivered", "read")
+    ]
+    assert heights[0] > heights[1] > heights[2] > 0
+    legend = await page.locator(".legend").inner_text()
+    assert [w.strip() for w in legend.split()] == [
+        "Sent",
+        "Delivered",
+        "Read",
+        "Delivery",
+        "failed",
+    ]
+    assert (
+        "4 sent, 2 delivered, 1 read, 0 failed" in await page.locator("#chart-summary").inner_text()
+    )
+    await page.screenshot(path=str(tmp_path / "funnel.png"), full_page=True)
+    if os.environ.get("EVOMSGD_FUNNEL_SCREENSHOT"):
+        await page.screenshot(path=os.environ["EVOMSGD_FUNNEL_SCREENSHOT"], full_page=True)
     assert problems == []

@@ -251,3 +251,30 @@ def delivery_counts(db: Database) -> dict[str, int]:
         ][0]
         for state in Delivery
     }
+
+
+# Delivery states at or past each funnel step (the ladder only moves forward, and `failed` ranks
+# below `delivered`: a message delivered is never counted failed).
+_DELIVERED = tuple(
+    s.value for s in Delivery if DELIVERY_RANK[s] >= DELIVERY_RANK[Delivery.DELIVERED]
+)
+_READ = tuple(s.value for s in Delivery if DELIVERY_RANK[s] >= DELIVERY_RANK[Delivery.READ])
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"  # enum values: not user input
+
+
+def delivery_funnel(db: Database, since: float, width: int) -> list[tuple[int, int, int, int, int]]:
+    """Messages Evolution accepted since a time, by the hour (`width`) of their acceptance:
+    (seconds after `since` // width, sent, delivered, read, failed), each step counted by the
+    message's delivery state now. Sandbox messages have no delivery state and are not counted."""
+    # finished_at >= ? seeks the messages_finished index; a delivery state implies SUCCESS.
+    rows = db.query(
+        "SELECT (CAST(strftime('%s', finished_at) AS INTEGER) - ?) / ? AS bucket, count(*),"
+        f" sum(delivery IN {_in(_DELIVERED)}), sum(delivery IN {_in(_READ)}),"
+        " sum(delivery = 'failed')"
+        " FROM messages WHERE finished_at >= ? AND delivery IS NOT NULL GROUP BY bucket",
+        (int(since), width, clock.to_db(int(since))),
+    )
+    return [(row[0], row[1], row[2], row[3], row[4]) for row in rows]

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from evomsgd import clock
 from evomsgd.errors import ApiError
+from evomsgd.ledger import receipts
 from evomsgd.web import api, routes
 from evomsgd.web.routes import Route
 
@@ -20,6 +21,10 @@ STATIC = Path(__file__).with_name("static")
 MAX_HOURS = 7 * 24
 # Attempt outcomes that mean WhatsApp has the message; every other outcome is a failed attempt.
 DELIVERED = ("sent", "sent_unconfirmed")
+# The funnel's steps, in the order of receipts.delivery_funnel's counts. `failed` is WhatsApp's
+# ERROR receipt for a message Evolution accepted, not a message in FAILURE (never sent, so never
+# in the funnel; failed attempts are the bucket's own `failed`).
+FUNNEL = ("sent", "delivered", "read", "failed")
 
 # Everything the page loads comes from the daemon itself: no inline script or style, no framing.
 CSP = (
@@ -39,7 +44,9 @@ async def page(request: web.Request) -> web.FileResponse:
 
 
 async def hourly(request: web.Request) -> web.Response:
-    """Attempts delivered and failed per hour over the last `hours` (default 24), oldest first."""
+    """Per hour over the last `hours` (default 24), oldest first: attempts Evolution accepted and
+    failed (`sent`, `failed`), and the delivery funnel of the messages it accepted in that hour
+    (`funnel`: sent, then how many of those are delivered, read, or failed by WhatsApp now)."""
     raw = request.query.get("hours", "24")
     if not (raw.isdigit() and 1 <= int(raw) <= MAX_HOURS):
         raise ApiError(
@@ -58,8 +65,18 @@ async def hourly(request: web.Request) -> web.Response:
         series = sent if outcome in DELIVERED else failed
         # Clamped: an attempt recorded a moment after `end` belongs to the last hour.
         series[min(max(index, 0), hours - 1)] += count
+    funnel = [dict.fromkeys(FUNNEL, 0) for _ in range(hours)]
+    for index, *counts in await asyncio.to_thread(receipts.delivery_funnel, store, start, 3600):
+        step = funnel[min(max(index, 0), hours - 1)]
+        for name, count in zip(FUNNEL, counts, strict=True):
+            step[name] += count
     buckets = [
-        {"start": clock.to_rfc3339(start + i * 3600), "sent": sent[i], "failed": failed[i]}
+        {
+            "start": clock.to_rfc3339(start + i * 3600),
+            "sent": sent[i],
+            "failed": failed[i],
+            "funnel": funnel[i],
+        }
         for i in range(hours)
     ]
     return web.json_response(

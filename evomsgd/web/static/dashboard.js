@@ -14,6 +14,25 @@
   const SHORT_ID = 8; // hex digits of a task id's random tail shown in the Task column
   const TASK_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
   const SVG = "http://www.w3.org/2000/svg";
+  const COLUMNS = 9; // of the task tables
+  // The funnel of each hour, as GET /stats/hourly counts it: messages Evolution accepted in that
+  // hour, and how many of them WhatsApp has since delivered, had read, or reported failed.
+  const FUNNEL = [
+    ["sent", "sent"],
+    ["delivered", "delivered"],
+    ["read", "read"],
+    ["failed", "delivery failed"],
+  ];
+  // The time each delivery state was reached, in the task's delivery object.
+  const DELIVERY_AT = {
+    accepted: "accepted_at",
+    server_ack: "server_ack_at",
+    delivered: "delivered_at",
+    read: "read_at",
+    played: "played_at",
+    failed: "failed_at",
+    unconfirmed: "unconfirmed_at",
+  };
 
   const state = {
     paused: false,
@@ -206,6 +225,22 @@
     }
   }
 
+  // What WhatsApp did with a sent message: its delivery state, the time it got there on hover;
+  // "no receipts" where its instance sends none; nothing before a send (or in sandbox mode).
+  function deliveryCell(delivery) {
+    if (!delivery) return el("td", { class: "delivery" });
+    if (delivery.note) {
+      return el("td", { class: "delivery", "data-delivery": "no_receipts", title: delivery.note }, el("span", { class: "muted" }, "no receipts"));
+    }
+    const at = delivery[DELIVERY_AT[delivery.state]];
+    const title = [delivery.state.replace("_", " ") + (at ? " " + localTime(at) : ""), delivery.error].filter(Boolean).join("\n");
+    return el(
+      "td",
+      { class: "delivery", "data-delivery": delivery.state, title },
+      pill(delivery.state.replace("_", " "), "delivery-" + delivery.state),
+    );
+  }
+
   // -- rendering ----------------------------------------------------------------------------
 
   function renderHealth(health) {
@@ -295,14 +330,16 @@
     const bottom = 26;
     const plotW = width - left - right;
     const plotH = height - top - bottom;
-    const highest = Math.max(...buckets.map((b) => b.sent + b.failed), 0);
+    const funnel = (b) => b.funnel || { sent: 0, delivered: 0, read: 0, failed: 0 };
+    const highest = Math.max(...buckets.map((b) => Math.max(...FUNNEL.map(([key]) => funnel(b)[key]))), 0);
     const scale = niceCeiling(highest);
     const slot = plotW / buckets.length;
-    const barW = Math.max(2, slot - 4);
+    const groupW = Math.max(4, slot - 4);
+    const barW = groupW / FUNNEL.length;
     const chart = svg("svg", {
       viewBox: "0 0 " + width + " " + height,
       role: "img",
-      "aria-label": "Messages sent and failed attempts per hour, last 24 hours",
+      "aria-label": "Messages sent per hour, and how many of them were delivered, read, or failed, last 24 hours",
     });
     for (let i = 0; i <= 4; i++) {
       const y = top + plotH - (plotH * i) / 4;
@@ -310,38 +347,49 @@
       chart.append(svg("text", { x: left - 6, y: y + 4, class: "tick tick-y" }, number.format((scale * i) / 4)));
     }
     buckets.forEach((bucket, i) => {
-      const x = left + i * slot + (slot - barW) / 2;
-      const sentH = (bucket.sent / scale) * plotH;
-      const failedH = (bucket.failed / scale) * plotH;
+      const x = left + i * slot + (slot - groupW) / 2;
+      const counts = funnel(bucket);
       const start = new Date(bucket.start);
       const end = new Date(start.getTime() + stats.bucket_seconds * 1000);
       const label =
         start.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) +
         "–" +
         end.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }) +
-        ": " + bucket.sent + " sent, " + bucket.failed + " failed";
-      const group = svg("g", { class: "bar" }, svg("title", {}, label));
-      group.append(svg("rect", { x: x - 1, y: top, width: barW + 2, height: plotH, class: "hover" }));
-      if (bucket.sent) group.append(svg("rect", { x, y: top + plotH - sentH, width: barW, height: sentH, class: "sent" }));
-      if (bucket.failed) {
-        group.append(svg("rect", { x, y: top + plotH - sentH - failedH, width: barW, height: failedH, class: "failed" }));
-      }
+        ": " + FUNNEL.map(([key, words]) => counts[key] + " " + words).join(", ") +
+        " (" + bucket.failed + " failed attempts)";
+      const group = svg("g", { class: "bar", "data-start": bucket.start }, svg("title", {}, label));
+      group.append(svg("rect", { x: x - 1, y: top, width: groupW + 2, height: plotH, class: "hover" }));
+      FUNNEL.forEach(([key], step) => {
+        if (!counts[key]) return;
+        const h = (counts[key] / scale) * plotH;
+        group.append(svg("rect", { x: x + step * barW, y: top + plotH - h, width: barW, height: h, class: key, "data-count": counts[key] }));
+      });
       chart.append(group);
       const fromEnd = buckets.length - i;
       if (fromEnd % 6 === 0 || i === buckets.length - 1) {
         const text = i === buckets.length - 1 ? "last hour" : "-" + fromEnd + "h";
-        chart.append(svg("text", { x: x + barW / 2, y: height - 8, class: "tick tick-x" }, text));
+        chart.append(svg("text", { x: x + groupW / 2, y: height - 8, class: "tick tick-x" }, text));
       }
     });
     $("chart").replaceChildren(chart);
 
-    const last = buckets[buckets.length - 1] || { sent: 0, failed: 0 };
-    const day = buckets.reduce((sum, b) => ({ sent: sum.sent + b.sent, failed: sum.failed + b.failed }), { sent: 0, failed: 0 });
-    const rate = (part) => (part.sent + part.failed ? Math.round((100 * part.sent) / (part.sent + part.failed)) + "% delivered" : "no attempts");
+    const add = (sum, b) => {
+      const counts = funnel(b);
+      const out = { attempts: sum.attempts + b.failed };
+      for (const [key] of FUNNEL) out[key] = sum[key] + counts[key];
+      return out;
+    };
+    const zero = { attempts: 0, sent: 0, delivered: 0, read: 0, failed: 0 };
+    const last = add(zero, buckets[buckets.length - 1] || { failed: 0 });
+    const day = buckets.reduce(add, zero);
+    const words = (part) =>
+      number.format(part.sent) + " sent, " + number.format(part.delivered) + " delivered, " +
+      number.format(part.read) + " read, " + number.format(part.failed) + " failed";
+    const rate = (part) => (part.sent ? " (" + Math.round((100 * part.delivered) / part.sent) + "% delivered)" : "");
     $("chart-summary").replaceChildren(
       el("strong", {}, "Last hour: "),
-      number.format(last.sent) + " sent, " + number.format(last.failed) + " failed (" + rate(last) + ")",
-      el("span", { class: "muted" }, " · 24 h: " + number.format(day.sent) + " sent, " + number.format(day.failed) + " failed"),
+      words(last) + rate(last),
+      el("span", { class: "muted" }, " · 24 h: " + words(day) + rate(day) + " · " + number.format(day.attempts) + " failed attempts"),
     );
   }
 
@@ -360,7 +408,7 @@
       rows.push(taskRow(task, tbody.id));
       if (isOpen(tbody.id, task.task_id)) rows.push(detailRow(task.task_id));
     }
-    if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 8, class: "empty" }, emptyText)));
+    if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: COLUMNS, class: "empty" }, emptyText)));
     tbody.replaceChildren(...rows);
   }
 
@@ -379,6 +427,7 @@
       el("td", { class: "mono", title: "as received: " + task.phone_input }, displayPhone(task.phone)),
       el("td", { class: "num" }, task.attempts),
       el("td", {}, when(task.created_at)),
+      deliveryCell(task.delivery),
       el("td", { class: "result" + (task.last_error && task.status !== "SUCCESS" ? " error-text" : ""), title: outcomeText(task) }, outcomeText(task)),
       el("td", { class: "actions" }, ...actionButtons(task)),
     );
@@ -420,7 +469,7 @@
 
   function detailRow(taskId) {
     const task = state.details.get(taskId);
-    const cell = el("td", { colspan: 8 });
+    const cell = el("td", { colspan: COLUMNS });
     if (!task) {
       cell.append(el("span", { class: "muted" }, "Loading history…"));
     } else {

@@ -16,22 +16,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender, new_session
-from evomsgd.evolution.outcomes import (
-    DETAIL_LIMIT,
-    EVOLUTION_CHANNEL,
+from evomsgd.evolution.lookups import (
     LOOKUP_CLOCK_SKEW,
-    InstanceState,
-    OutcomeKind,
-    SendOutcome,
-    ServerInfo,
     StoredMessage,
-    classify_exception,
-    classify_response,
     find_messages_body,
     found_outcome,
     match_sent,
     parse_messages,
     recipient_jid,
+)
+from evomsgd.evolution.outcomes import (
+    DETAIL_LIMIT,
+    EVOLUTION_CHANNEL,
+    InstanceState,
+    OutcomeKind,
+    SendOutcome,
+    ServerInfo,
+    classify_exception,
+    classify_response,
 )
 from tests.fake_evolution import DELIVERS, FakeEvolution, Fault, Reply
 

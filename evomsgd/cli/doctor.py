@@ -18,7 +18,8 @@ from evomsgd.engine.receipts import points_at_us, shown_url
 from evomsgd.engine.senders import build_sender
 from evomsgd.errors import ConfigError, StoreUnavailable
 from evomsgd.evolution.client import EvolutionClient, new_session
-from evomsgd.evolution.outcomes import Answer, InstanceState, OutcomeKind, StateProbe, WebhookConfig
+from evomsgd.evolution.lookups import Answer, WebhookConfig
+from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, StateProbe
 from evomsgd.ledger import receipts
 from evomsgd.ledger.schema import MIGRATIONS
 from evomsgd.ledger.store import LEDGER_FILE, IntegrityCheck, Store

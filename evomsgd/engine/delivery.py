@@ -15,13 +15,8 @@ from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job
 from evomsgd.engine.rules import decide
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import Sender
-from evomsgd.evolution.outcomes import (
-    OutcomeKind,
-    SendOutcome,
-    found_outcome,
-    match_sent,
-    recipient_jid,
-)
+from evomsgd.evolution.lookups import found_outcome, match_sent, recipient_jid
+from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store

@@ -25,7 +25,8 @@ from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import EvolutionClient, Sender
-from evomsgd.evolution.outcomes import InstanceState, StateProbe, WebhookConfig
+from evomsgd.evolution.lookups import WebhookConfig
+from evomsgd.evolution.outcomes import InstanceState, StateProbe
 from evomsgd.ledger import receipts as ledger
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import Receipt, ReceiptResult

@@ -22,10 +22,17 @@ from aiohttp.connector import NEEDS_CLEANUP_CLOSED, Connection
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from evomsgd.evolution.outcomes import (
-    STATE_REASONS,
+from evomsgd.evolution.lookups import (
     WEBHOOK_EVENTS,
     Answer,
+    find_messages_body,
+    find_status_body,
+    parse_messages,
+    parse_status_updates,
+    parse_webhook,
+)
+from evomsgd.evolution.outcomes import (
+    STATE_REASONS,
     InstanceState,
     OutcomeKind,
     SendOutcome,
@@ -33,15 +40,10 @@ from evomsgd.evolution.outcomes import (
     StateProbe,
     classify_exception,
     classify_response,
-    find_messages_body,
-    find_status_body,
     loads,
     may_have_sent,
     never_written,
-    parse_messages,
     parse_state,
-    parse_status_updates,
-    parse_webhook,
 )
 from evomsgd.log import log_fields
 

@@ -39,6 +39,20 @@ class LaneSettings(BaseModel):
     max_waiting: int | None = Field(
         None, ge=1, description="Waiting messages beyond which POST /messages answers 429."
     )
+    warmup_days: int | None = Field(
+        None,
+        ge=0,
+        description="Days of warm-up from the instance's first send: its daily cap starts at "
+        "warmup_start and doubles each UTC day (0 = off, or warmed).",
+    )
+    warmup_start: int | None = Field(
+        None, ge=1, description="Sends allowed on the first UTC day of the warm-up."
+    )
+    new_contacts_per_day: int | None = Field(
+        None,
+        ge=0,
+        description="Recipients it never sent to that it may write to per UTC day (0 = no budget).",
+    )
 
 
 class Settings(BaseModel):
@@ -169,6 +183,26 @@ class Settings(BaseModel):
         default=10_000,
         ge=1,
         description="Default cap on waiting messages per instance before 429.",
+    )
+    warmup_days: int = _env(
+        "EVOMSGD_WARMUP_DAYS",
+        default=0,
+        ge=0,
+        description="Default days of warm-up from an instance's first send, during which its "
+        "daily cap ramps up from EVOMSGD_WARMUP_START, doubling each UTC day (0 turns it off).",
+    )
+    warmup_start: int = _env(
+        "EVOMSGD_WARMUP_START",
+        default=20,
+        ge=1,
+        description="Default sends allowed on the first UTC day of an instance's warm-up.",
+    )
+    new_contacts_per_day: int = _env(
+        "EVOMSGD_NEW_CONTACTS_PER_DAY",
+        default=0,
+        ge=0,
+        description="Default number of recipients an instance never sent to that it may write to "
+        "per UTC day; messages over it wait for the next day (0 turns the budget off).",
     )
     probe_interval: float = _env(
         "EVOMSGD_PROBE_INTERVAL",
@@ -325,6 +359,11 @@ class Settings(BaseModel):
             per_hour=own.per_hour,
             per_day=own.per_day,
             max_waiting=self.max_waiting_for(instance),
+            warmup_days=self.warmup_days if own.warmup_days is None else own.warmup_days,
+            warmup_start=self.warmup_start if own.warmup_start is None else own.warmup_start,
+            new_contacts_per_day=self.new_contacts_per_day
+            if own.new_contacts_per_day is None
+            else own.new_contacts_per_day,
         )
 
     def max_waiting_for(self, instance: str) -> int:

@@ -314,6 +314,29 @@ class LaneView(BaseModel):
     )
     send_interval: float
     send_jitter: float
+    sent_today: int | None = Field(
+        None,
+        description="Sends started since UTC midnight; null when the lane has no daily cap.",
+    )
+    daily_cap: int | None = Field(
+        None,
+        description="Today's cap on sends: the warm-up's (never above per_day) while it warms "
+        "up, else per_day (which counts a rolling 24 hours); null when none.",
+    )
+    warmup_day: int | None = Field(
+        None,
+        description="The day of its warm-up (1: the UTC day of its first send); null when it "
+        "is not warming up.",
+    )
+    warmup_days: int | None = Field(None, description="Its warmup_days; null when off.")
+    new_contacts_today: int | None = Field(
+        None,
+        description="Messages to recipients it never sent to, handed out since UTC midnight; "
+        "null without a budget.",
+    )
+    new_contacts_per_day: int | None = Field(
+        None, description="Its new-contact budget a UTC day; null when off."
+    )
 
 
 class Lanes(BaseModel):

@@ -181,6 +181,22 @@ class Service:
                 code="queue_too_slow",
                 retry_after=retry_after,
             )
+        # Only once the budget is used up (the dispatcher's counter, no SQL) is the ledger asked
+        # whether the recipient is new: one primary-key read.
+        reset = self.dispatcher.new_contacts_reset(new.instance)
+        if (
+            reset is not None
+            and new.expires_at <= reset
+            and self.store.is_new_contact(new.instance, new.phone)
+        ):
+            raise Backpressure(
+                f"instance {new.instance!r} has written to all the new contacts it may today "
+                f"(new_contacts_per_day) and never sent to this recipient; the message would "
+                f"expire before {clock.to_rfc3339(reset)}, when it could go - retry then or give "
+                "it a longer expires_in",
+                code="queue_too_slow",
+                retry_after=max(1, math.ceil(reset - new.created_at)),
+            )
 
     # -- reading --------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from evomsgd.engine.rules import decide
 from evomsgd.evolution.outcomes import InstanceState, OutcomeKind, SendOutcome, StateProbe
 from evomsgd.ledger.records import Message, NewMessage
 from evomsgd.ledger.store import Store
-from evomsgd.models import FINAL
+from evomsgd.models import FINAL, Status
 from tests.conftest import fast_settings
 
 T0 = 1_800_000_000.0
@@ -31,8 +31,8 @@ OPEN = StateProbe(InstanceState.OPEN, None, "instance main is connected to Whats
 
 
 class Stepper:
-    def __init__(self, data_dir: Path, **settings: Any) -> None:
-        self.now = T0
+    def __init__(self, data_dir: Path, now: float = T0, **settings: Any) -> None:
+        self.now = now
         self.settings = fast_settings(**settings)
         self.store = Store(data_dir, durability="normal")
         self.jobs: list[Job] = []
@@ -60,7 +60,13 @@ class Stepper:
         self.store.close()
 
     def accept(
-        self, phone: str, *, priority: int = 0, instance: str = "main", send_at: float | None = None
+        self,
+        phone: str,
+        *,
+        priority: int = 0,
+        instance: str = "main",
+        send_at: float | None = None,
+        expires_in: float = 86_400.0,
     ) -> str:
         """Queue one message as the API would (already normalised), and wake its lane."""
         new = NewMessage(
@@ -72,7 +78,7 @@ class Stepper:
             priority=priority,
             created_at=self.now,
             send_at=send_at,
-            expires_at=self.now + 86_400.0,
+            expires_at=self.now + expires_in,
             sandbox=False,
         )
         self.store.insert_messages([new])
@@ -95,7 +101,10 @@ class Stepper:
         self.started.append(msg.id)
         transition, effect = decide(msg, outcome, self.now, self.settings, self.rng, job)
         assert self.store.finish_attempt(msg, job.started, self.now, transition)
-        self.dispatcher.finished(Finished(job, transition.status in FINAL, effect))
+        sent = transition.status is Status.SUCCESS
+        if sent and not job.instance_known:
+            self.store.mark_sent_once(msg.instance, self.now)  # as Delivery._first_send does
+        self.dispatcher.finished(Finished(job, transition.status in FINAL, effect, sent))
         row = self.store.get(msg.id)
         assert row is not None
         return row

@@ -285,7 +285,13 @@ def test_per_instance_settings_come_from_the_config_file(tmp_path: Path) -> None
     path.write_text("send_interval = 2.0\n[instances.shop]\nsend_interval = 0.5\nper_minute = 30\n")
     settings = load_settings({"config_file": path}, env={"EVOMSGD_SEND_JITTER": "0.25"})
     assert settings.lane("shop") == LaneSettings(
-        send_interval=0.5, send_jitter=0.25, per_minute=30, max_waiting=10_000
+        send_interval=0.5,
+        send_jitter=0.25,
+        per_minute=30,
+        max_waiting=10_000,
+        warmup_days=0,  # the defaults: warm-up and new-contact budget off
+        warmup_start=20,
+        new_contacts_per_day=0,
     )
     assert settings.lane("clinic").send_interval == 2.0
     flagged = load_settings({"config_file": path, "workers": 7}, env={"EVOMSGD_WORKERS": "3"})

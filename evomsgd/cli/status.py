@@ -123,6 +123,20 @@ def ago(at: str, now: float) -> str:
     return f"{days} day{'' if days == 1 else 's'} ago"
 
 
+def _budgets(lane: dict[str, Any]) -> list[str]:
+    """Today's sends against the cap, the warm-up day, new contacts against their budget."""
+    parts = []
+    if lane.get("daily_cap") is not None:
+        parts.append(f"sent today {lane.get('sent_today') or 0}/{lane['daily_cap']}")
+    if lane.get("warmup_day") is not None:
+        parts.append(f"warm-up day {lane['warmup_day']}/{lane.get('warmup_days')}")
+    if lane.get("new_contacts_per_day") is not None:
+        parts.append(
+            f"new contacts {lane.get('new_contacts_today') or 0}/{lane['new_contacts_per_day']}"
+        )
+    return parts
+
+
 def _lane_trouble(lane: dict[str, Any], now: float) -> str | None:
     """What stops the lane now; else its last error as history, with when it recovered."""
     if "problem" not in lane:
@@ -191,6 +205,7 @@ def render(report: dict[str, Any], *, color: bool, now: float | None = None) -> 
         ]
         if lane.get("next_send_at"):
             parts.append(f"next send {lane['next_send_at']}")
+        parts += _budgets(lane)
         trouble = _lane_trouble(lane, now)
         if trouble:
             parts.append(trouble)

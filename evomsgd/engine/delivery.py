@@ -94,7 +94,7 @@ class Delivery:
 
     async def _attempt(self, job: Job, msg: Message, started: float) -> None:
         """Send, decide, record; always reports back, whatever happens."""
-        final, effect = False, None
+        final, effect, sent = False, None, False
         try:
             outcome, looked_up = None, None
             if msg.ambiguous and not msg.sandbox:
@@ -105,7 +105,8 @@ class Delivery:
             transition, effect = decide(msg, outcome, now, self.settings, self._rng, job)
             transition.lookup = looked_up
             if await self._record(msg, started, now, transition, outcome):
-                if outcome.kind in SENT and not job.instance_known and not msg.sandbox:
+                sent = outcome.kind in SENT and not msg.sandbox
+                if sent and not job.instance_known:
                     self._first_send(msg, now)
                 if self._on_outcome is not None:
                     self._on_outcome(msg, outcome, transition)
@@ -116,7 +117,7 @@ class Delivery:
         except Exception:
             _crashed(job)
         finally:
-            self._report(Finished(job, final, effect))
+            self._report(Finished(job, final, effect, sent))
 
     def _first_send(self, msg: Message, now: float) -> None:
         """Record that the instance has sent, so a later "no such instance" waits out a grace."""

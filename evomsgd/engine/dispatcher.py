@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job, LaneEffect
-from evomsgd.engine.lanes import Health, Lane
+from evomsgd.engine.lanes import DAY, Health, Lane, day_start
 from evomsgd.engine.rules import probe_effect
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.outcomes import StateProbe
@@ -76,6 +76,7 @@ class Dispatcher:
         self._cond = threading.Condition()
         self._lanes: dict[str, Lane] = {}
         self._known: set[str] = set()  # instances that have sent (from the ledger at start)
+        self._first_sends: dict[str, float] = {}  # instance -> its first send (the ledger's)
         # Work per event is O(log lanes): a step looks only at the lanes an event touched
         # (_dirty) and those whose timer is due (_timers: a heap of (time, instance), stale
         # entries skipped lazily against Lane.wake_at), never at every lane.
@@ -108,21 +109,29 @@ class Dispatcher:
         now = self._time()
         waiting = self.store.waiting_by_instance()
         paused = self.store.paused_lanes()
-        known = self.store.instances_that_sent()
+        first = self.store.first_sends()
+        instances = set(waiting) | set(paused) | set(self.settings.instances)
+        if self.settings.warmup_days or self.settings.new_contacts_per_day:
+            instances |= set(first)  # a default budget applies to every instance that sent
         with self._cond:
-            self._known = known
+            self._known, self._first_sends = set(first), first
             for lane in self._lanes.values():
-                lane.known = lane.known or lane.instance in known
-            for instance in set(waiting) | set(paused) | set(self.settings.instances):
+                lane.known = lane.known or lane.instance in first
+                lane.first_sent_at = lane.first_sent_at or first.get(lane.instance)
+            for instance in instances:
                 lane = self._lane(instance)
                 lane.waiting = waiting.get(instance, (0, None))[0]
                 lane.operator_paused = instance in paused
                 lane.operator_reason = paused.get(instance)
                 self._dirty.add(lane.instance)
                 if any(
-                    getattr(lane.settings, cap) for cap in ("per_minute", "per_hour", "per_day")
+                    getattr(lane.settings, cap)
+                    for cap in ("per_minute", "per_hour", "per_day", "warmup_days")
                 ):
                     lane.sends.extend(self.store.attempt_times(instance, now - 86_400.0))
+                if lane.settings.new_contacts_per_day:
+                    lane.new_contacts_day = day_start(now)
+                    lane.new_contacts = self.store.new_contacts_since(instance, day_start(now))
             self._notify()
 
     def drain(self) -> None:
@@ -175,6 +184,8 @@ class Dispatcher:
         with self._cond:
             lane = self._lane(report.job.instance)
             self._release(lane, report.job.message_id)
+            if report.sent and lane.first_sent_at is None:
+                lane.first_sent_at = now  # the warm-up's day 1 (the ledger records it too)
             if report.final:
                 lane.waiting = max(0, lane.waiting - 1)
             self._dirty.add(lane.instance)
@@ -287,6 +298,7 @@ class Dispatcher:
                 concurrency=concurrency,
                 unknown_grace=self.settings.unknown_instance_grace,
                 known=instance in self._known,
+                first_sent_at=self._first_sends.get(instance),
                 # Lanes made together (a start with a backlog on 1,000 instances) must not all
                 # probe Evolution in the same instant; an unprobed lane may send meanwhile.
                 next_probe_at=self._time()
@@ -376,19 +388,31 @@ class Dispatcher:
                 self._starved.add(lane.instance)
                 return _Plan(lane)
             known = lane.known
+            strangers_left = lane.new_contacts_left(now)
         if gone:
             return _Plan(lane, wake=self._fail_gone(lane, now))
         # Claimed messages are STARTED, so neither what is in flight nor its recipient's later
         # messages come back here.
-        ids = self.store.ready(lane.instance, now, room)
-        plan = _Plan(lane, known=known, short=len(ids) < room)
+        if strangers_left is None:
+            rows = [
+                (message_id, False) for message_id in self.store.ready(lane.instance, now, room)
+            ]
+        else:
+            rows = self.store.ready_contacts(lane.instance, now, room, strangers=strangers_left > 0)
+        plan = _Plan(lane, known=known, short=len(rows) < room)
         with self._cond:
-            for message_id in ids:
+            for message_id, new_contact in rows:
                 if (
                     lane.blocked_until(now) is not None
                     or self._in_flight >= self.settings.max_in_flight
                 ):
                     break
+                if new_contact:
+                    left = lane.new_contacts_left(now)
+                    if left is not None and left <= 0:
+                        plan.short = True  # the rest waits for tomorrow's budget
+                        continue
+                    lane.count_new_contact(now)
                 plan.taken.append(message_id)
                 lane.in_flight.add(message_id)
                 self._in_flight += 1
@@ -444,8 +468,14 @@ class Dispatcher:
         lane = plan.lane
         wake = plan.wake
         if wake is None and plan.short:
-            # Nothing more is due now: wake when the next waiting message becomes due.
-            wake = self.store.next_due(lane.instance, now)
+            # Nothing more is due now: wake when the next waiting message becomes due - of
+            # those to known contacts, and at midnight, once the new-contact budget is used up.
+            with self._cond:
+                no_strangers = lane.new_contacts_left(now) == 0
+            wake = self.store.next_due(lane.instance, now, strangers=not no_strangers)
+            if no_strangers:
+                midnight = day_start(now) + DAY
+                wake = midnight if wake is None else min(wake, midnight)
             with self._cond:
                 if wake is None and not lane.in_flight:
                     lane.waiting = 0
@@ -579,7 +609,48 @@ class Dispatcher:
                 return f"instance {instance} is paused ({lane.health.value}): {lane.last_error}"
             if lane.held_until > now:
                 return f"instance {instance} rests until {clock.to_rfc3339(lane.held_until)}: {lane.last_error}"
+            tomorrow = clock.to_rfc3339(day_start(now) + DAY)
+            cap = lane.daily_cap(now)
+            if cap is not None and lane.sent_today(now) >= cap:
+                return (
+                    f"instance {instance} has sent today's {cap} messages (warm-up day "
+                    f"{lane.warmup_day(now)} of {lane.settings.warmup_days}) - it sends again "
+                    f"at {tomorrow}"
+                )
+            if lane.new_contacts_left(now) == 0:
+                return (
+                    f"instance {instance} has written to today's {lane.settings.new_contacts_per_day}"
+                    f" new contacts (new_contacts_per_day) - messages to new contacts wait until "
+                    f"{tomorrow}"
+                )
             return None
+
+    def new_contacts_reset(self, instance: str) -> float | None:
+        """When the instance's new-contact budget, used up today, allows more (the next UTC
+        midnight); None while it has room or no budget. For backpressure: no SQL, a lock."""
+        now = self._time()
+        with self._cond:
+            lane = self._lanes.get(instance)
+            if lane is None or lane.new_contacts_left(now) != 0:
+                return None
+            return day_start(now) + DAY
+
+    @staticmethod
+    def _budgets(lane: Lane, now: float) -> dict[str, int | None]:
+        """Today's sends against the daily cap, new contacts against their budget, the
+        warm-up day (caller holds the lock); None for what the lane does not limit."""
+        cap = lane.daily_cap(now)
+        if cap is None:
+            cap = lane.settings.per_day
+        budget = lane.settings.new_contacts_per_day or None
+        return {
+            "sent_today": lane.sent_today(now) if cap is not None else None,
+            "daily_cap": cap,
+            "warmup_day": lane.warmup_day(now),
+            "warmup_days": lane.settings.warmup_days or None,
+            "new_contacts_today": lane.new_contacts_today(now) if budget else None,
+            "new_contacts_per_day": budget,
+        }
 
     def lanes_view(self) -> list[LaneView]:
         """Each lane for /instances, /health and `evomsgd status`."""
@@ -606,6 +677,7 @@ class Dispatcher:
                     recovered_at=at(lane.recovered_at),
                     send_interval=lane.settings.send_interval or 0.0,
                     send_jitter=lane.settings.send_jitter or 0.0,
+                    **self._budgets(lane, now),
                 )
                 for lane in lanes
             ]

@@ -50,3 +50,4 @@ class Finished:
     job: Job
     final: bool = False  # the message reached a final status
     effect: LaneEffect | None = None
+    sent: bool = False  # it was sent (outside sandbox mode): a first send starts the warm-up

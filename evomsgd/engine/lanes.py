@@ -10,6 +10,13 @@ from enum import StrEnum
 from evomsgd.config import LaneSettings
 
 _WINDOWS = (("per_minute", 60.0), ("per_hour", 3600.0), ("per_day", 86_400.0))
+DAY = 86_400.0
+
+
+def day_start(ts: float) -> float:
+    """The UTC midnight that begins the day of `ts`: the warm-up and the new-contact budget
+    count UTC days."""
+    return ts - ts % DAY
 
 
 class Health(StrEnum):
@@ -54,6 +61,9 @@ class Lane:
     waiting: int = 0
     wake_at: float = float("inf")  # the dispatcher's timer for this lane (inf: none set)
     sends: deque[float] = field(default_factory=deque)  # attempt start times, newest last
+    first_sent_at: float | None = None  # its first successful send (the ledger's lanes row)
+    new_contacts: int = 0  # messages to new contacts handed out on the UTC day new_contacts_day
+    new_contacts_day: float = 0.0
 
     @property
     def interval(self) -> float:
@@ -106,12 +116,55 @@ class Lane:
             return self.next_send_at
         return self.cap_free_at(now)
 
+    def warmup_day(self, now: float) -> int | None:
+        """The day of the warm-up ramp (1: the UTC day of the first send, or today before any
+        send); None when the instance is not warming up (off, or past warmup_days)."""
+        days = self.settings.warmup_days
+        if not days:
+            return None
+        first = now if self.first_sent_at is None else min(self.first_sent_at, now)
+        day = int((day_start(now) - day_start(first)) // DAY) + 1
+        return day if day <= days else None
+
+    def daily_cap(self, now: float) -> int | None:
+        """Today's cap on sends from the warm-up (warmup_start doubled each day, never above
+        per_day); None outside the warm-up, where only per_day (a rolling 24 hours) applies."""
+        day = self.warmup_day(now)
+        if day is None:
+            return None
+        cap: int = (self.settings.warmup_start or 1) * 2 ** (day - 1)
+        return cap if self.settings.per_day is None else min(cap, self.settings.per_day)
+
+    def sent_today(self, now: float) -> int:
+        """Attempts started since UTC midnight (complete only while a daily cap loads them)."""
+        midnight = day_start(now)
+        return sum(1 for t in self.sends if t >= midnight)
+
+    def new_contacts_today(self, now: float) -> int:
+        """Messages to new contacts handed out since UTC midnight."""
+        return self.new_contacts if self.new_contacts_day == day_start(now) else 0
+
+    def new_contacts_left(self, now: float) -> int | None:
+        """How many more new contacts it may write to today; None when it has no budget."""
+        budget = self.settings.new_contacts_per_day
+        if not budget:
+            return None
+        return max(0, budget - self.new_contacts_today(now))
+
+    def count_new_contact(self, now: float) -> None:
+        """A message to a new contact is handed out now."""
+        self.new_contacts = self.new_contacts_today(now) + 1
+        self.new_contacts_day = day_start(now)
+
     def cap_free_at(self, now: float) -> float | None:
-        """When the per-minute/hour/day caps allow one more send (None: now)."""
+        """When the per-minute/hour/day caps and the warm-up allow one more send (None: now)."""
         horizon = now - 86_400.0
         while self.sends and self.sends[0] <= horizon:
             self.sends.popleft()
         latest: float | None = None
+        today = self.daily_cap(now)
+        if today is not None and self.sent_today(now) >= today:
+            latest = day_start(now) + DAY
         for name, window in _WINDOWS:
             cap: int | None = getattr(self.settings, name)
             if cap is None:

@@ -39,6 +39,13 @@ _EARLIER_UNSENT = (
     " AND (e.status != 'SCHEDULED' OR e.next_attempt_at <= ?)"
 )
 
+# `m` goes to a recipient its instance never sent to, for the first time (a retry was counted
+# at its first attempt): what new_contacts_per_day counts.
+NEW_CONTACT = (
+    "(m.attempts = 0 AND NOT EXISTS (SELECT 1 FROM recipients r"
+    " WHERE r.instance = m.instance AND r.phone = m.phone))"
+)
+
 COLUMNS = ", ".join(Message.__slots__)
 
 
@@ -77,23 +84,62 @@ class Deliveries(Database):
         rows = self.query(sql, [instance, now_db, now_db, limit])
         return [row[0] for row in rows]
 
-    def next_due(self, instance: str, now: float) -> float | None:
-        """When the next waiting message of an instance that is not held back becomes due."""
+    def ready_contacts(
+        self, instance: str, now: float, limit: int, *, strangers: bool
+    ) -> list[tuple[str, bool]]:
+        """`ready`, each id with whether it goes to a new contact (NEW_CONTACT); without
+        `strangers`, those are left out (the instance's new-contact budget is used up)."""
+        now_db = clock.to_db(now)
+        sql = (
+            f"SELECT id, {NEW_CONTACT} FROM messages m WHERE instance = ? AND {IN_WAITING}"
+            f" AND next_attempt_at <= ? AND NOT EXISTS ({_EARLIER_UNSENT})"
+        )
+        if not strangers:
+            sql += f" AND NOT {NEW_CONTACT}"
+        sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
+        rows = self.query(sql, [instance, now_db, now_db, limit])
+        return [(row[0], bool(row[1])) for row in rows]
+
+    def next_due(self, instance: str, now: float, *, strangers: bool = True) -> float | None:
+        """When the next waiting message of an instance that is not held back becomes due
+        (without `strangers`: of those to known contacts)."""
         # Held-back messages are left out: they become ready when the message ahead of them is
         # attempted, which wakes the dispatcher anyway; counting them would wake it in a loop.
         sql = (
             f"SELECT min(next_attempt_at) FROM messages m WHERE instance = ? AND {IN_WAITING}"
             f" AND NOT EXISTS ({_EARLIER_UNSENT})"
         )
+        if not strangers:
+            sql += f" AND NOT {NEW_CONTACT}"
         value = self.query(sql, [instance, clock.to_db(now)])[0][0]
         return None if value is None else clock.from_db(value)
 
-    def instances_that_sent(self) -> set[str]:
-        """Instances that have sent at least once (outside sandbox mode)."""
-        return {
-            row[0]
-            for row in self.query("SELECT instance FROM lanes WHERE first_sent_at IS NOT NULL")
-        }
+    def first_sends(self) -> dict[str, float]:
+        """Instance -> its first successful send (outside sandbox mode), for those that sent."""
+        rows = self.query(
+            "SELECT instance, first_sent_at FROM lanes WHERE first_sent_at IS NOT NULL"
+        )
+        return {row[0]: clock.from_db(row[1]) for row in rows}
+
+    def new_contacts_since(self, instance: str, since: float) -> int:
+        """Recipients an instance had not sent to before `since` whose messages it attempted
+        since then (loads the new-contact budget's count at a start)."""
+        since_db = clock.to_db(since)
+        return int(
+            self.query(
+                "SELECT count(DISTINCT phone) FROM messages m WHERE instance = ? AND started_at >= ?"
+                " AND NOT EXISTS (SELECT 1 FROM recipients r WHERE r.instance = m.instance"
+                " AND r.phone = m.phone AND r.first_sent_at < ?)",
+                (instance, since_db, since_db),
+            )[0][0]
+        )
+
+    def is_new_contact(self, instance: str, phone: str) -> bool:
+        """The instance has never sent to `phone`."""
+        rows = self.query(
+            "SELECT 1 FROM recipients WHERE instance = ? AND phone = ?", (instance, phone)
+        )
+        return not rows
 
     def mark_sent_once(self, instance: str, now: float) -> None:
         """Record an instance's first send (kept; later calls change nothing)."""
@@ -228,6 +274,12 @@ class Deliveries(Database):
         )
         if cur.rowcount != 1:
             return False
+        if tr.status is Status.SUCCESS and not msg.sandbox:
+            cur.execute(
+                "INSERT INTO recipients (instance, phone, first_sent_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (instance, phone) DO NOTHING",
+                (msg.instance, msg.phone, now_db),
+            )
         if tr.lookup is not None:
             self._event(cur, msg.id, msg.instance, clock.to_db(started), "lookup", tr.lookup)
         cur.execute(

@@ -188,4 +188,21 @@ CREATE TABLE contacts (
 );
 """,
     ),
+    (
+        6,
+        "known recipients",
+        """
+-- Who each instance has sent to (outside sandbox mode): a recipient without a row is a new
+-- contact, counted against new_contacts_per_day. Kept when retention purges the messages.
+CREATE TABLE recipients (
+    instance       TEXT NOT NULL,
+    phone          TEXT NOT NULL,                 -- messages.phone
+    first_sent_at  TEXT NOT NULL,
+    PRIMARY KEY (instance, phone)
+) WITHOUT ROWID;
+INSERT INTO recipients (instance, phone, first_sent_at)
+    SELECT instance, phone, min(finished_at) FROM messages
+    WHERE status = 'SUCCESS' AND sandbox = 0 GROUP BY instance, phone;
+""",
+    ),
 ]

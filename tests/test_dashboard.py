@@ -138,6 +138,19 @@ async def browser() -> AsyncIterator[Any]:
             await launched.close()
 
 
+async def open_dashboard(browser: Any, client: TestClient[Any, Any]) -> tuple[Any, list[str]]:
+    """The dashboard in a new page, and the console errors and warnings it logs meanwhile."""
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    problems: list[str] = []
+    page.on(
+        "console",
+        lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
+    )
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    await page.goto(str(client.make_url("/dashboard")))
+    return page, problems
+
+
 def backfill_a_day(data_dir: Path) -> int:
     """Earlier traffic in the ledger's history, so the chart has a day to draw: attempts, and
     the messages sent with the delivery states their receipts reached. Returns how many."""
@@ -194,14 +207,7 @@ async def test_the_dashboard_shows_messages_and_retries_a_failed_one(
     later = (datetime.now(UTC) + timedelta(hours=2)).isoformat()
     await post(client, phone="+5511900000004", send_at=later)
 
-    page = await browser.new_page(viewport={"width": 1360, "height": 900})
-    problems: list[str] = []
-    page.on(
-        "console",
-        lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
-    )
-    page.on("pageerror", lambda exc: problems.append(str(exc)))
-    await page.goto(str(client.make_url("/dashboard")))
+    page, problems = await open_dashboard(browser, client)
 
     row = page.locator(f'#recent tr[data-task-id="{sent[0]}"]')
     await row.wait_for()
@@ -346,14 +352,7 @@ async def test_the_instances_panel_shows_a_current_problem_and_a_past_error_apar
     assert recovered["problem"] is None and recovered["last_error"]
     closed = await lane_when(client, "main", lambda lane: bool(lane["problem"]))
 
-    page = await browser.new_page(viewport={"width": 1360, "height": 900})
-    problems: list[str] = []
-    page.on(
-        "console",
-        lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
-    )
-    page.on("pageerror", lambda exc: problems.append(str(exc)))
-    await page.goto(str(client.make_url("/dashboard")))
+    page, problems = await open_dashboard(browser, client)
 
     problem = page.locator('#lanes tr[data-instance="main"] td.lane-problem')
     await problem.wait_for()
@@ -386,14 +385,7 @@ async def test_the_delivery_column_and_the_funnel_show_receipts(
     scheduled = (await post(client, phone="+5511900000004", send_at=later))["task_id"]
     read_at = (await (await client.get(f"/tasks/{read}")).json())["delivery"]["read_at"]
 
-    page = await browser.new_page(viewport={"width": 1360, "height": 900})
-    problems: list[str] = []
-    page.on(
-        "console",
-        lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
-    )
-    page.on("pageerror", lambda exc: problems.append(str(exc)))
-    await page.goto(str(client.make_url("/dashboard")))
+    page, problems = await open_dashboard(browser, client)
     await page.locator(f'#recent tr[data-task-id="{scheduled}"]').wait_for()
 
     def cell(task_id: str) -> Any:

@@ -153,6 +153,7 @@ class Service:
         if self.dispatcher.draining:
             raise ShuttingDown("evomsgd is shutting down - retry in a few seconds", retry_after=5)
         self._check_backlog(new)
+        await self._check_new_contact_budget(new)
         try:
             return await self.committer.submit(new)
         except StoreUnavailable as exc:
@@ -181,13 +182,17 @@ class Service:
                 code="queue_too_slow",
                 retry_after=retry_after,
             )
+
+    async def _check_new_contact_budget(self, new: NewMessage) -> None:
+        """429 rather than accept a message to a new contact that would expire before the
+        instance's new-contact budget allows it."""
         # Only once the budget is used up (the dispatcher's counter, no SQL) is the ledger asked
-        # whether the recipient is new: one primary-key read.
+        # whether the recipient is new: one primary-key read, off the event loop.
         reset = self.dispatcher.new_contacts_reset(new.instance)
         if (
             reset is not None
             and new.expires_at <= reset
-            and self.store.is_new_contact(new.instance, new.phone)
+            and await asyncio.to_thread(self.store.is_new_contact, new.instance, new.phone)
         ):
             raise Backpressure(
                 f"instance {new.instance!r} has written to all the new contacts it may today "

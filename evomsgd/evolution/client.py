@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import secrets
 import select
@@ -71,11 +72,27 @@ _HEADERS = {"Accept": "application/json"}
 IDLE_TIMEOUT = 2.0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutgoingMedia:
+    """One media send: `media` is a URL or the file's bytes in base64 (never both)."""
+
+    kind: str  # image, document, video, audio: Evolution's mediatype
+    media: str
+    filename: str
+    mimetype: str | None = None
+    caption: str = ""  # "" sends none: Evolution refuses a null caption (v1: an empty one)
+
+    def __repr__(self) -> str:  # never the bytes in a log line or a traceback
+        return f"OutgoingMedia({self.kind}, {self.filename!r}, {len(self.media)} characters)"
+
+
 @runtime_checkable
 class Sender(Protocol):
     """What the queue needs from a client: the real one or the sandbox."""
 
     async def send_text(self, instance: str, number: str, text: str) -> SendOutcome: ...
+
+    async def send_media(self, instance: str, number: str, media: OutgoingMedia) -> SendOutcome: ...
 
     async def connection_state(self, instance: str) -> StateProbe: ...
 
@@ -236,15 +253,45 @@ class EvolutionClient:
         # No `delay`: the server would hold the request open that long; evomsgd paces itself.
         return {"number": number, "text": text, "linkPreview": False}
 
+    def _media_body(self, number: str, media: OutgoingMedia) -> dict[str, Any]:
+        """sendMedia's body (shared/evolution-api.md, Send media): v2 flat, v1 `mediaMessage`."""
+        fields: dict[str, Any] = {"mediatype": media.kind}
+        if media.mimetype:
+            fields["mimetype"] = media.mimetype
+        if media.caption:  # null is refused (v2), empty too (v1): absent means none
+            fields["caption"] = media.caption
+        fields["media"] = media.media
+        # v2 replaces the mimetype with the type of fileName's extension; base64 documents
+        # need one: always send it.
+        fields["fileName"] = media.filename
+        if self._api_version == 1:
+            return {"number": number, "options": {"delay": 0}, "mediaMessage": fields}
+        return {"number": number, **fields}
+
+    async def send_media(self, instance: str, number: str, media: OutgoingMedia) -> SendOutcome:
+        """POST one media message (sendMedia); every problem comes back as an outcome."""
+        started = time.monotonic()
+        # A file in base64 makes a body of megabytes: encoded in a thread, not on the loop.
+        body = await asyncio.to_thread(_encode, self._media_body(number, media))
+        outcome = await self._post("sendMedia", instance, number, body, started)
+        return self._finish(instance, number, outcome, 'requires property "mediatype"')
+
     async def send_text(self, instance: str, number: str, text: str) -> SendOutcome:
         """POST one text; every HTTP or network problem comes back as an outcome."""
         started = time.monotonic()
-        outcome = self._scrub_outcome(await self._send(instance, number, text, started))
-        # Our v1 body sent to a v2 server fails its schema on the missing "text".
+        outcome = await self._send(instance, number, text, started)
+        return self._finish(instance, number, outcome, 'requires property "text"')
+
+    def _finish(
+        self, instance: str, number: str, outcome: SendOutcome, v2_schema: str
+    ) -> SendOutcome:
+        """Scrub and log an outcome; a v1 body refused by a v2 server's schema (`v2_schema`
+        missing) is a configuration error, not the message's fault."""
+        outcome = self._scrub_outcome(outcome)
         if (
             self._api_version == 1
             and outcome.kind is OutcomeKind.PERMANENT
-            and 'requires property "text"' in (outcome.detail or "")
+            and v2_schema in (outcome.detail or "")
         ):
             outcome = dataclasses.replace(
                 outcome,
@@ -256,8 +303,16 @@ class EvolutionClient:
         return outcome
 
     async def _send(self, instance: str, number: str, text: str, started: float) -> SendOutcome:
-        url = self._url("message", "sendText", instance)
+        return await self._post("sendText", instance, number, self._body(number, text), started)
+
+    async def _post(
+        self, route: str, instance: str, number: str, body: dict[str, Any] | bytes, started: float
+    ) -> SendOutcome:
+        """`body` as JSON, or already encoded (a media body is encoded off the loop)."""
+        url = self._url("message", route, instance)
         headers = {**_HEADERS, "apikey": self._api_key}
+        if isinstance(body, bytes):
+            headers["Content-Type"] = "application/json"
         timeout = aiohttp.ClientTimeout(total=self._timeout, connect=min(10.0, self._timeout))
         logger.debug(
             "sending to %s via instance %s", number, instance, extra=log_fields(instance=instance)
@@ -266,13 +321,16 @@ class EvolutionClient:
             try:
                 async with self._session.post(
                     url,
-                    json=self._body(number, text),
+                    json=None if isinstance(body, bytes) else body,
+                    data=body if isinstance(body, bytes) else None,
                     headers=headers,
                     timeout=timeout,
                     allow_redirects=False,
                 ) as resp:
-                    body = await _read_capped(resp)
-                    return classify_response(resp.status, body, elapsed=time.monotonic() - started)
+                    answer = await _read_capped(resp)
+                    return classify_response(
+                        resp.status, answer, elapsed=time.monotonic() - started
+                    )
             except Exception as exc:  # never raise to the queue; CancelledError still propagates
                 if attempt == 1 and never_written(exc):
                     # The pooled connection closed as we were about to write: nothing went
@@ -447,6 +505,10 @@ class EvolutionClient:
         return ServerInfo(False, None, self._scrub(classify_response(status, body).reason))
 
 
+def _encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -470,6 +532,11 @@ class SandboxClient:
         key_id = "SANDBOX-" + secrets.token_hex(10).upper()
         logger.debug("sandbox: not sending to %s via %s (key %s)", number, instance, key_id)
         return SendOutcome(OutcomeKind.SENT, "sandbox: not sent", key_id=key_id, remote_jid=jid)
+
+    async def send_media(self, instance: str, number: str, media: OutgoingMedia) -> SendOutcome:
+        """Record a media send without sending it: SENT with a fresh SANDBOX- key id."""
+        logger.debug("sandbox: not sending %r to %s via %s", media, number, instance)
+        return await self.send_text(instance, number, media.caption)
 
     async def connection_state(self, instance: str) -> StateProbe:
         """Every sandbox instance is open."""

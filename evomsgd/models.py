@@ -69,19 +69,61 @@ DELIVERY_AT: dict[Delivery, str] = {
 }
 
 
+class MediaIn(BaseModel):
+    """`media` of POST /messages: a file by `url` or `base64` (multipart: the `file` part)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["image", "document", "video", "audio"] = Field(
+        description="What WhatsApp shows it as; audio goes as a file, not a voice note."
+    )
+    url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2084,
+        description="An http(s) URL Evolution downloads (or evomsgd, with fetch).",
+    )
+    base64: str | None = Field(
+        None, min_length=1, description="The file's bytes in standard base64, no data: prefix."
+    )
+    filename: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^\x00-\x1f/\\]+$",
+        description="File name shown to the recipient; derived from the mimetype when absent.",
+    )
+    mimetype: str | None = Field(
+        None,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$",
+        description="Detected from the bytes (or the file name) when absent.",
+    )
+    caption: str | None = Field(
+        None, min_length=1, description="Text under the media; `message` when absent."
+    )
+    fetch: bool | None = Field(
+        None,
+        description="url only: evomsgd downloads and stores the file when accepting the message "
+        "(for links that expire); default EVOMSGD_MEDIA_FETCH.",
+    )
+
+
 class SendRequest(BaseModel):
     """Body of POST /messages; unknown fields are ignored so old clients keep working."""
 
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={
+            # `message` may be left out only when `media` is there (its caption).
+            "anyOf": [{"required": ["message"]}, {"required": ["media"]}],
             "examples": [
                 {
                     "phone": "+5215512345678",
                     "message": "Hola Carlos",
                     "instance_name": "mi_instancia",
                 }
-            ]
+            ],
         },
     )
 
@@ -91,8 +133,11 @@ class SendRequest(BaseModel):
         description="International number (+5215512345678), a local number when EVOMSGD_DEFAULT_REGION "
         "is set, or a WhatsApp JID (...@s.whatsapp.net, ...@g.us, ...@lid).",
     )
-    message: str = Field(
-        min_length=1, description="Text to send (at most EVOMSGD_MAX_TEXT_LENGTH characters)."
+    message: str | None = Field(
+        None,
+        min_length=1,
+        description="Text to send (at most EVOMSGD_MAX_TEXT_LENGTH characters); required unless "
+        "`media` is given, then it is the caption.",
     )
     instance_name: str | None = Field(
         None,
@@ -115,6 +160,9 @@ class SendRequest(BaseModel):
     )
     expires_at: AwareDatetime | None = Field(
         None, description="RFC 3339 time after which an unsent message EXPIRES."
+    )
+    media: MediaIn | None = Field(
+        None, description="A document, image, video or audio file to send (see MediaIn)."
     )
 
 

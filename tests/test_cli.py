@@ -836,6 +836,7 @@ def test_purge_dry_run_counts_and_changes_nothing(app: ServedApp) -> None:
         "would remove 1 history events of those messages\n"
         "kept every message text (EVOMSGD_ERASE_TEXT_DAYS is not set)\n"
         "would remove 0 expired idempotency keys\n"
+        "would remove 0 media files no message uses (0.0 MB to free)\n"
         "dry run: nothing was changed (ledger N MB)\n"
     )
     with sqlite3.connect(app.data_dir / LEDGER_FILE) as conn:

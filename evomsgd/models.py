@@ -268,6 +268,21 @@ class DeliveryView(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class MediaView(BaseModel):
+    """A task's media: what was (or will be) sent, and where to get the stored file."""
+
+    type: str = Field(description="image, document, video or audio.")
+    filename: str | None = Field(description="The file name sent to Evolution.")
+    mimetype: str | None = Field(description="The mimetype sent to Evolution.")
+    size: int | None = Field(description="Bytes of the stored file; null for a url medium.")
+    sha256: str | None = Field(description="The stored file's SHA-256 (its name on disk).")
+    url: str | None = Field(description="A url medium passed to Evolution (not stored).")
+    download: str | None = Field(
+        description="GET this path, with the same token, for the stored file; null for a url "
+        "medium."
+    )
+
+
 class TaskView(BaseModel):
     """GET /tasks/{task_id}: the Celery-compatible trio plus the ledger's columns."""
 
@@ -296,6 +311,9 @@ class TaskView(BaseModel):
         "sandbox mode, and for messages sent before receipts existed.",
     )
     history: list[Attempt]
+    media: MediaView | None = Field(
+        None, description="The message's document, image, video or audio; null for a text."
+    )
 
 
 class TaskList(BaseModel):

@@ -385,6 +385,26 @@ class Service:
 
         return await asyncio.to_thread(run)
 
+    async def media_file(self, message_id: str) -> tuple[Path, MediaRef]:
+        """Where a task's stored media file is, with what it is; NotFound when the task has
+        none (a text, a url medium) or the file is gone."""
+
+        def run() -> tuple[Path, MediaRef]:
+            msg = self.store.get(message_id)
+            if msg is None:
+                raise NotFound(f"no task with id {message_id!r}")
+            media = msg.media
+            if media is None or media.sha256 is None:
+                raise NotFound(f"task {message_id} has no stored media file")
+            path = self.media_files.path(media.sha256)
+            if not path.is_file():
+                raise NotFound(
+                    f"the media file of task {message_id} is no longer in the data directory"
+                )
+            return path, media
+
+        return await asyncio.to_thread(run)
+
     # -- Evolution's webhooks -------------------------------------------------------------
 
     async def webhook_authentic(self, presented: str | None) -> bool:

@@ -7,7 +7,9 @@ import asyncio
 import base64
 import hashlib
 import sqlite3
+import struct
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,30 @@ from evomsgd.ledger.media import MEDIA_DIR
 from evomsgd.models import ErrorBody
 from tests.conftest import MakeClient, fast_settings, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
+from tests.test_security import add_token, wait_for_status
 
 PHONE = "+5511988887777"
 PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n<< >>\n%%EOF\n"
-PNG = (
-    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"
-    b"\x1f\x15\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\xff\xff?\x00\x05\xfe\x02\xfe\xa7\x35\x81\x84"
-    b"\x00\x00\x00\x00IEND\xaeB`\x82"
-)
+
+
+def _png(width: int = 2, height: int = 2) -> bytes:
+    """A real PNG (browsers decode it for the dashboard's thumbnail)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + b"\x0f\x76\x6e" * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+PNG = _png()
 ELF = b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 56
 # A tokenless daemon still wants proof that a multipart POST is not a web page's form.
 BEARER = {"Authorization": "Bearer any"}
@@ -554,3 +572,63 @@ async def test_fetching_obeys_the_allow_list_redirects_and_the_size_limit(
     assert count_messages(tmp_path) == 0 and stored_files(tmp_path) == []
     assert fake.received == []
     assert (await send("/files/invoice.pdf")).status == 202
+
+
+# -- views ------------------------------------------------------------------------------------
+
+
+async def test_a_task_shows_its_media_and_the_daemon_serves_the_stored_file(
+    client: TestClient[Any, Any],
+) -> None:
+    body = {"phone": PHONE, "media": {"type": "image", "base64": b64(PNG), "filename": "parcel 77"}}
+    task_id = await accepted(await client.post("/messages", json=body))
+    view = await (await client.get(f"/tasks/{task_id}")).json()
+    assert view["media"] == {
+        "type": "image",
+        "filename": "parcel 77.png",
+        "mimetype": "image/png",
+        "size": len(PNG),
+        "sha256": hashlib.sha256(PNG).hexdigest(),
+        "url": None,
+        "download": f"/tasks/{task_id}/media",
+    }
+    resp = await client.get(view["media"]["download"])
+    assert resp.status == 200 and await resp.read() == PNG
+    assert resp.headers["Content-Type"] == "image/png"
+    assert resp.headers["Content-Disposition"] == "attachment; filename*=UTF-8''parcel%2077.png"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in resp.headers["Content-Security-Policy"]
+    listed = await (await client.get("/tasks")).json()
+    assert listed["tasks"][0]["media"] == view["media"]
+
+
+async def test_a_task_without_a_stored_file_has_no_download(
+    client: TestClient[Any, Any],
+) -> None:
+    text = await accepted(await client.post("/messages", json={"phone": PHONE, "message": "hi"}))
+    assert (await (await client.get(f"/tasks/{text}")).json())["media"] is None
+    resp = await client.get(f"/tasks/{text}/media")
+    await assert_error(resp, 404, "not_found", f"task {text} has no stored media file", [])
+    url = "https://files.example.com/a.pdf"
+    linked = await accepted(
+        await client.post(
+            "/messages", json={"phone": PHONE, "media": {"type": "document", "url": url}}
+        )
+    )
+    media = (await (await client.get(f"/tasks/{linked}")).json())["media"]
+    assert (media["url"], media["download"], media["size"]) == (url, None, None)
+    assert (await client.get(f"/tasks/{linked}/media")).status == 404
+
+
+async def test_the_download_is_behind_the_same_token(
+    make_client: MakeClient, fake: FakeEvolution, tmp_path: Path
+) -> None:
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    token = add_token(tmp_path, "backend")
+    await wait_for_status(client, "/tasks", 401, {})
+    auth = {"Authorization": f"Bearer {token}"}
+    body = {"phone": PHONE, "media": {"type": "document", "base64": b64(PDF)}}
+    task_id = await accepted(await client.post("/messages", json=body, headers=auth))
+    assert (await client.get(f"/tasks/{task_id}/media")).status == 401
+    resp = await client.get(f"/tasks/{task_id}/media", headers=auth)
+    assert resp.status == 200 and await resp.read() == PDF

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -209,6 +210,23 @@ async def _task_in_scope(request: web.Request) -> str:
 async def get_task(request: web.Request) -> web.Response:
     """One task with its status, result and history."""
     return _json(task_view(await request.app[SERVICE].task(await _task_in_scope(request))))
+
+
+async def task_media(request: web.Request) -> web.StreamResponse:
+    """A task's stored media file, as a download; served by the daemon (never hot-linked)."""
+    path, media = await request.app[SERVICE].media_file(await _task_in_scope(request))
+    name = media.filename or path.name
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": media.mimetype or "application/octet-stream",
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name, safe='')}",
+            # The bytes are a customer's file: never run as a page of this origin.
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, no-store",
+        },
+    )
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -432,6 +450,19 @@ API = (
             "getTask",
             "Status, result and history of a task",
             (Answer(200, "The task", TaskView), routes.UNKNOWN_TASK),
+        ),
+    ),
+    Route(
+        "GET",
+        "/tasks/{task_id}/media",
+        task_media,
+        Operation(
+            "getTaskMedia",
+            "The stored media file of a task (document, image, video, audio)",
+            (
+                Answer(200, "The file, with its mimetype and name", binary=True),
+                Answer(404, "Unknown task, or it has no stored file"),
+            ),
         ),
     ),
     Route(

@@ -853,6 +853,16 @@ class FakeEvolution:
         minimal = fault is Fault.OK_MINIMAL  # the EVOLUTION channel's row, as its 201
         record.key_id = record.key_id or _new_key(fault)
         number = record.number or ""
+        kind, body = "conversation", {"conversation": record.text or ""}
+        if record.media is not None:  # sendMedia: the caption inside the media's own message
+            kind = f"{record.media.get('mediatype')}Message"
+            shown = {
+                "mimetype": record.media.get("mimetype"),
+                "fileName": record.media.get("fileName"),
+            }
+            if record.text:
+                shown["caption"] = record.text
+            body = {kind: shown}
         self.stored.append(
             {
                 "id": "cm" + secrets.token_hex(12),
@@ -862,8 +872,8 @@ class FakeEvolution:
                     "remoteJid": number if minimal else _jid(number),
                 },
                 "pushName": None if minimal else "Você",
-                "messageType": "conversation",
-                "message": {"conversation": record.text or ""},
+                "messageType": kind,
+                "message": body,
                 "messageTimestamp": int(time.time()),
                 "instanceId": inst.instance_id,
                 "source": "unknown" if minimal else "web",

@@ -632,3 +632,35 @@ async def test_the_download_is_behind_the_same_token(
     assert (await client.get(f"/tasks/{task_id}/media")).status == 401
     resp = await client.get(f"/tasks/{task_id}/media", headers=auth)
     assert resp.status == 200 and await resp.read() == PDF
+
+
+async def test_an_ambiguous_media_send_is_looked_up_by_its_caption_not_sent_twice(
+    client: TestClient[Any, Any], fake: FakeEvolution
+) -> None:
+    """The connection drops after Evolution took it: the look-up finds the caption among the
+    recipient's messages, so the invoice is not sent a second time."""
+    fake.script(number="5511988887777", responses=[Fault.DROP])
+    body = {
+        "phone": PHONE,
+        "message": "Invoice 1042",
+        "media": {"type": "document", "base64": b64(PDF)},
+    }
+    task_id = await accepted(await client.post("/messages", json=body))
+    done = await wait_status(client, task_id)
+    assert done["status"] == "SUCCESS", done
+    assert [e["outcome"] for e in done["history"] if e["event"] == "attempt"] == [
+        "ambiguous",
+        "found",
+    ]
+    assert len(fake.received) == 1 and fake.lookups == 1
+
+
+async def test_a_file_of_megabytes_passes_the_text_limit_in_base64(
+    client: TestClient[Any, Any], fake: FakeEvolution, tmp_path: Path
+) -> None:
+    big = PDF + b"%" * (3 * 1024 * 1024)  # 4 MiB of base64: far past 64 KiB, under 16 MiB
+    body = {"phone": PHONE, "media": {"type": "document", "base64": b64(big)}}
+    task_id = await accepted(await client.post("/messages", json=body))
+    assert media_file(tmp_path, big).stat().st_size == len(big)
+    assert (await wait_status(client, task_id))["status"] == "SUCCESS"
+    assert base64.b64decode((fake.received[0].media or {})["media"]) == big

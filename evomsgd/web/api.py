@@ -87,6 +87,20 @@ def _decode_json(raw: bytes) -> Any:
         ) from None
 
 
+def _parse_send_request(raw: bytes) -> SendRequest:
+    try:
+        return SendRequest.model_validate_json(raw)  # a valid body in one pass (pydantic-core)
+    except ValidationError:
+        return _send_request(_decode_json(raw))  # words what is wrong (and reads UTF-16/32)
+
+
+def _media_request(raw: bytes) -> SendRequest:
+    """A body over the text limit: a media request with its file in base64, or 413."""
+    if not _carries_base64(raw):
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_TEXT_BODY, actual_size=len(raw))
+    return _parse_send_request(raw)
+
+
 def _carries_base64(raw: bytes) -> bool:
     """Whether a body over the text limit is a media request with its file in base64, the one
     kind of JSON body allowed to be that large."""
@@ -151,12 +165,10 @@ async def send_message(request: web.Request) -> web.Response:
         # A media request may carry its file in base64: read up to that size, then hold
         # every other body to the text limit.
         raw = await _read_body(request.clone(client_max_size=media_body_limit(service.settings)))
-        if len(raw) > MAX_TEXT_BODY and not _carries_base64(raw):
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_TEXT_BODY, actual_size=len(raw))
-        try:
-            req = SendRequest.model_validate_json(raw)  # valid in one pass through pydantic-core
-        except ValidationError:
-            req = _send_request(_decode_json(raw))  # words what is wrong (and reads UTF-16/32)
+        if len(raw) > MAX_TEXT_BODY:  # megabytes of JSON: parsed in a thread, not on the loop
+            req = await asyncio.to_thread(_media_request, raw)
+        else:
+            req = _parse_send_request(raw)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 200 and key.isprintable()):
         raise ApiError(

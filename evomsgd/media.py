@@ -10,8 +10,8 @@ from typing import Literal
 
 import filetype
 
+# What Evolution's sendMedia takes as `mediatype` (models.MediaIn.type).
 MediaKind = Literal["image", "document", "video", "audio"]
-KINDS: tuple[MediaKind, ...] = ("image", "document", "video", "audio")
 
 # Evolution sends these with its defaults when no file name is given; documents get one derived
 # from the mimetype (Evolution refuses a base64 document without one).
@@ -123,7 +123,7 @@ def _compatible(declared: str, found: str) -> bool:
 
 
 def check(
-    kind: MediaKind, data: bytes, *, mimetype: str | None = None, filename: str | None = None
+    kind: str, data: bytes, *, mimetype: str | None = None, filename: str | None = None
 ) -> Checked:
     """The mimetype and file name to send, or `MediaError` when the bytes are not what the
     request says: a program, an "image" that is no image, a "pdf" that is something else."""
@@ -152,12 +152,12 @@ def check(
     return Checked(final, _filename(kind, filename, final))
 
 
-def _filename(kind: MediaKind, given: str | None, mimetype: str) -> str:
+def _filename(kind: str, given: str | None, mimetype: str) -> str:
     """The given name with an extension Evolution can read the type from (it replaces the
     mimetype with the extension's), or one made from the kind and the mimetype."""
     ext = extension_of(mimetype) or ""
     if not given:
-        return DEFAULT_STEM[kind] + ext
+        return DEFAULT_STEM.get(kind, "file") + ext
     if not PurePosixPath(given).suffix and ext:
         return given + ext
     return given

@@ -14,6 +14,8 @@ from pydantic import (
     model_serializer,
 )
 
+from evomsgd.media import MediaKind
+
 
 class Status(StrEnum):
     """A message's state in the ledger; the first five are the old Celery stack's names."""
@@ -74,7 +76,7 @@ class MediaIn(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["image", "document", "video", "audio"] = Field(
+    type: MediaKind = Field(
         description="What WhatsApp shows it as; audio goes as a file, not a voice note."
     )
     url: str | None = Field(

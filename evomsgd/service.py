@@ -207,7 +207,7 @@ class Service:
         try:
             parts = egress.parse(media.url)
             if fetching:
-                egress.check(media.url, self.settings.media_fetch_allowed, FETCH_SETTING)
+                egress.check(media.url, self.settings.media_fetch_allowed, fetch.SETTING)
         except egress.UrlError as exc:
             problems.append({"field": "media.url", "message": str(exc)})
             return caption, None
@@ -239,9 +239,7 @@ class Service:
         bytes are not what the request says."""
         ref, media = new.media, req.media
         if ref is None or media is None or ref.url is not None:
-            if new.request_hash is not None and ref is not None:
-                new.request_hash = _fingerprint(req, new.instance, new.phone, None)
-            return new
+            return new  # a text, or a URL Evolution downloads itself: no bytes here
         limit = self.settings.max_media_bytes
         if upload is not None:
             data = upload
@@ -274,7 +272,7 @@ class Service:
         files = self.media_files
 
         def check_and_store() -> tuple[Checked, Stored]:
-            checked = check_media(ref.kind, data, mimetype=ref.mimetype, filename=filename)  # type: ignore[arg-type]
+            checked = check_media(ref.kind, data, mimetype=ref.mimetype, filename=filename)
             return checked, files.put(data)
 
         try:
@@ -551,9 +549,6 @@ def created_per_instance(
         if result.outcome == "created":
             counts[new.instance] = counts.get(new.instance, 0) + 1
     return counts
-
-
-FETCH_SETTING = fetch.SETTING
 
 
 def _fingerprint(req: SendRequest, instance: str, phone: str, media_sha256: str | None) -> str:

@@ -19,6 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from evomsgd.config import load_settings
+from evomsgd.errors import ConfigError
 from evomsgd.ledger.media import MEDIA_DIR
 from evomsgd.models import ErrorBody
 from tests.conftest import MakeClient, fast_settings, wait_status
@@ -664,3 +666,15 @@ async def test_a_file_of_megabytes_passes_the_text_limit_in_base64(
     assert media_file(tmp_path, big).stat().st_size == len(big)
     assert (await wait_status(client, task_id))["status"] == "SUCCESS"
     assert base64.b64decode((fake.received[0].media or {})["media"]) == big
+
+
+def test_a_fetch_prefix_that_is_no_url_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={"EVOMSGD_MEDIA_FETCH_ALLOWED": "https://files.example.com/,ftp://x/"})
+    assert str(refused.value).startswith("invalid configuration - EVOMSGD_MEDIA_FETCH_ALLOWED: ")
+    assert "'ftp://x/' must start with http:// or https://" in str(refused.value)
+    allowed = "  https://files.example.com/invoices/ , http://10.0.0.5:8080/app"
+    assert load_settings(env={"EVOMSGD_MEDIA_FETCH_ALLOWED": allowed}).media_fetch_allowed == (
+        "https://files.example.com/invoices/",
+        "http://10.0.0.5:8080/app",
+    )

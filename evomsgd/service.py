@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
 import hashlib
 import json
@@ -44,7 +42,14 @@ from evomsgd.ledger.records import (
     NewMessage,
 )
 from evomsgd.ledger.store import Store
-from evomsgd.media import DEFAULT_STEM, Checked, MediaError, extension_of, mimetype_of
+from evomsgd.media import (
+    DEFAULT_STEM,
+    Checked,
+    MediaError,
+    extension_of,
+    from_base64,
+    mimetype_of,
+)
 from evomsgd.media import check as check_media
 from evomsgd.models import HealthView, LaneView, MediaIn, SendRequest
 from evomsgd.phone import PhoneError, normalize
@@ -569,8 +574,8 @@ def _fingerprint(req: SendRequest, instance: str, phone: str, media_sha256: str 
 def _decode_base64(value: str) -> bytes:
     """Standard base64 (Evolution's rule: no data: prefix, no line breaks); 422 otherwise."""
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
+        return from_base64(value)
+    except ValueError:
         raise InvalidInput(
             [
                 {

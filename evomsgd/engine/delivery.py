@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
 import logging
 import random
@@ -23,7 +22,7 @@ from evomsgd.ledger.media import MediaFiles
 from evomsgd.ledger.records import MediaRef, Message, Transition
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
-from evomsgd.media import DEFAULT_STEM
+from evomsgd.media import DEFAULT_STEM, to_base64
 from evomsgd.models import FINAL, Status
 
 log = logging.getLogger("evomsgd.delivery")
@@ -246,7 +245,7 @@ class Delivery:
 
 
 def _base64_of(files: MediaFiles, sha256: str) -> str:
-    return base64.b64encode(files.read(sha256)).decode("ascii")
+    return to_base64(files.read(sha256))
 
 
 def _crashed(job: Job) -> None:

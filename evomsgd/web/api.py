@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -95,21 +96,25 @@ def _parse_send_request(raw: bytes) -> SendRequest:
 
 
 def _media_request(raw: bytes) -> SendRequest:
-    """A body over the text limit: a media request with its file in base64, or 413."""
-    if not _carries_base64(raw):
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_TEXT_BODY, actual_size=len(raw))
-    return _parse_send_request(raw)
-
-
-def _carries_base64(raw: bytes) -> bool:
-    """Whether a body over the text limit is a media request with its file in base64, the one
-    kind of JSON body allowed to be that large."""
+    """A body over the text limit: a media request with its file in base64 (the one kind of
+    JSON body allowed to be that large), or 413."""
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    media = payload.get("media") if isinstance(payload, dict) else None
-    return isinstance(media, dict) and isinstance(media.get("base64"), str)
+        req = SendRequest.model_validate_json(raw)  # one parse: the file is megabytes
+    except ValidationError:
+        payload = None
+        with contextlib.suppress(ValueError, RecursionError):
+            payload = json.loads(raw)  # only to word what is wrong, when there is a file
+        media = payload.get("media") if isinstance(payload, dict) else None
+        if not (isinstance(media, dict) and isinstance(media.get("base64"), str)):
+            raise _too_large(raw) from None
+        return _send_request(payload)
+    if req.media is None or req.media.base64 is None:
+        raise _too_large(raw)
+    return req
+
+
+def _too_large(raw: bytes) -> web.HTTPRequestEntityTooLarge:
+    return web.HTTPRequestEntityTooLarge(max_size=MAX_TEXT_BODY, actual_size=len(raw))
 
 
 def _send_request(payload: Any) -> SendRequest:

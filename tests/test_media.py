@@ -261,6 +261,11 @@ async def test_the_text_limit_stays_for_bodies_without_a_file(
             "is not standard base64 (A-Z a-z 0-9 + /, = padding, no data: prefix, no line breaks)",
         ),
         (
+            {"type": "document", "base64": b64(PDF)[:8] + "AA==" + b64(PDF)[8:]},
+            "media.base64",
+            "is not standard base64 (A-Z a-z 0-9 + /, = padding, no data: prefix, no line breaks)",
+        ),
+        (
             {"type": "document"},
             "media",
             "needs exactly one of url or base64 (or a multipart file part), got none",
@@ -289,6 +294,7 @@ async def test_the_text_limit_stays_for_bodies_without_a_file(
         "text-named-pdf",
         "png-said-pdf",
         "data-prefix",
+        "padding-inside",
         "no-source",
         "two-sources",
         "localhost-url",

@@ -410,3 +410,62 @@ def test_doctor_asks_litestream_about_other_replicas(tmp_path: Path) -> None:
         "FAIL  replica          sftp://backup@127.0.0.1:1/evomsgd: unreachable: "
     )
     assert "s3cret" not in line
+
+
+def test_status_shows_the_replication() -> None:
+    from datetime import UTC, datetime
+
+    from evomsgd.cli.status import render
+
+    now = datetime(2026, 5, 4, 12, 0, tzinfo=UTC).timestamp()
+    replica = {
+        "state": "failing",
+        "replica": "s3://backups/evomsgd",
+        "last_sync_at": "2026-05-04T11:58:00.000Z",
+        "lag_seconds": 120.0,
+        "restarts": 2,
+    }
+    report = {"daemon": "up", "status": "degraded", "version": "0.1.0", "replication": replica}
+    assert render(report, color=False, now=now).splitlines()[1:] == [
+        "  version    0.1.0",
+        "  replica    failing to s3://backups/evomsgd, last sync 2 min ago, lag 120s, "
+        "Litestream restarted 2 times",
+    ]
+    fresh = {**replica, "state": "starting", "last_sync_at": None, "lag_seconds": None}
+    assert render({**report, "replication": fresh}, color=False, now=now).splitlines()[2] == (
+        "  replica    starting to s3://backups/evomsgd, last sync never, lag -, "
+        "Litestream restarted 2 times"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_restore_as_root_gives_what_it_wrote_to_the_data_dirs_owner(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/replica"
+    replicate_once(_ledger_with(tmp_path / "old", ["x"]), url)
+    target = tmp_path / "new"
+    target.mkdir(mode=0o700)
+    os.chown(target, 4321, 4321)  # the unit's dynamic user, say
+    result = invoke("restore", "--from", url, "--data-dir", str(target))
+    assert result.exit_code == 0, result.output
+    assert {(p.name, p.stat().st_uid, p.stat().st_gid) for p in target.iterdir()} == {
+        (LEDGER_FILE, 4321, 4321),
+        ("evomsgd.lock", 4321, 4321),
+    }
+
+
+def test_restore_refuses_a_replica_of_another_database(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE notes (x)")
+        conn.commit()
+    url = f"file://{tmp_path}/replica"
+    replicate_once(other, url)
+    target = tmp_path / "new"
+    result = invoke("restore", "--from", url, "--data-dir", str(target))
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: the replica at {url} holds a SQLite file that is not an evomsgd ledger (no "
+        "messages table) - check EVOMSGD_REPLICA_URL / --from; nothing was replaced\n"
+    )
+    assert sorted(p.name for p in target.iterdir()) == ["evomsgd.lock"]

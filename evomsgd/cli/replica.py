@@ -47,8 +47,10 @@ def restore_command(source: str | None, force: bool, **flags: Any) -> None:
 
         evomsgd restore --from s3://backups/evomsgd --data-dir /var/lib/evomsgd
     """
+    import os
+
     from evomsgd.daemon import exclusive, prepare_data_dir
-    from evomsgd.engine.replication import find_litestream, restore
+    from evomsgd.engine.replication import find_litestream, give_back, restore
 
     settings = settings_from(**flags)
     url = source or settings.replica_url
@@ -58,7 +60,9 @@ def restore_command(source: str | None, force: bool, **flags: Any) -> None:
         # The same check as the setting's: a typo fails here, not inside Litestream.
         url = settings_from(**flags, replica_url=source).replica_url or source
     binary = find_litestream(settings)
+    os.umask(0o077)  # the data directory, its parents and the ledger: the daemon's alone
     data_dir = prepare_data_dir(resolve_data_dir(settings))
     with exclusive(data_dir):  # never under a running daemon
         restored = restore(binary, url, data_dir, force=force)
+    give_back(data_dir)
     click.echo(render(restored, url))

@@ -35,7 +35,7 @@ import aiohttp
 
 from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.errors import ConfigError, EvomsgdError
+from evomsgd.errors import ConfigError, EvomsgdError, StoreUnavailable
 from evomsgd.ledger.store import LEDGER_FILE, Store
 from evomsgd.models import ReplicationView
 
@@ -477,6 +477,12 @@ def restore(binary: Path, url: str, data_dir: Path, *, force: bool = False) -> R
             f"the copy restored from {shown(url)} fails PRAGMA integrity_check ({integrity}) - "
             "nothing was replaced; restore an earlier point with litestream restore -timestamp"
         )
+    if not _is_ledger(partial):
+        _remove_ledger(partial)
+        raise ReplicaError(
+            f"the replica at {shown(url)} holds a SQLite file that is not an evomsgd ledger "
+            "(no messages table) - check EVOMSGD_REPLICA_URL / --from; nothing was replaced"
+        )
     if force:
         _remove_ledger(target)
         shutil.rmtree(data_dir / META_DIR, ignore_errors=True)
@@ -492,9 +498,18 @@ def restore(binary: Path, url: str, data_dir: Path, *, force: bool = False) -> R
         ) from None
     try:
         flagged = store.flag_restored(clock.now())
+        version = store.query("SELECT max(version) FROM schema_migrations")[0][0]
+        messages, unfinished = store.query(
+            "SELECT count(*), count(finished_at IS NULL OR NULL) FROM messages"
+        )[0]
+    except StoreUnavailable as exc:
+        raise ReplicaError(
+            f"the replica holds a SQLite file that is not an evomsgd ledger ({exc}) - "
+            "check EVOMSGD_REPLICA_URL / --from"
+        ) from None
     finally:
-        store.close()
-    return _describe(target, integrity, flagged)
+        store.close()  # the last connection: SQLite folds the WAL back and removes it
+    return Restored(target, int(messages), int(unfinished), flagged, int(version), integrity)
 
 
 def _last_line(done: subprocess.CompletedProcess[str]) -> str:
@@ -508,8 +523,18 @@ def _remove_ledger(path: Path) -> None:
             os.unlink(f"{path}{suffix}")
 
 
+def _is_ledger(path: Path) -> bool:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return bool(
+            conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+            ).fetchall()
+        )
+
+
 def _integrity(path: Path) -> str:
-    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    # Read-write, so that closing it removes the -wal and -shm files a read of a WAL file makes.
+    conn = sqlite3.connect(path)
     try:
         rows = conn.execute("PRAGMA integrity_check").fetchall()
     except sqlite3.DatabaseError as exc:
@@ -519,22 +544,19 @@ def _integrity(path: Path) -> str:
     return "; ".join(str(row[0]) for row in rows)
 
 
-def _describe(path: Path, integrity: str, flagged: int) -> Restored:
-    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-    try:
-        try:
-            version = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
-            messages, unfinished = conn.execute(
-                "SELECT count(*), count(finished_at IS NULL OR NULL) FROM messages"
-            ).fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise ReplicaError(
-                f"the replica holds a SQLite file that is not an evomsgd ledger ({exc}) - "
-                "check EVOMSGD_REPLICA_URL / --from"
-            ) from None
-    finally:
-        conn.close()
-    return Restored(path, int(messages), int(unfinished), flagged, int(version or 0), integrity)
+def give_back(data_dir: Path) -> None:
+    """Run as root, hand what a restore wrote in `data_dir` to the directory's owner (the
+    daemon's user), so the daemon can open it; a directory root created stays root's, and
+    systemd gives it to the unit's dynamic user at the first start."""
+    if os.geteuid() != 0:
+        return
+    owner = data_dir.stat()
+    for root, dirs, files in os.walk(data_dir):
+        for name in [*dirs, *files]:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                os.lchown(path, owner.st_uid, owner.st_gid)
 
 
 def check_replica(binary: Path, url: str) -> tuple[bool, str]:

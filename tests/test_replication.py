@@ -469,3 +469,22 @@ def test_restore_refuses_a_replica_of_another_database(tmp_path: Path) -> None:
         "messages table) - check EVOMSGD_REPLICA_URL / --from; nothing was replaced\n"
     )
     assert sorted(p.name for p in target.iterdir()) == ["evomsgd.lock"]
+
+
+def test_serve_with_a_replica_and_no_litestream_refuses_before_opening_anything(
+    tmp_path: Path,
+) -> None:
+    result = invoke(
+        "serve",
+        "--sandbox",
+        "--data-dir",
+        str(tmp_path / "data"),
+        EVOMSGD_REPLICA_URL=f"file://{tmp_path}/replica",
+        EVOMSGD_LITESTREAM=str(tmp_path / "nowhere"),
+    )
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: EVOMSGD_LITESTREAM={tmp_path / 'nowhere'} is not an executable file - point it "
+        "at the litestream binary\n"
+    )
+    assert not (tmp_path / "data").exists()

@@ -101,6 +101,10 @@ def serve(**flags: Any) -> None:
         flags["log_level"] = flags["log_level"].upper()
     settings = settings_from(**flags)
     settings.require_evolution()
+    if settings.replica_url is not None:
+        from evomsgd.engine.replication import require
+
+        require(settings)  # before the ledger opens: a replica promised and missing is an error
     log.configure(settings.log_level, settings.log_format)
     sys.exit(run(settings, resolve_data_dir(settings)))
 

@@ -4,7 +4,7 @@ Litestream (an existing, widely used tool) streams SQLite's WAL to a replica; ev
 child process for as long as the daemon runs, so the one-file binary, a pip install and the .deb
 all replicate with one setting (EVOMSGD_REPLICA_URL) and no second unit to keep in step. The
 child's state comes from its control socket (`/txid`, `/list`: the local transaction and the time
-of the last successful upload) and from its JSON log lines (the replica's transaction, errors).
+of the last successful upload) and from its JSON log lines (errors).
 While it replicates, checkpoints are Litestream's: the ledger opens with `wal_autocheckpoint=0`
 (Litestream's documented advice: an application checkpoint can race its WAL copy).
 """
@@ -141,13 +141,8 @@ def config_for(db_path: Path, url: str, sync_interval: float, socket_path: Path)
 
 
 def _txid(value: Any) -> int | None:
-    """A transaction id as Litestream writes it: hex text in logs, a number in its API."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return int(value, 16)
-    return None
+    """A transaction id from Litestream's API (a number), or None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _seconds(value: Any) -> float | None:
@@ -182,9 +177,8 @@ class Replicator:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._scratch: Path | None = None
-        self._pending: list[
-            tuple[float, int]
-        ] = []  # (when seen, local txid) not yet known uploaded
+        # (when seen, local txid) not yet known to be on the replica
+        self._pending: list[tuple[float, int]] = []
         self._syncs: list[float] = []  # the last two upload completions
 
     # -- what /health, /metrics and `evomsgd status` show ---------------------------------
@@ -303,6 +297,8 @@ class Replicator:
             log.error("cannot start litestream (%s): %s", self.binary, exc.strerror)
             return None
         self._proc, self.pid, self.started_at = proc, proc.pid, clock.now()
+        if self._stopping.is_set():  # stop() came while it was being started
+            proc.terminate()
         await asyncio.to_thread(self._write_pid, proc.pid)
         log.info(
             "litestream %s (pid %s) replicating %s to %s every %gs",

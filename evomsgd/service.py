@@ -30,7 +30,7 @@ from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.receipts import silent_instances
 from evomsgd.ledger.records import Event, InsertResult, ListFilter, Message, NewMessage
 from evomsgd.ledger.store import Store
-from evomsgd.models import HealthView, LaneView, SendRequest
+from evomsgd.models import WAITING, HealthView, LaneView, SendRequest
 from evomsgd.phone import PhoneError, normalize
 
 
@@ -220,9 +220,11 @@ class Service:
     def _view(
         self, msg: Message, history: list[Event] | None, silent: frozenset[str]
     ) -> TaskRecord:
-        return TaskRecord(
-            msg, history, self.dispatcher.waiting_because(msg.instance), msg.instance in silent
-        )
+        because = self.dispatcher.waiting_because(msg.instance)
+        if because is None and msg.status in WAITING:
+            hold = self.dispatcher.quiet_hold(msg.instance, msg.phone, msg.priority)
+            because = None if hold is None else hold.because()
+        return TaskRecord(msg, history, because, msg.instance in silent)
 
     async def tasks(self, flt: ListFilter) -> TaskPage:
         """A page of messages, newest first."""

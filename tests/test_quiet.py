@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import datetime as dt
+import zoneinfo
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from evomsgd import clock
 from evomsgd.config import LaneSettings, load_settings
 from evomsgd.engine.quiet import Hold, hold_for, hold_until, window
 from evomsgd.errors import ConfigError
+from evomsgd.models import Status
 from evomsgd.phone import time_zones
+from tests.conftest import MakeClient, fast_settings, post, wait_status
+from tests.fake_evolution import FakeEvolution
+from tests.stepper import SENT, TRANSIENT, Stepper
 
 NIGHT = window("21:00-08:00")
 MEXICO = "525512345678"  # Mexico City (UTC-6 all year since 2022)
@@ -176,3 +184,180 @@ def test_a_section_overrides_the_default_and_an_empty_one_turns_it_off() -> None
     assert settings.lane("shop").quiet_hours == "22:00-07:00"
     assert settings.lane("day").quiet_hours == ""
     assert settings.lane("shop").timezone == "America/Bogota"
+
+
+# -- the dispatcher: holds per recipient, timers, order -------------------------------------
+
+NIGHT_IN_MEXICO = utc(2026, 12, 2, 13, 0)  # 07:00 in Mexico City, 10:00 in Sao Paulo
+MORNING_IN_MEXICO = utc(2026, 12, 2, 14, 0)  # 08:00 there
+
+
+def quiet_stepper(
+    data_dir: Path, now: float = NIGHT_IN_MEXICO, probe_interval: float = 0.3, **lane: Any
+) -> Stepper:
+    return Stepper(
+        data_dir,
+        now=now,
+        probe_interval=probe_interval,
+        instances={"main": LaneSettings(quiet_hours="21:00-08:00", **lane)},
+    )
+
+
+def send_due(s: Stepper) -> list[str]:
+    """Step and send what is handed out until nothing is; the phones, in order."""
+    sent: list[str] = []
+    while True:
+        s.step()
+        jobs = s.take()
+        if not jobs:
+            return sent
+        sent += [s.attempt(job, SENT).phone for job in jobs]
+
+
+def counting(s: Stepper) -> list[int]:
+    """How often the dispatcher reads a quiet lane's due messages (a spy on the real query)."""
+    calls = [0]
+    real = s.store.ready_recipients
+
+    def spy(*args: Any, **kwargs: Any) -> list[tuple[str, bool, str, int]]:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    s.store.ready_recipients = spy  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_recipient_at_night_waits_and_does_not_hold_back_one_in_daylight(tmp_path: Path) -> None:
+    s = quiet_stepper(tmp_path)
+    night = s.accept(MEXICO)
+    s.accept(SAO_PAULO)
+    assert send_due(s) == [SAO_PAULO]
+    row = s.store.get(night)
+    assert row is not None and row.status is Status.PENDING
+    assert row.next_attempt_at == clock.to_db(MORNING_IN_MEXICO)
+    assert [e.detail for e in s.store.history(night) if e.event == "held"] == [
+        "quiet hours in America/Mexico_City until 08:00"
+    ]
+    assert s.dispatcher.quiet_hold("main", MEXICO, 0) == Hold(
+        MORNING_IN_MEXICO, "America/Mexico_City"
+    )
+    (view,) = s.dispatcher.lanes_view()
+    assert (view.quiet_hours, view.quiet_held) == ("21:00-08:00", 1)
+    assert [(e.zone, e.until, e.held) for e in view.quiet_ends] == [
+        ("America/Mexico_City", clock.to_rfc3339(MORNING_IN_MEXICO), 1)
+    ]
+    s.now = MORNING_IN_MEXICO
+    assert send_due(s) == [MEXICO]
+    (view,) = s.dispatcher.lanes_view()
+    assert (view.quiet_held, view.quiet_ends) == (0, [])
+    s.close()
+
+
+def test_a_held_recipient_gets_a_timer_not_a_look_at_every_step(tmp_path: Path) -> None:
+    # Without probes (a lane with waiting messages is probed, and looked at, every
+    # probe_interval: 30 s by default), nothing but the timer brings the lane back.
+    s = quiet_stepper(tmp_path, probe_interval=86_400.0)
+    s.accept(MEXICO)
+    assert send_due(s) == []
+    s.now += 5.0  # a new lane's first probe comes within 5 s; its answer wakes the lane
+    while s.step() <= s.now:  # until nothing is left to look at now
+        pass
+    assert s.probes == ["main"] and s.take() == []
+    reads = counting(s)
+    for minute in range(1, 60):  # the rest of the night: steps (housekeeping) but no look
+        s.now = NIGHT_IN_MEXICO + 60 * minute
+        s.step()
+    assert reads == [0] and s.take() == []
+    s.now = MORNING_IN_MEXICO  # the timer for the window's end
+    s.step()
+    assert reads == [1] and [job.message.phone for job in s.take() if job.message] == [MEXICO]
+    s.close()
+
+
+def test_high_priority_goes_at_night_and_normal_ones_keep_their_order(tmp_path: Path) -> None:
+    s = quiet_stepper(tmp_path)
+    first = s.accept(MEXICO)
+    second = s.accept(MEXICO)
+    code = s.accept(MEXICO, priority=1)  # a one-time code: quiet hours do not apply
+    send_due(s)
+    assert s.started == [code]
+    s.now = MORNING_IN_MEXICO
+    send_due(s)
+    assert s.started == [code, first, second]
+    s.close()
+
+
+def test_a_retry_that_falls_into_the_night_waits_and_keeps_the_later_one_behind(
+    tmp_path: Path,
+) -> None:
+    evening = utc(2026, 12, 3, 2, 59, 59)  # 20:59:59 in Mexico City
+    s = quiet_stepper(tmp_path, now=evening)
+    first = s.accept(MEXICO)
+    later = s.accept(MEXICO)
+    s.step()
+    (job,) = s.take()
+    assert s.attempt(job, TRANSIENT).status is Status.RETRY  # due again in 0.05 s: 21:00
+    s.now = evening + 1
+    assert send_due(s) == []
+    row = s.store.get(first)
+    morning = utc(2026, 12, 3, 14, 0)
+    assert row is not None and row.status is Status.RETRY
+    assert row.next_attempt_at == clock.to_db(morning)
+    s.now = morning
+    send_due(s)
+    assert s.started == [first, first, later]
+    s.close()
+
+
+def test_many_held_recipients_do_not_keep_a_paced_lane_from_one_in_daylight(
+    tmp_path: Path,
+) -> None:
+    s = quiet_stepper(tmp_path, send_interval=10.0)
+    for n in range(300):
+        s.accept(f"5255123{n:05d}")  # Mexico City mobiles, all at night
+    s.accept(SAO_PAULO)
+    reads = counting(s)
+    sent: list[str] = []
+    while not sent:
+        s.step()
+        sent = [job.message.phone for job in s.take() if job.message]
+    assert sent == [SAO_PAULO]
+    assert reads == [2]  # 256 + 1 read and held in one step, the rest in the next
+    (view,) = s.dispatcher.lanes_view()
+    assert view.quiet_held == 300
+    s.close()
+
+
+def test_an_instance_time_zone_holds_every_recipient_alike(tmp_path: Path) -> None:
+    s = quiet_stepper(tmp_path, timezone="America/Mexico_City")
+    held = s.accept(SAO_PAULO)  # daytime in Sao Paulo, but the instance says Mexico City
+    assert send_due(s) == []
+    row = s.store.get(held)
+    assert row is not None and row.next_attempt_at == clock.to_db(MORNING_IN_MEXICO)
+    s.close()
+
+
+async def test_waiting_because_names_the_zone_and_the_local_end(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    # The real app on the wall clock: quiet hours from an hour ago to an hour from now in
+    # Mexico City, so the message is held whenever the test runs.
+    local = dt.datetime.now(zoneinfo.ZoneInfo("America/Mexico_City"))
+    window = f"{local - dt.timedelta(hours=1):%H:%M}-{local + dt.timedelta(hours=1):%H:%M}"
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, instances={"main": {"quiet_hours": window}})
+    )
+    task = (await post(client, phone="+525512345678"))["task_id"]
+    code = (await post(client, phone="+525512345678", priority="high"))["task_id"]
+    await wait_status(client, code, {"SUCCESS"})
+    body = await (await client.get(f"/tasks/{task}")).json()
+    assert body["status"] == "PENDING"
+    assert body["result"]["waiting_because"] == (
+        f"quiet hours in America/Mexico_City until {window[-5:]}"
+    )
+    lanes = await (await client.get("/instances")).json()
+    (lane,) = [lane for lane in lanes["instances"] if lane["instance"] == "main"]
+    assert (lane["quiet_hours"], lane["quiet_held"]) == (window, 1)
+    assert [(end["zone"], end["held"]) for end in lane["quiet_ends"]] == [
+        ("America/Mexico_City", 1)
+    ]

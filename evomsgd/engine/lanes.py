@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from evomsgd.config import LaneSettings
+from evomsgd.engine.quiet import Hold
 
 _WINDOWS = (("per_minute", 60.0), ("per_hour", 3600.0), ("per_day", 86_400.0))
 DAY = 86_400.0
@@ -64,6 +65,8 @@ class Lane:
     first_sent_at: float | None = None  # its first successful send (the ledger's lanes row)
     new_contacts: int = 0  # messages to new contacts handed out on the UTC day new_contacts_day
     new_contacts_day: float = 0.0
+    # Messages held by quiet hours where their recipients live (id -> until when), for the views.
+    quiet_held: dict[str, Hold] = field(default_factory=dict)
 
     @property
     def interval(self) -> float:
@@ -181,3 +184,15 @@ class Lane:
         jitter = self.settings.send_jitter or 0.0
         gap = self.interval + (rng.uniform(0.0, jitter) if jitter and self.interval else 0.0)
         self.next_send_at = now + gap
+
+    def quiet_ends(self, now: float) -> dict[str, tuple[float, int]]:
+        """Zone -> (when its quiet hours end, messages they hold) for the lane's held messages
+        whose window is not over yet (the rest are forgotten)."""
+        ends: dict[str, tuple[float, int]] = {}
+        for message_id, hold in list(self.quiet_held.items()):
+            if hold.until <= now:
+                del self.quiet_held[message_id]
+                continue
+            until, count = ends.get(hold.zone, (hold.until, 0))
+            ends[hold.zone] = (min(until, hold.until), count + 1)
+        return ends

@@ -154,6 +154,8 @@ class Service:
             raise ShuttingDown("evomsgd is shutting down - retry in a few seconds", retry_after=5)
         self._check_backlog(new)
         await self._check_new_contact_budget(new)
+        self._check_warmup(new)
+        self._check_quiet_hours(new)
         try:
             return await self.committer.submit(new)
         except StoreUnavailable as exc:
@@ -201,6 +203,34 @@ class Service:
                 "it a longer expires_in",
                 code="queue_too_slow",
                 retry_after=max(1, math.ceil(reset - new.created_at)),
+            )
+
+    def _check_warmup(self, new: NewMessage) -> None:
+        """429 rather than accept a message that the warm-up's daily caps would hold, behind the
+        instance's waiting messages, until after it expires."""
+        free_at = self.dispatcher.warmup_free_at(new.instance)
+        if free_at is not None and new.expires_at <= free_at:
+            raise Backpressure(
+                f"instance {new.instance!r} is warming up (warmup_days): its daily caps, with the "
+                f"messages waiting on it, leave no room for this message before "
+                f"{clock.to_rfc3339(free_at)}, after it would expire - retry then or give it a "
+                "longer expires_in",
+                code="queue_too_slow",
+                retry_after=max(1, math.ceil(free_at - new.created_at)),
+            )
+
+    def _check_quiet_hours(self, new: NewMessage) -> None:
+        """429 rather than accept a message that quiet hours where its recipient lives would
+        hold until after it expires."""
+        start = max(new.created_at, new.send_at or new.created_at)
+        hold = self.dispatcher.quiet_hold(new.instance, new.phone, new.priority, start)
+        if hold is not None and new.expires_at <= hold.until:
+            raise Backpressure(
+                f"{hold.because()} ({clock.to_rfc3339(hold.until)}, quiet_hours on instance "
+                f"{new.instance!r}): the message would expire first - retry then, give it a "
+                "longer expires_in, or send it with priority high if it cannot wait",
+                code="queue_too_slow",
+                retry_after=max(1, math.ceil(hold.until - new.created_at)),
             )
 
     # -- reading --------------------------------------------------------------------------

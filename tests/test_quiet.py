@@ -361,3 +361,25 @@ async def test_waiting_because_names_the_zone_and_the_local_end(
     assert [(end["zone"], end["held"]) for end in lane["quiet_ends"]] == [
         ("America/Mexico_City", 1)
     ]
+
+
+async def test_a_message_quiet_hours_would_hold_past_its_expiry_is_refused(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    local = dt.datetime.now(zoneinfo.ZoneInfo("America/Mexico_City"))
+    window = f"{local - dt.timedelta(hours=1):%H:%M}-{local + dt.timedelta(hours=1):%H:%M}"
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, instances={"main": {"quiet_hours": window}})
+    )
+    message = {"phone": "+525512345678", "message": "hi", "expires_in": 600}
+    resp = await client.post("/messages", json=message)
+    body = await resp.json()
+    assert resp.status == 429, body
+    assert body["error"]["code"] == "queue_too_slow"
+    assert body["error"]["message"].startswith(
+        f"quiet hours in America/Mexico_City until {window[-5:]} ("
+    )
+    assert 600 <= int(resp.headers["Retry-After"]) <= 3600 + 60
+    # High priority ignores quiet hours; a message that can wait until morning is accepted.
+    await post(client, **message, priority="high")
+    await post(client, **message | {"expires_in": 7200})

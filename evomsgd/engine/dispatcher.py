@@ -699,13 +699,24 @@ class Dispatcher:
                 )
             return None
 
-    def quiet_hold(self, instance: str, phone: str, priority: int) -> Hold | None:
-        """Whether the instance's quiet hours hold a message to `phone` now, and until when."""
-        now = self._time()
+    def quiet_hold(
+        self, instance: str, phone: str, priority: int, at: float | None = None
+    ) -> Hold | None:
+        """Whether the instance's quiet hours hold a message to `phone` at `at` (default: now),
+        and until when."""
+        at = self._time() if at is None else at
         with self._cond:
             lane = self._lanes.get(instance)
             settings = lane.settings if lane is not None else self.settings.lane(instance)
-        return hold_for(phone, priority, settings, now)
+        return hold_for(phone, priority, settings, at)
+
+    def warmup_free_at(self, instance: str) -> float | None:
+        """When the warm-up's daily caps let a message accepted now go, behind those waiting
+        on the instance; None when today's cap has room (or no warm-up). No SQL, a lock."""
+        now = self._time()
+        with self._cond:
+            lane = self._lanes.get(instance)
+            return None if lane is None else lane.warmup_free_at(now, lane.waiting)
 
     def new_contacts_reset(self, instance: str) -> float | None:
         """When the instance's new-contact budget, used up today, allows more (the next UTC

@@ -133,10 +133,28 @@ class Lane:
         """Today's cap on sends from the warm-up (warmup_start doubled each day, never above
         per_day); None outside the warm-up, where only per_day (a rolling 24 hours) applies."""
         day = self.warmup_day(now)
-        if day is None:
-            return None
+        return None if day is None else self._ramp(day)
+
+    def _ramp(self, day: int) -> int:
+        """The warm-up's cap on its day `day` (1, 2, ...)."""
         cap: int = (self.settings.warmup_start or 1) * 2 ** (day - 1)
         return cap if self.settings.per_day is None else min(cap, self.settings.per_day)
+
+    def warmup_free_at(self, now: float, ahead: int) -> float | None:
+        """When the warm-up's daily caps let a message with `ahead` messages before it go (the
+        UTC midnight of that day); None when today's cap has room for it, or no warm-up."""
+        day = self.warmup_day(now)
+        if day is None:
+            return None
+        left = ahead - (self._ramp(day) - self.sent_today(now))
+        midnight = day_start(now) + DAY
+        while left >= 0 and day < (self.settings.warmup_days or 0):
+            day += 1
+            left -= self._ramp(day)
+            if left < 0:
+                return midnight
+            midnight += DAY
+        return None if left < 0 else midnight
 
     def sent_today(self, now: float) -> int:
         """Attempts started since UTC midnight (complete only while a daily cap loads them)."""

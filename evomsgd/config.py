@@ -65,11 +65,11 @@ class LaneSettings(BaseModel):
     timezone: str | None = Field(
         None,
         description="IANA time zone (e.g. America/Mexico_City) for quiet hours instead of the "
-        'recipient number\'s ("" = the number\'s).',
+        "recipient number's (\"\" = the number's).",
     )
     typing: bool | None = Field(
         None,
-        description="Show \"typing...\" before each text, for a time that grows with its length.",
+        description='Show "typing..." before each text, for a time that grows with its length.',
     )
 
     @field_validator("quiet_hours")
@@ -273,12 +273,12 @@ class Settings(BaseModel):
         "EVOMSGD_TIMEZONE",
         default="",
         description="Default IANA time zone (e.g. America/Mexico_City) that quiet hours use "
-        'instead of the recipient number\'s; "" uses the number\'s.',
+        "instead of the recipient number's; \"\" uses the number's.",
     )
     typing: bool = _env(
         "EVOMSGD_TYPING",
         default=False,
-        description="Default for sending Evolution's delay: WhatsApp shows \"typing...\" for a "
+        description='Default for sending Evolution\'s delay: WhatsApp shows "typing..." for a '
         "time that grows with the text's length (1-8 s, jittered) before each text.",
     )
     probe_interval: float = _env(

@@ -45,9 +45,7 @@ def test_a_recipient_in_quiet_hours_waits_until_08_00_where_they_live() -> None:
 
 def test_the_same_instant_is_night_in_one_zone_and_evening_in_another() -> None:
     at = utc(2026, 12, 2, 1, 0)  # 22:00 in Sao Paulo, 19:00 in Mexico City
-    assert hold_for(SAO_PAULO, 0, quiet(), at) == Hold(
-        utc(2026, 12, 2, 11, 0), "America/Sao_Paulo"
-    )
+    assert hold_for(SAO_PAULO, 0, quiet(), at) == Hold(utc(2026, 12, 2, 11, 0), "America/Sao_Paulo")
     assert hold_for(MEXICO, 0, quiet(), at) is None
 
 

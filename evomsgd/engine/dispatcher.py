@@ -29,6 +29,7 @@ from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job, LaneEffect
 from evomsgd.engine.lanes import DAY, Health, Lane, day_start
 from evomsgd.engine.quiet import Hold, hold_for
 from evomsgd.engine.rules import probe_effect
+from evomsgd.engine.typist import MAX_DELAY
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.outcomes import StateProbe
 from evomsgd.ledger.records import Message
@@ -486,7 +487,9 @@ class Dispatcher:
         try:
             self._hold(holds, now)
         except StoreUnavailable as exc:
-            log.warning("dispatcher: cannot hold %s message(s) (%s); trying again in 1s", len(holds), exc)
+            log.warning(
+                "dispatcher: cannot hold %s message(s) (%s); trying again in 1s", len(holds), exc
+            )
             for plan in plans:
                 if plan.holds:
                     plan.wake = now + 1.0
@@ -498,7 +501,9 @@ class Dispatcher:
         if not taken:
             return []
         try:
-            claimed = self._claim(taken, now, self.settings.evolution_timeout + LEASE_MARGIN)
+            claimed = self._claim(
+                taken, now, self.settings.evolution_timeout + LEASE_MARGIN + MAX_DELAY
+            )
         except StoreUnavailable as exc:
             log.warning(
                 "dispatcher: cannot claim %s message(s) (%s); trying again in 1s", len(taken), exc

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from evomsgd import clock
+from evomsgd.cli.status import render
 from evomsgd.config import LaneSettings, load_settings
 from evomsgd.engine.quiet import Hold, hold_for, hold_until, window
 from evomsgd.errors import ConfigError
@@ -381,3 +382,25 @@ async def test_a_message_quiet_hours_would_hold_past_its_expiry_is_refused(
     # High priority ignores quiet hours; a message that can wait until morning is accepted.
     await post(client, **message, priority="high")
     await post(client, **message | {"expires_in": 7200})
+
+
+def test_status_shows_quiet_hours_and_when_they_end_for_what_they_hold() -> None:
+    lane = {
+        "instance": "main",
+        "state": "idle",
+        "waiting": 3,
+        "problem": None,
+        "quiet_hours": "21:00-08:00",
+        "quiet_held": 3,
+        "quiet_ends": [  # earliest first, as /instances gives them
+            {"zone": "America/Bogota", "until": "2026-12-02T13:00:00Z", "held": 1},
+            {"zone": "America/Mexico_City", "until": "2026-12-02T14:00:00Z", "held": 2},
+        ],
+    }
+    quiet_only = {**lane, "instance": "day", "quiet_held": 0, "quiet_ends": []}
+    report = {"daemon": "up", "status": "ok", "instances": [lane, quiet_only]}
+    assert render(report, color=False, now=NIGHT_IN_MEXICO).splitlines()[1:] == [
+        "  instance main             idle         waiting 3 quiet hours 21:00-08:00 holding 3 "
+        "until 2026-12-02T13:00:00Z (America/Bogota and 1 other zone)",
+        "  instance day              idle         waiting 3 quiet hours 21:00-08:00",
+    ]

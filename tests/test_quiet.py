@@ -404,3 +404,21 @@ def test_status_shows_quiet_hours_and_when_they_end_for_what_they_hold() -> None
         "until 2026-12-02T13:00:00Z (America/Bogota and 1 other zone)",
         "  instance day              idle         waiting 3 quiet hours 21:00-08:00",
     ]
+
+
+def test_a_restart_still_shows_what_quiet_hours_hold(tmp_path: Path) -> None:
+    s = quiet_stepper(tmp_path)
+    s.accept(MEXICO)
+    s.accept(SAO_PAULO)
+    assert send_due(s) == [SAO_PAULO]
+    s.close()
+    s = quiet_stepper(tmp_path, now=NIGHT_IN_MEXICO + 600)
+    (view,) = s.dispatcher.lanes_view()
+    assert view.quiet_held == 1
+    assert [(e.zone, e.until) for e in view.quiet_ends] == [
+        ("America/Mexico_City", clock.to_rfc3339(MORNING_IN_MEXICO))
+    ]
+    assert send_due(s) == []  # not sent early, not held twice
+    s.now = MORNING_IN_MEXICO
+    assert send_due(s) == [MEXICO]
+    s.close()

@@ -155,7 +155,17 @@ class Dispatcher:
                 if lane.settings.new_contacts_per_day:
                     lane.new_contacts_day = day_start(now)
                     lane.new_contacts = self.store.new_contacts_since(instance, day_start(now))
+                if lane.settings.quiet_hours:
+                    self._reload_quiet(lane, now)
             self._notify()
+
+    def _reload_quiet(self, lane: Lane, now: float) -> None:
+        """The lane's messages held by quiet hours, from the ledger, for the views (caller
+        holds the lock)."""
+        for message_id, phone, priority, until in self.store.held_quiet(lane.instance, now):
+            hold = hold_for(phone, priority, lane.settings, now)
+            if hold is not None:  # still night there: its zone; the ledger's end
+                lane.quiet_held[message_id] = Hold(until, hold.zone)
 
     def drain(self) -> None:
         """Stop handing out work; in-flight sends continue."""

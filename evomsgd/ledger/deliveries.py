@@ -138,6 +138,17 @@ class Deliveries(Database):
                 self._event(cur, message_id, instance, now_db, "held", why)
         return held
 
+    def held_quiet(self, instance: str, now: float) -> list[tuple[str, str, int, float]]:
+        """Messages of an instance that quiet hours hold now, as (id, phone, priority, until):
+        waiting, due later, their latest history row a `held` one (reloads the lane's view)."""
+        rows = self.query(
+            f"SELECT id, phone, priority, next_attempt_at FROM messages m WHERE instance = ?"
+            f" AND {IN_WAITING} AND next_attempt_at > ? AND (SELECT e.event FROM events e"
+            " WHERE e.message_id = m.id ORDER BY e.id DESC LIMIT 1) = 'held'",
+            (instance, clock.to_db(now)),
+        )
+        return [(row[0], row[1], row[2], clock.from_db(row[3])) for row in rows]
+
     def next_due(self, instance: str, now: float, *, strangers: bool = True) -> float | None:
         """When the next waiting message of an instance that is not held back becomes due
         (without `strangers`: of those to known contacts)."""

@@ -500,10 +500,13 @@ class Dispatcher:
             log.warning(
                 "dispatcher: cannot hold %s message(s) (%s); trying again in 1s", len(holds), exc
             )
-            for plan in plans:
-                if plan.holds:
-                    plan.wake = now + 1.0
-                    plan.short = False
+            with self._cond:
+                for plan in plans:
+                    for hold in plan.holds:
+                        plan.lane.quiet_held.pop(hold[0], None)
+                    if plan.holds:
+                        plan.wake = now + 1.0
+                        plan.short = False
 
     def _claim_all(self, plans: list[_Plan], now: float) -> list[Job]:
         """Claim what the plans took, in one transaction; the jobs to hand out."""

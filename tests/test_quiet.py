@@ -203,14 +203,16 @@ def quiet_stepper(
 
 
 def send_due(s: Stepper) -> list[str]:
-    """Step and send what is handed out until nothing is; the phones, in order."""
+    """Step and send what is handed out until nothing is left to do now (a dispatcher that
+    kept asking to look again at once would be spinning); the phones, in order."""
     sent: list[str] = []
-    while True:
-        s.step()
+    for _ in range(100):
+        wake = s.step()
         jobs = s.take()
-        if not jobs:
+        if not jobs and wake > s.now:
             return sent
         sent += [s.attempt(job, SENT).phone for job in jobs]
+    raise AssertionError("the dispatcher keeps waking at once: it spins")
 
 
 def counting(s: Stepper) -> list[int]:
@@ -420,5 +422,39 @@ def test_a_restart_still_shows_what_quiet_hours_hold(tmp_path: Path) -> None:
     ]
     assert send_due(s) == []  # not sent early, not held twice
     s.now = MORNING_IN_MEXICO
+    assert send_due(s) == [MEXICO]
+    s.close()
+
+
+def test_a_scheduled_message_held_for_the_night_still_goes_before_a_later_one(
+    tmp_path: Path,
+) -> None:
+    evening = utc(2026, 12, 3, 2, 0)  # 20:00 in Mexico City
+    s = quiet_stepper(tmp_path, now=evening)
+    first = s.accept(MEXICO, send_at=evening + 5400)  # 21:30: in the night
+    s.now = evening + 6300  # 21:45
+    later = s.accept(MEXICO)
+    assert send_due(s) == []
+    morning = utc(2026, 12, 3, 14, 0)
+    for task in (first, later):
+        row = s.store.get(task)
+        assert row is not None and row.next_attempt_at == clock.to_db(morning)
+    s.now = morning
+    assert send_due(s) == [MEXICO, MEXICO]
+    assert s.started == [first, later]
+    s.close()
+
+
+def test_the_dispatcher_holds_until_the_morning_after_the_clocks_go_forward(
+    tmp_path: Path,
+) -> None:
+    s = quiet_stepper(tmp_path, now=utc(2026, 3, 8, 6, 30), timezone="America/New_York")
+    held = s.accept(MEXICO)  # 01:30 EST; at 02:00 the clocks jump to 03:00 EDT
+    assert send_due(s) == []
+    row = s.store.get(held)
+    assert row is not None and row.next_attempt_at == clock.to_db(utc(2026, 3, 8, 12, 0))
+    s.now = utc(2026, 3, 8, 11, 59, 59)  # 07:59:59 EDT
+    assert send_due(s) == []
+    s.now = utc(2026, 3, 8, 12, 0)  # 08:00 EDT
     assert send_due(s) == [MEXICO]
     s.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import zoneinfo
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from evomsgd.config import LaneSettings, quiet_window
@@ -93,7 +92,10 @@ def window_end(zone: zoneinfo.ZoneInfo, quiet: Window, now: float) -> float | No
     raise AssertionError("a quiet window always ends within two days")  # pragma: no cover
 
 
-def hold_until(zones: Sequence[str], quiet: Window, now: float) -> Hold | None:
+# A dispatcher step asks at one `now` for up to a few hundred recipients, mostly of a few zone
+# sets: each set is worked out once (Russia's 16 zones take dozens of window computations).
+@functools.lru_cache(maxsize=4096)
+def hold_until(zones: tuple[str, ...], quiet: Window, now: float) -> Hold | None:
     """The end of the quiet hours at `now` in all of `zones` (the first instant outside the
     window in every one), None when none of them is quiet now."""
     tzs = [(name, zoneinfo.ZoneInfo(name)) for name in zones]

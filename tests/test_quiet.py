@@ -12,8 +12,9 @@ import pytest
 from evomsgd import clock
 from evomsgd.cli.status import render
 from evomsgd.config import LaneSettings, load_settings
+from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.quiet import Hold, hold_for, hold_until, window
-from evomsgd.errors import ConfigError
+from evomsgd.errors import ConfigError, StoreUnavailable
 from evomsgd.models import Status
 from evomsgd.phone import time_zones
 from tests.conftest import MakeClient, fast_settings, post, wait_status
@@ -457,4 +458,37 @@ def test_the_dispatcher_holds_until_the_morning_after_the_clocks_go_forward(
     assert send_due(s) == []
     s.now = utc(2026, 3, 8, 12, 0)  # 08:00 EDT
     assert send_due(s) == [MEXICO]
+    s.close()
+
+
+def test_a_hold_the_ledger_refuses_is_tried_again_and_nothing_is_sent_meanwhile(
+    tmp_path: Path,
+) -> None:
+    s = quiet_stepper(tmp_path)
+    refusals = [StoreUnavailable("database is locked")]
+
+    def hold(holds: list[tuple[str, str, float, str]], now: float) -> int:
+        if refusals:
+            raise refusals.pop()
+        with s.store.transaction() as cur:
+            return s.store.hold_in(cur, holds, now)
+
+    dispatcher = Dispatcher(
+        s.store, s.settings, s.jobs.extend, hold=hold, time_source=lambda: s.now
+    )
+    dispatcher.reload_lanes()
+    night = s.accept(MEXICO)
+    dispatcher.accepted({"main": 1})
+    dispatcher.step()  # refused: not shown as held, nothing sent, a look again in a second
+    (view,) = dispatcher.lanes_view()
+    assert view.quiet_held == 0 and s.take() == [] and not refusals
+    dispatcher.step()  # the same instant: the lane waits for its timer, no retry in a loop
+    row = s.store.get(night)
+    assert row is not None and row.next_attempt_at == row.created_at
+    s.now += 1.0
+    dispatcher.step()
+    (view,) = dispatcher.lanes_view()
+    row = s.store.get(night)
+    assert view.quiet_held == 1 and s.take() == []
+    assert row is not None and row.next_attempt_at == clock.to_db(MORNING_IN_MEXICO)
     s.close()

@@ -136,8 +136,12 @@ def create_app(
                 lambda cur: [store.claim_in(cur, message_id, now, lease) for message_id in ids]
             ).result()
 
+        def hold(holds: list[tuple[str, str, float, str]], now: float) -> int:
+            # Quiet hours: held messages share a transaction with the step's other writes.
+            return committer.write(lambda cur: store.hold_in(cur, holds, now)).result()
+
         queue = TaskQueue(data_dir, settings.workers)
-        dispatcher = Dispatcher(store, settings, queue.submit, probe, claim=claim)
+        dispatcher = Dispatcher(store, settings, queue.submit, probe, claim=claim, hold=hold)
         meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
         replicator = app.get(REPLICATOR)
         if replicator is not None:

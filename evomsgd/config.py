@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from evomsgd.errors import ConfigError
 
 APP_NAME = "evomsgd"
+_QUIET_HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])")
 # The replica URLs Litestream 0.5 understands; file, s3 (and S3-compatible stores) and sftp are
 # the ones README documents.
 REPLICA_SCHEMES = ("file", "s3", "sftp", "gs", "abs", "webdav", "webdavs", "nats", "oss")
@@ -56,6 +60,60 @@ class LaneSettings(BaseModel):
         ge=0,
         description="Recipients it never sent to that it may write to per UTC day (0 = no budget).",
     )
+    quiet_hours: str | None = Field(
+        None,
+        description='Local hours, "HH:MM-HH:MM" (e.g. "21:00-08:00"), in which normal-priority '
+        'messages wait where the recipient lives ("" = off).',
+    )
+    timezone: str | None = Field(
+        None,
+        description="IANA time zone (e.g. America/Mexico_City) for quiet hours instead of the "
+        "recipient number's (\"\" = the number's).",
+    )
+    typing: bool | None = Field(
+        None,
+        description='Show "typing..." before each text, for a time that grows with its length.',
+    )
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet(cls, value: str | None) -> str | None:
+        return check_quiet_hours(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return check_timezone(value)
+
+
+def quiet_window(text: str) -> tuple[dt.time, dt.time]:
+    """The (start, end) local times of a quiet_hours value checked by check_quiet_hours."""
+    match = _QUIET_HOURS.fullmatch(text)
+    if match is None:
+        raise ValueError("quiet hours must be HH:MM-HH:MM, like 21:00-08:00")
+    h1, m1, h2, m2 = (int(part) for part in match.groups())
+    return dt.time(h1, m1), dt.time(h2, m2)
+
+
+def check_quiet_hours(value: str | None) -> str | None:
+    """A valid quiet_hours value as given ("" stays "": off), or ValueError saying why not."""
+    if value is None or value == "":
+        return value
+    start, end = quiet_window(value.strip())
+    if start == end:
+        raise ValueError("quiet hours start and end at the same time - give a window")
+    return value.strip()
+
+
+def check_timezone(value: str | None) -> str | None:
+    """A time zone name zoneinfo knows ("" stays "": none), or ValueError saying why not."""
+    if value is None or value == "":
+        return value
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("not an IANA time zone - use a name like America/Mexico_City") from None
+    return value
 
 
 class Settings(BaseModel):
@@ -206,6 +264,25 @@ class Settings(BaseModel):
         ge=0,
         description="Default number of recipients an instance never sent to that it may write to "
         "per UTC day; messages over it wait for the next day (0 turns the budget off).",
+    )
+    quiet_hours: str = _env(
+        "EVOMSGD_QUIET_HOURS",
+        default="",
+        description='Default quiet hours, "HH:MM-HH:MM" (e.g. "21:00-08:00"): normal-priority '
+        "messages wait until the window ends where the recipient lives (the time zone of the "
+        'number, or EVOMSGD_TIMEZONE); "" turns them off.',
+    )
+    timezone: str = _env(
+        "EVOMSGD_TIMEZONE",
+        default="",
+        description="Default IANA time zone (e.g. America/Mexico_City) that quiet hours use "
+        "instead of the recipient number's; \"\" uses the number's.",
+    )
+    typing: bool = _env(
+        "EVOMSGD_TYPING",
+        default=False,
+        description='Default for sending Evolution\'s delay: WhatsApp shows "typing..." for a '
+        "time that grows with the text's length (1-8 s, jittered) before each text.",
     )
     probe_interval: float = _env(
         "EVOMSGD_PROBE_INTERVAL",
@@ -376,6 +453,16 @@ class Settings(BaseModel):
             origins.append(origin)
         return tuple(origins)
 
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet(cls, value: str) -> str:
+        return check_quiet_hours(value) or ""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return check_timezone(value) or ""
+
     @field_validator("default_region")
     @classmethod
     def _region(cls, value: str | None) -> str | None:
@@ -400,6 +487,9 @@ class Settings(BaseModel):
             new_contacts_per_day=self.new_contacts_per_day
             if own.new_contacts_per_day is None
             else own.new_contacts_per_day,
+            quiet_hours=self.quiet_hours if own.quiet_hours is None else own.quiet_hours,
+            timezone=self.timezone if own.timezone is None else own.timezone,
+            typing=self.typing if own.typing is None else own.typing,
         )
 
     def max_waiting_for(self, instance: str) -> int:

@@ -286,6 +286,14 @@ class Root(BaseModel):
     sandbox: bool
 
 
+class QuietEnd(BaseModel):
+    """When quiet hours end in one time zone for the messages they hold on an instance."""
+
+    zone: str = Field(description="IANA time zone of the recipients, e.g. America/Mexico_City.")
+    until: str = Field(description="When the window ends there (UTC, RFC 3339).")
+    held: int = Field(description="Messages held until then.")
+
+
 class LaneView(BaseModel):
     """One instance's lane, as /instances and /health show it."""
 
@@ -336,6 +344,16 @@ class LaneView(BaseModel):
     )
     new_contacts_per_day: int | None = Field(
         None, description="Its new-contact budget a UTC day; null when off."
+    )
+    quiet_hours: str | None = Field(
+        None, description='Its quiet hours ("21:00-08:00", local to recipients); null when off.'
+    )
+    quiet_held: int | None = Field(
+        None, description="Messages its quiet hours hold now; null when it has none configured."
+    )
+    quiet_ends: list[QuietEnd] = Field(
+        default_factory=list,
+        description="Per time zone, when quiet hours end for the messages they hold, earliest first.",
     )
 
 

@@ -30,7 +30,7 @@ from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.receipts import silent_instances
 from evomsgd.ledger.records import Event, InsertResult, ListFilter, Message, NewMessage
 from evomsgd.ledger.store import Store
-from evomsgd.models import HealthView, LaneView, ReplicationView, SendRequest
+from evomsgd.models import WAITING, HealthView, LaneView, ReplicationView, SendRequest
 from evomsgd.phone import PhoneError, normalize
 
 
@@ -156,6 +156,8 @@ class Service:
             raise ShuttingDown("evomsgd is shutting down - retry in a few seconds", retry_after=5)
         self._check_backlog(new)
         await self._check_new_contact_budget(new)
+        self._check_warmup(new)
+        self._check_quiet_hours(new)
         try:
             return await self.committer.submit(new)
         except StoreUnavailable as exc:
@@ -205,6 +207,34 @@ class Service:
                 retry_after=max(1, math.ceil(reset - new.created_at)),
             )
 
+    def _check_warmup(self, new: NewMessage) -> None:
+        """429 rather than accept a message that the warm-up's daily caps would hold, behind the
+        instance's waiting messages, until after it expires."""
+        free_at = self.dispatcher.warmup_free_at(new.instance)
+        if free_at is not None and new.expires_at <= free_at:
+            raise Backpressure(
+                f"instance {new.instance!r} is warming up (warmup_days): its daily caps, with the "
+                f"messages waiting on it, leave no room for this message before "
+                f"{clock.to_rfc3339(free_at)}, after it would expire - retry then or give it a "
+                "longer expires_in",
+                code="queue_too_slow",
+                retry_after=max(1, math.ceil(free_at - new.created_at)),
+            )
+
+    def _check_quiet_hours(self, new: NewMessage) -> None:
+        """429 rather than accept a message that quiet hours where its recipient lives would
+        hold until after it expires."""
+        start = max(new.created_at, new.send_at or new.created_at)
+        hold = self.dispatcher.quiet_hold(new.instance, new.phone, new.priority, start)
+        if hold is not None and new.expires_at <= hold.until:
+            raise Backpressure(
+                f"{hold.because()} ({clock.to_rfc3339(hold.until)}, quiet_hours on instance "
+                f"{new.instance!r}): the message would expire first - retry then, give it a "
+                "longer expires_in, or send it with priority high if it cannot wait",
+                code="queue_too_slow",
+                retry_after=max(1, math.ceil(hold.until - new.created_at)),
+            )
+
     # -- reading --------------------------------------------------------------------------
 
     async def task(self, message_id: str) -> TaskRecord:
@@ -222,9 +252,11 @@ class Service:
     def _view(
         self, msg: Message, history: list[Event] | None, silent: frozenset[str]
     ) -> TaskRecord:
-        return TaskRecord(
-            msg, history, self.dispatcher.waiting_because(msg.instance), msg.instance in silent
-        )
+        because = self.dispatcher.waiting_because(msg.instance)
+        if because is None and msg.status in WAITING:
+            hold = self.dispatcher.quiet_hold(msg.instance, msg.phone, msg.priority)
+            because = None if hold is None else hold.because()
+        return TaskRecord(msg, history, because, msg.instance in silent)
 
     async def tasks(self, flt: ListFilter) -> TaskPage:
         """A page of messages, newest first."""

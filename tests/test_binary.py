@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 import pytest
@@ -682,3 +683,35 @@ def test_the_sandboxed_unit_runs_the_binary_under_a_real_systemd(binary: Path) -
         check=False,
     )
     assert result.returncode == 0 and "ALL OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_quiet_hours_know_the_zones_without_the_systems_zoneinfo(
+    binary: Path, tmp_path: Path
+) -> None:
+    # PYTHONTZPATH at a missing directory: zoneinfo finds no system database, as on a slim
+    # container, so the zones must come from the binary (tzdata, and phonenumbers' table).
+    local = datetime.now(ZoneInfo("America/Mexico_City"))
+    hour = timedelta(hours=1)
+    window = f"{local - hour:%H:%M}-{local + hour:%H:%M}"
+    daemon = Daemon(
+        binary,
+        tmp_path,
+        "quiet",
+        EVOMSGD_SANDBOX="1",
+        EVOMSGD_QUIET_HOURS=window,
+        EVOMSGD_TIMEZONE="",
+        PYTHONTZPATH=str(tmp_path / "no-zoneinfo"),
+    )
+    try:
+        held = daemon.send("good night", phone="+525512345678")
+        day = daemon.send("good morning", phone="+5511988887777")
+        daemon.wait_all([day])  # Sao Paulo: three hours later, outside the window
+        wait_until(
+            lambda: (daemon.task(held).get("result") or {}).get("waiting_because"),
+            what="the held message to say why",
+        )
+        assert daemon.task(held)["result"]["waiting_because"] == (
+            f"quiet hours in America/Mexico_City until {window[-5:]}"
+        )
+    finally:
+        assert daemon.terminate() == 0

@@ -292,6 +292,9 @@ def test_per_instance_settings_come_from_the_config_file(tmp_path: Path) -> None
         warmup_days=0,  # the defaults: warm-up and new-contact budget off
         warmup_start=20,
         new_contacts_per_day=0,
+        quiet_hours="",  # quiet hours and typing: off
+        timezone="",
+        typing=False,
     )
     assert settings.lane("clinic").send_interval == 2.0
     flagged = load_settings({"config_file": path, "workers": 7}, env={"EVOMSGD_WORKERS": "3"})

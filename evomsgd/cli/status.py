@@ -134,6 +134,22 @@ def _budgets(lane: dict[str, Any]) -> list[str]:
         parts.append(
             f"new contacts {lane.get('new_contacts_today') or 0}/{lane['new_contacts_per_day']}"
         )
+    return parts + _quiet(lane)
+
+
+def _quiet(lane: dict[str, Any]) -> list[str]:
+    """The lane's quiet hours and when they end for the messages they hold, first zone first."""
+    if not lane.get("quiet_hours"):
+        return []
+    parts = [f"quiet hours {lane['quiet_hours']}"]
+    ends = lane.get("quiet_ends") or []
+    if ends:
+        others = len(ends) - 1
+        more = f" and {others} other zone{'' if others == 1 else 's'}" if others else ""
+        parts.append(
+            f"holding {lane.get('quiet_held') or 0} until {ends[0]['until']} "
+            f"({ends[0]['zone']}{more})"
+        )
     return parts
 
 

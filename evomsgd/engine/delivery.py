@@ -13,6 +13,7 @@ from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job
 from evomsgd.engine.rules import decide
+from evomsgd.engine.typist import typing_delay
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import Sender
 from evomsgd.evolution.lookups import found_outcome, match_sent, recipient_jid
@@ -156,9 +157,12 @@ class Delivery:
 
     async def _send(self, msg: Message) -> SendOutcome:
         assert msg.text is not None
+        delay = (
+            typing_delay(msg.text, self._rng) if self.settings.lane(msg.instance).typing else 0.0
+        )
         try:
-            async with asyncio.timeout(self.settings.evolution_timeout + 5.0):
-                return await self.sender.send_text(msg.instance, msg.phone, msg.text)
+            async with asyncio.timeout(self.settings.evolution_timeout + delay + 5.0):
+                return await self.sender.send_text(msg.instance, msg.phone, msg.text, delay=delay)
         except TimeoutError:
             return SendOutcome(OutcomeKind.AMBIGUOUS, "no answer from Evolution in time")
 

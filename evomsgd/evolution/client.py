@@ -75,7 +75,9 @@ IDLE_TIMEOUT = 2.0
 class Sender(Protocol):
     """What the queue needs from a client: the real one or the sandbox."""
 
-    async def send_text(self, instance: str, number: str, text: str) -> SendOutcome: ...
+    async def send_text(
+        self, instance: str, number: str, text: str, *, delay: float = 0.0
+    ) -> SendOutcome: ...
 
     async def connection_state(self, instance: str) -> StateProbe: ...
 
@@ -226,20 +228,28 @@ class EvolutionClient:
         detail = self._scrub(outcome.detail) if outcome.detail is not None else None
         return dataclasses.replace(outcome, reason=self._scrub(outcome.reason), detail=detail)
 
-    def _body(self, number: str, text: str) -> dict[str, Any]:
+    def _body(self, number: str, text: str, delay: float = 0.0) -> dict[str, Any]:
+        delay_ms = round(delay * 1000)  # Evolution wants whole milliseconds
         if self._api_version == 1:
             return {
                 "number": number,
                 "textMessage": {"text": text},
-                "options": {"delay": 0, "linkPreview": False},
+                "options": {"delay": delay_ms, "linkPreview": False},
             }
-        # No `delay`: the server would hold the request open that long; evomsgd paces itself.
-        return {"number": number, "text": text, "linkPreview": False}
+        body: dict[str, Any] = {"number": number, "text": text, "linkPreview": False}
+        # Only when typing is asked for: the server holds the request open that long.
+        if delay_ms > 0:
+            body["delay"] = delay_ms
+        return body
 
-    async def send_text(self, instance: str, number: str, text: str) -> SendOutcome:
-        """POST one text; every HTTP or network problem comes back as an outcome."""
+    async def send_text(
+        self, instance: str, number: str, text: str, *, delay: float = 0.0
+    ) -> SendOutcome:
+        """POST one text, after `delay` seconds of "typing..." (Evolution's `delay`: the answer
+        comes that much later, so the timeout grows by it); every HTTP or network problem
+        comes back as an outcome."""
         started = time.monotonic()
-        outcome = self._scrub_outcome(await self._send(instance, number, text, started))
+        outcome = self._scrub_outcome(await self._send(instance, number, text, started, delay))
         # Our v1 body sent to a v2 server fails its schema on the missing "text".
         if (
             self._api_version == 1
@@ -255,10 +265,14 @@ class EvolutionClient:
         self._log(instance, number, outcome)
         return outcome
 
-    async def _send(self, instance: str, number: str, text: str, started: float) -> SendOutcome:
+    async def _send(
+        self, instance: str, number: str, text: str, started: float, delay: float = 0.0
+    ) -> SendOutcome:
         url = self._url("message", "sendText", instance)
         headers = {**_HEADERS, "apikey": self._api_key}
-        timeout = aiohttp.ClientTimeout(total=self._timeout, connect=min(10.0, self._timeout))
+        timeout = aiohttp.ClientTimeout(
+            total=self._timeout + delay, connect=min(10.0, self._timeout)
+        )
         logger.debug(
             "sending to %s via instance %s", number, instance, extra=log_fields(instance=instance)
         )
@@ -266,7 +280,7 @@ class EvolutionClient:
             try:
                 async with self._session.post(
                     url,
-                    json=self._body(number, text),
+                    json=self._body(number, text, delay),
                     headers=headers,
                     timeout=timeout,
                     allow_redirects=False,
@@ -464,8 +478,11 @@ class SandboxClient:
     def __repr__(self) -> str:
         return "SandboxClient()"
 
-    async def send_text(self, instance: str, number: str, text: str) -> SendOutcome:
-        """Pretend to send; returns SENT with a fresh SANDBOX- key id."""
+    async def send_text(
+        self, instance: str, number: str, text: str, *, delay: float = 0.0
+    ) -> SendOutcome:
+        """Pretend to send (at once: nobody watches a sandbox type); returns SENT with a fresh
+        SANDBOX- key id."""
         jid = number if "@" in number else f"{number}@s.whatsapp.net"
         key_id = "SANDBOX-" + secrets.token_hex(10).upper()
         logger.debug("sandbox: not sending to %s via %s (key %s)", number, instance, key_id)

@@ -285,7 +285,7 @@
     const lanes = health.instances;
     $("lanes").replaceChildren(
       ...(lanes.length
-        ? lanes.map((lane) =>
+        ? lanes.flatMap((lane) => [
             el(
               "tr",
               { "data-instance": lane.instance },
@@ -295,7 +295,8 @@
               el("td", { class: "num" }, number.format(lane.in_flight)),
               laneTrouble(lane),
             ),
-          )
+            laneBudgets(lane),
+          ].filter(Boolean))
         : [el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No instance has queued a message yet."))]),
     );
 
@@ -318,6 +319,58 @@
       title += "\nrecovered " + localTime(lane.recovered_at);
     }
     return el("td", { class: "lane-history muted", title }, text);
+  }
+
+  // What keeps the number alive, per lane, in a row under it: today's sends against the cap, the
+  // warm-up day, new contacts against their budget, and when quiet hours end for the messages
+  // they hold. None for a lane without any of them.
+  function laneBudgets(lane) {
+    const lines = [];
+    if (lane.daily_cap !== null && lane.daily_cap !== undefined) {
+      let text = "sent " + number.format(lane.sent_today || 0) + " of " + number.format(lane.daily_cap);
+      if (lane.warmup_day) text += " · warm-up day " + lane.warmup_day + " of " + lane.warmup_days;
+      lines.push(budgetLine("budget-sends", text, lane.sent_today || 0, lane.daily_cap));
+    }
+    if (lane.new_contacts_per_day) {
+      const text = "new contacts " + number.format(lane.new_contacts_today || 0) + " of " + number.format(lane.new_contacts_per_day);
+      lines.push(budgetLine("budget-contacts", text, lane.new_contacts_today || 0, lane.new_contacts_per_day));
+    }
+    if (lane.quiet_hours) lines.push(quietLine(lane));
+    if (!lines.length) return null;
+    return el("tr", { class: "lane-budgets-row", "data-budgets": lane.instance }, el("td", { colspan: 5 }, el("div", { class: "lane-budgets" }, ...lines)));
+  }
+
+  function budgetLine(kind, text, used, cap) {
+    const full = used >= cap;
+    return el(
+      "div",
+      { class: "budget " + kind + (full ? " budget-full" : "") },
+      el("meter", { min: 0, max: cap, value: Math.min(used, cap), "aria-label": text }),
+      el("span", {}, text + (full ? " (used up)" : "")),
+    );
+  }
+
+  function quietLine(lane) {
+    const ends = lane.quiet_ends || [];
+    let title = "Normal-priority messages wait while it is " + lane.quiet_hours + " where their recipient lives";
+    let held = null;
+    if (ends.length) {
+      const first = ends[0];
+      let text = "· " + number.format(lane.quiet_held) + " held until " + zoneTime(first.until, first.zone) + " " + first.zone;
+      if (ends.length > 1) text += " (+" + (ends.length - 1) + " zones)";
+      held = el("span", { class: "quiet-held" }, text);
+      title += "\n" + ends.map((end) => end.held + " until " + zoneTime(end.until, end.zone) + " in " + end.zone + " (" + localTime(end.until) + " here)").join("\n");
+    }
+    return el("div", { class: "budget budget-quiet", title }, el("span", {}, "quiet hours " + lane.quiet_hours), held);
+  }
+
+  // A time as the clocks read it in an IANA zone: "08:00" in America/Mexico_City.
+  function zoneTime(iso, zone) {
+    try {
+      return new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23", timeZone: zone }).format(new Date(iso));
+    } catch (_) {
+      return localTime(iso); // a zone this browser does not know
+    }
   }
 
   function renderChart(stats) {

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomsgd import __version__, clock, ids
+from evomsgd import __version__, clock, egress, ids
 from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.jobs import Finished, Job
@@ -26,6 +26,7 @@ from evomsgd.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.receipts import silent_instances
 from evomsgd.ledger.records import Event, InsertResult, ListFilter, Message, NewMessage
@@ -69,10 +70,17 @@ class Service:
     # -- accepting ------------------------------------------------------------------------
 
     def build(
-        self, req: SendRequest, *, idempotency_key: str | None = None, token_name: str | None = None
+        self,
+        req: SendRequest,
+        *,
+        idempotency_key: str | None = None,
+        token_name: str | None = None,
+        token_callback: bool = False,
     ) -> NewMessage:
-        """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row."""
+        """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row;
+        `token_callback`: the token has its own callback endpoint."""
         problems: list[dict[str, Any]] = []
+        callback_to = self._callback_to(req, token_name, token_callback, problems)
         if len(req.message) > self.settings.max_text_length:
             problems.append(
                 {
@@ -146,7 +154,43 @@ class Service:
             else f"{token_name or ''}:{idempotency_key}",
             request_hash=request_hash,
             token_name=token_name,
+            callback_to=callback_to,
+            callback_url=req.callback_url if callback_to else None,
         )
+
+    def _callback_to(
+        self,
+        req: SendRequest,
+        token_name: str | None,
+        token_callback: bool,
+        problems: list[dict[str, Any]],
+    ) -> str | None:
+        """The endpoint a message's callbacks go to (its secret signs them): the token's own,
+        else the default; None when there is none. A `callback_url` must be allowed."""
+        if token_name is not None and token_callback:
+            endpoint: str | None = ledger_callbacks.token_endpoint(token_name)
+        else:
+            endpoint = ledger_callbacks.DEFAULT if self.settings.callback_secret else None
+        if req.callback_url is None:
+            if endpoint == ledger_callbacks.DEFAULT and not self.settings.callback_url:
+                return None
+            return endpoint
+        try:
+            egress.check(
+                req.callback_url, self.settings.callback_allowed, "EVOMSGD_CALLBACK_ALLOWED"
+            )
+        except egress.UrlError as exc:
+            problems.append({"field": "callback_url", "message": str(exc)})
+            return None
+        if endpoint is None:
+            problems.append(
+                {
+                    "field": "callback_url",
+                    "message": "has no secret to sign its callbacks: set EVOMSGD_CALLBACK_SECRET "
+                    "or create the token with --callback-url",
+                }
+            )
+        return endpoint
 
     async def accept(self, new: NewMessage) -> InsertResult:
         """Write one message durably (group commit); the caller answers 202 after this returns."""
@@ -216,6 +260,13 @@ class Service:
                 f"no task with id {message_id!r} - check the task_id returned by POST /messages"
             )
         return self._view(msg, self.store.history(message_id), silent_instances(self.store))
+
+    def task_record(self, message_id: str) -> TaskRecord | None:
+        """`task`, called from a thread (the callback sender's); None when the message is gone."""
+        try:
+            return self._task_sync(message_id)
+        except NotFound:
+            return None
 
     def _view(
         self, msg: Message, history: list[Event] | None, silent: frozenset[str]

@@ -32,6 +32,7 @@ from evomsgd.ledger.store import Store
 from evomsgd.ledger.tokens import TokenCache
 from evomsgd.service import Service, created_per_instance
 from evomsgd.web import api, dashboard, errors, guards, metrics, openapi, views, webhooks
+from evomsgd.web import callbacks as web_callbacks
 
 log = logging.getLogger("evomsgd.app")
 
@@ -202,6 +203,7 @@ def create_app(
     openapi.add_routes(app)
     metrics.add_routes(app)
     dashboard.add_routes(app)
+    web_callbacks.add_routes(app)
     return app
 
 

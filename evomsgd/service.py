@@ -29,7 +29,15 @@ from evomsgd.errors import (
 from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.receipts import silent_instances
-from evomsgd.ledger.records import Event, InsertResult, ListFilter, Message, NewMessage
+from evomsgd.ledger.records import (
+    CallbackRow,
+    Endpoint,
+    Event,
+    InsertResult,
+    ListFilter,
+    Message,
+    NewMessage,
+)
 from evomsgd.ledger.store import Store
 from evomsgd.models import HealthView, LaneView, SendRequest
 from evomsgd.phone import PhoneError, normalize
@@ -362,6 +370,60 @@ class Service:
     def drain(self) -> None:
         """Stop accepting and dispatching; in-flight sends finish."""
         self.dispatcher.drain()
+
+    # -- callbacks --------------------------------------------------------------------------
+
+    async def callbacks(
+        self,
+        *,
+        state: str | None = None,
+        since: float | None = None,
+        task_id: str | None = None,
+        endpoints: frozenset[str] | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[CallbackRow]:
+        """Callbacks newest first (`endpoints`: only these endpoints')."""
+        return await asyncio.to_thread(
+            ledger_callbacks.listing,
+            self.store,
+            state=state,
+            since=since,
+            message_id=task_id,
+            endpoints=endpoints,
+            before_id=before,
+            limit=limit,
+        )
+
+    async def callback(
+        self, callback_id: int, endpoints: frozenset[str] | None = None
+    ) -> CallbackRow:
+        """One callback; NotFound when unknown (or not one of `endpoints`')."""
+        row = await asyncio.to_thread(ledger_callbacks.get, self.store, callback_id)
+        if row is None or (endpoints is not None and row.endpoint not in endpoints):
+            raise NotFound(f"no callback with id {callback_id} - see GET /callbacks")
+        return row
+
+    async def retry_callbacks(self, ids: Sequence[int]) -> list[int]:
+        """Send these callbacks again now; the ids queued (a forwarded relay cannot be)."""
+        return await asyncio.to_thread(ledger_callbacks.retry, self.store, ids, clock.now())
+
+    async def callback_endpoints(self) -> list[tuple[Endpoint, int]]:
+        """Each endpoint with its pending callbacks."""
+
+        def run() -> list[tuple[Endpoint, int]]:
+            pending = ledger_callbacks.pending_by_endpoint(self.store)
+            return [
+                (endpoint, pending.get(endpoint.name, 0))
+                for endpoint in ledger_callbacks.endpoints(self.store, clock.now())
+            ]
+
+        return await asyncio.to_thread(run)
+
+    async def enable_endpoint(self, name: str) -> None:
+        """Re-enable an endpoint a 410 disabled; NotFound when there is none by that name."""
+        if not await asyncio.to_thread(ledger_callbacks.enable, self.store, name):
+            raise NotFound(f"no callback endpoint named {name!r} - see GET /callbacks/endpoints")
 
     # -- health ---------------------------------------------------------------------------
 

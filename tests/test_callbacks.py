@@ -29,7 +29,7 @@ from evomsgd.ledger.store import Store
 from evomsgd.models import Status
 from evomsgd.web import guards
 from evomsgd.web.api import SERVICE
-from tests.conftest import MakeClient, fast_settings, post, wait_status
+from tests.conftest import JSON, MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution
 from tests.receiver import Call, Receiver
 
@@ -501,3 +501,56 @@ async def test_the_callback_secret_is_never_logged_nor_shown(
     bare = SECRET.removeprefix("whsec_")
     assert bare not in caplog.text
     assert "callback 1 (message.sent) to default: HTTP 500; retrying in" in caplog.text
+
+
+async def test_the_outbox_is_visible_and_replayable_through_the_api(
+    make_client: MakeClient, fake: FakeEvolution, receiver: Receiver
+) -> None:
+    receiver.status = 410
+    client = await _app(make_client, fake, receiver)
+    task = await post(client)
+    await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 1)
+
+    async def endpoint() -> dict[str, Any]:
+        body = await (await client.get("/callbacks/endpoints")).json()
+        (only,) = body["endpoints"]
+        return dict(only)
+
+    for _ in range(500):  # the outcome is written just after the answer arrived
+        if (await endpoint())["disabled_at"] is not None:
+            break
+        await asyncio.sleep(0.02)
+    health = await endpoint()
+    assert health["disabled_reason"] == "endpoint 'default' answered 410 Gone"
+    assert (health["pending"], health["rotating"], health["url"]) == (
+        1,
+        False,
+        receiver.url + "/hook",
+    )
+    assert "secret" not in json.dumps(health)
+    listing = await (await client.get("/callbacks?state=pending&since=1h")).json()
+    (row,) = listing["callbacks"]
+    assert (row["type"], row["task_id"], row["last_status"]) == (
+        "message.sent",
+        task["task_id"],
+        410,
+    )
+    assert await (await client.get(f"/callbacks/{row['id']}")).json() == row
+    assert (await client.get("/callbacks?state=lost")).status == 422
+    missing = await client.get("/callbacks/999")
+    assert missing.status == 404
+    assert (await missing.json())["error"]["code"] == "not_found"
+
+    receiver.status = 200
+    enabled = await client.post("/callbacks/endpoints/default/enable", headers=JSON)
+    assert enabled.status == 200 and (await enabled.json())["disabled_at"] is None
+    calls = await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 2)
+    assert calls[0].webhook_id == calls[1].webhook_id  # the same event, once more
+    replay = await client.post(f"/callbacks/{row['id']}/retry", headers=JSON)
+    assert (replay.status, await replay.json()) == (202, {"retried": [row["id"]]})
+    calls = await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 3)
+    assert calls[2].webhook_id == row["webhook_id"]
+    bulk = await client.post("/callbacks/retry?state=sent", headers=JSON)
+    assert (bulk.status, await bulk.json()) == (202, {"retried": [row["id"]]})
+    none_failed = await client.post("/callbacks/retry", headers=JSON)
+    assert await none_failed.json() == {"retried": []}

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from evomsgd import __version__
+from evomsgd.cli.callbacks import callbacks
 from evomsgd.cli.common import (
     EXIT_DEGRADED,
     EXIT_DOWN,
@@ -469,6 +470,7 @@ cli.command(
 cli.add_command(token)
 cli.add_command(contacts)
 cli.add_command(webhook)
+cli.add_command(callbacks)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@ The `..._in(cur, ...)` functions run inside the caller's transaction (the group 
 
 from __future__ import annotations
 
+import base64
+import secrets
 import sqlite3
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -22,6 +24,11 @@ _ENDPOINT = (
     "name, url, secret, previous_secret, previous_until, disabled_at, disabled_reason,"
     " last_ok_at, last_error_at, last_error, created_at"
 )
+
+
+def new_secret() -> str:
+    """A fresh Standard Webhooks secret: whsec_ and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 def token_endpoint(token: str) -> str:
@@ -301,3 +308,12 @@ def oldest_pending(db: Database) -> float | None:
     """When the oldest pending callback's event happened (None when none waits)."""
     rows = db.query("SELECT min(occurred_at) FROM callbacks WHERE state = 'pending'")
     return None if rows[0][0] is None else clock.from_db(rows[0][0])
+
+
+def pending_by_endpoint(db: Database) -> dict[str, int]:
+    """endpoint -> its pending callbacks (relays under '')."""
+    rows = db.query(
+        "SELECT coalesce(endpoint, ''), count(*) FROM callbacks WHERE state = 'pending'"
+        " GROUP BY endpoint"
+    )
+    return {row[0]: row[1] for row in rows}

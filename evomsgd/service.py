@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ from evomsgd.ledger.records import (
 from evomsgd.ledger.store import Store
 from evomsgd.models import HealthView, LaneView, SendRequest
 from evomsgd.phone import PhoneError, normalize
+
+# An event name Evolution puts in a by-event webhook path (messages-update): one plain segment.
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,14 +307,37 @@ class Service:
         """True when `presented` is the webhook secret `evomsgd webhook setup` gave Evolution."""
         return self.receipts is not None and await self.receipts.authentic(presented)
 
-    async def receive_webhook(self, body: Any) -> str:
-        """Store and apply one Evolution webhook body (durable when this returns)."""
+    async def receive_webhook(
+        self, body: Any, raw: bytes | None = None, path_event: str | None = None
+    ) -> str:
+        """Store and apply one Evolution webhook body (durable when this returns); with `raw`,
+        the body as received is queued for the instance's relay first, when it has one."""
         if self.receipts is None:
             raise ShuttingDown("evomsgd is starting or stopping - retry in a few seconds")
         try:
+            if raw is not None:
+                await self._relay(body, raw, path_event)
             return await self.receipts.receive(body)
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"webhook not stored: {exc}", retry_after=5) from exc
+
+    async def _relay(self, body: Any, raw: bytes, path_event: str | None) -> None:
+        """Queue `raw`, byte for byte, in the outbox for the instance's relay URL (if any);
+        a body that came on a by-event path goes to the same path under the relay URL."""
+        fields = body if isinstance(body, dict) else {}
+        instance = fields.get("instance") if isinstance(fields.get("instance"), str) else None
+        url = self.settings.relay_for(instance)
+        if url is None:
+            return
+        event = fields.get("event") if isinstance(fields.get("event"), str) else None
+        if path_event and _PATH_SEGMENT.fullmatch(path_event) and path_event.strip("."):
+            url = url.rstrip("/") + "/" + path_event
+        now = clock.now()
+        await self.committer.write_soon(
+            lambda cur: ledger_callbacks.relay_in(
+                cur, instance, event or path_event or "webhook", url, raw, now
+            )
+        )
 
     # -- operators ------------------------------------------------------------------------
 

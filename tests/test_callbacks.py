@@ -18,8 +18,9 @@ from aiohttp.test_utils import TestClient
 from standardwebhooks import WebhookVerificationError
 
 from evomsgd import clock
-from evomsgd.config import Settings
+from evomsgd.config import LaneSettings, Settings
 from evomsgd.engine.callbacks import CallbackSender, backoff, retry_after
+from evomsgd.engine.receipts import SECRET_HEADER, make_secret
 from evomsgd.ledger import callbacks as ledger
 from evomsgd.ledger import receipts
 from evomsgd.ledger import tokens as ledger_tokens
@@ -554,3 +555,64 @@ async def test_the_outbox_is_visible_and_replayable_through_the_api(
     assert (bulk.status, await bulk.json()) == (202, {"retried": [row["id"]]})
     none_failed = await client.post("/callbacks/retry", headers=JSON)
     assert await none_failed.json() == {"retried": []}
+
+
+# -- the relay -----------------------------------------------------------------------------------
+
+
+async def test_the_relay_forwards_evolutions_body_byte_for_byte_and_then_erases_it(
+    make_client: MakeClient,
+    fake: FakeEvolution,
+    receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chatbot = Receiver()
+    try:
+        client = await make_client(
+            fast_settings(
+                evolution_url=fake.url,
+                relay_url=receiver.url + "/all",
+                instances={"other": LaneSettings(relay_url=chatbot.url + "/bot")},
+            )
+        )
+        store = client.app[SERVICE].store
+        secret = await asyncio.to_thread(make_secret, store)
+        token = "B6D711FCDE4D4FD5936544120E713976"  # an instance token, as Evolution sends it
+        raw = (
+            '{"event":"messages.upsert", "instance":"main",\n  "data":{"text":"olá 👋"},'
+            f' "apikey":"{token}"}}'
+        ).encode()
+        other = b'{"event": "connection.update", "instance": "other", "data": {"state": "open"}}'
+        with caplog.at_level(logging.DEBUG):
+            for body, path in ((raw, ""), (other, "/connection-update")):
+                resp = await client.post(
+                    "/webhooks/evolution" + path,
+                    data=body,
+                    headers={**JSON, SECRET_HEADER: secret},
+                )
+                assert resp.status == 200, await resp.text()
+            (forwarded,) = await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 1)
+            (bot,) = await asyncio.to_thread(chatbot.wait_for, lambda calls: len(calls) == 1)
+        assert forwarded.body == raw and forwarded.path == "/all"
+        assert bot.body == other and bot.path == "/bot/connection-update"
+        assert "webhook-signature" not in forwarded.headers  # unchanged: Evolution signs nothing
+        assert token not in caplog.text
+
+        def erased() -> bool:
+            rows = ledger.listing(store, limit=10)
+            return len(rows) == 2 and all(r.state == "sent" and r.body is None for r in rows)
+
+        for _ in range(500):  # the outcome is written just after the receiver answered
+            if await asyncio.to_thread(erased):
+                break
+            await asyncio.sleep(0.02)
+        assert await asyncio.to_thread(erased)
+        with store.transaction() as cur:
+            leftover = cur.execute(
+                "SELECT count(*) FROM callbacks WHERE body LIKE ?", (f"%{token}%",)
+            )
+            assert leftover.fetchone()[0] == 0
+        replay = await client.post("/callbacks/1/retry", headers=JSON)
+        assert replay.status == 409
+    finally:
+        chatbot.close()

@@ -190,6 +190,7 @@ def create_app(
         async with aiohttp.ClientSession() as session:
             sender = CallbackSender(store, service.committer, settings, render, session)
             app[CALLBACKS] = sender
+            app[metrics.METRICS].registry.register(metrics.CallbacksCollector(store))
             task = asyncio.create_task(sender.run())
             yield
             task.cancel()

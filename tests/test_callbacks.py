@@ -616,3 +616,41 @@ async def test_the_relay_forwards_evolutions_body_byte_for_byte_and_then_erases_
         assert replay.status == 409
     finally:
         chatbot.close()
+
+
+def test_retention_purges_delivered_callbacks_with_their_messages_not_owed_ones(
+    tmp_path: Path,
+) -> None:
+    from evomsgd.ledger.records import CallbackOutcome, Retention
+    from evomsgd.ledger.retention import purge
+
+    store = Store(tmp_path)
+    ledger.sync_default(store, "http://127.0.0.1:9/cb", SECRET, False, 60, clock.now())
+    store.insert_messages([_new(0), _new(1)])
+    store.cancel("task-000", clock.now())
+    store.cancel("task-001", clock.now())
+    store.set_paused("main", True, "x", clock.now())
+    with store.transaction() as cur:
+        for callback_id in (1, 3):  # task-000's and the pause's were delivered
+            ledger.record_in(
+                cur, CallbackOutcome(callback_id, clock.now(), b"{}", "sent", None, 200, None)
+            )
+    purge(store, clock.now() + 10 * 86_400, Retention(success_days=1, failed_days=1))
+    assert [(row.type, row.message_id) for row in ledger.listing(store)] == [
+        ("message.canceled", "task-001")  # still owed: kept and sent, its message gone or not
+    ]
+    store.close()
+
+
+async def test_metrics_count_the_outbox(
+    make_client: MakeClient, fake: FakeEvolution, receiver: Receiver
+) -> None:
+    receiver.status = 503
+    client = await _app(make_client, fake, receiver)
+    await post(client)
+    await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 1)
+    text = await (await client.get("/metrics")).text()
+    assert 'evomsgd_callbacks{state="pending"} 1.0' in text
+    assert 'evomsgd_callbacks{state="sent"} 0.0' in text
+    assert "evomsgd_callbacks_oldest_pending_seconds " in text
+    assert 'evomsgd_callback_endpoint_disabled{endpoint="default"} 0.0' in text

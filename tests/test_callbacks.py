@@ -151,11 +151,7 @@ def test_pause_and_resume_reach_the_endpoints_whose_tokens_may_use_the_instance(
         ("instance.resumed", "default"),
         ("instance.resumed", "token:shop"),
     ]
-    assert json.loads(rows[0].data or "") == {
-        "instance": "main",
-        "paused": True,
-        "reason": "maintenance",
-    }
+    assert (rows[0].data, rows[2].data) == ("maintenance", None)  # the reason, at the time
     store.close()
 
 
@@ -654,3 +650,40 @@ async def test_metrics_count_the_outbox(
     assert 'evomsgd_callbacks{state="sent"} 0.0' in text
     assert "evomsgd_callbacks_oldest_pending_seconds " in text
     assert 'evomsgd_callback_endpoint_disabled{endpoint="default"} 0.0' in text
+
+
+async def test_an_instance_event_carries_the_pause_and_its_reason(
+    rig: Rig, receiver: Receiver
+) -> None:
+    rig.store.set_paused("main", True, "number banned?", clock.now())
+    rig.store.set_paused("main", False, None, clock.now())
+    await rig.drain()
+    paused, resumed = (call.verified(SECRET) for call in receiver.received())
+    assert paused["type"] == "instance.paused"
+    assert paused["data"] == {"instance": "main", "paused": True, "reason": "number banned?"}
+    assert resumed["data"] == {"instance": "main", "paused": False, "reason": None}
+
+
+async def test_410_from_a_messages_own_url_fails_that_callback_only(
+    rig: Rig, receiver: Receiver
+) -> None:
+    receiver.status = 410
+    rig.store.insert_messages([_new(0, callback_url=receiver.url + "/own"), _new(1)])
+    rig.store.cancel("task-000", clock.now())
+    await rig.step()
+    (row,) = ledger.listing(rig.store)
+    assert (row.state, row.last_error) == ("failed", "410 Gone")
+    (endpoint,) = ledger.endpoints(rig.store, rig.now())
+    assert endpoint.disabled_at is None
+    assert receiver.received()[0].path == "/own"
+
+
+def test_a_revoked_tokens_endpoint_goes_with_it(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    ledger_tokens.create_with_callback(store, "billing", [], "https://b.example/cb")
+    assert [row.callback for row in store.tokens()] == [True]
+    ledger_tokens.revoke(store, "billing")
+    ledger_tokens.create(store, "billing")
+    assert [row.callback for row in store.tokens()] == [False]  # nothing inherited
+    assert ledger.endpoints(store, clock.now()) == []
+    store.close()

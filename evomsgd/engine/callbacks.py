@@ -167,10 +167,13 @@ class CallbackSender:
         row = item.row
         if row.body is not None:
             return row.body
-        if row.data is not None:
-            data: Any = json.loads(row.data)
+        if row.message_id is None:  # instance.paused / instance.resumed
+            data: Any = {
+                "instance": row.instance,
+                "paused": row.type == "instance.paused",
+                "reason": row.data,
+            }
         else:
-            assert row.message_id is not None
             data = await asyncio.to_thread(self.render, row.message_id)
             if data is None:  # purged by retention meanwhile
                 data = {"task_id": row.message_id}

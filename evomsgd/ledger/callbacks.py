@@ -92,6 +92,12 @@ def add_endpoint(db: Database, name: str, url: str, secret: str, now: float) -> 
         )
 
 
+def remove_endpoint(db: Database, name: str) -> None:
+    """Forget an endpoint (its token was revoked); callbacks still owed to it fail: no URL."""
+    with db.transaction() as cur:
+        cur.execute("DELETE FROM callback_endpoints WHERE name = ?", (name,))
+
+
 def _rotate_in(cur: sqlite3.Cursor, name: str, secret: str, overlap: float, now: float) -> bool:
     cur.execute(
         "UPDATE callback_endpoints SET previous_secret = secret, previous_until = ?, secret = ?"

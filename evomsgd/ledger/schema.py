@@ -247,7 +247,7 @@ CREATE TABLE callbacks (
     endpoint        TEXT,                         -- callback_endpoints.name (NULL for a relay)
     url             TEXT,                         -- NULL: the endpoint's URL
     occurred_at     TEXT NOT NULL,
-    data            TEXT,                         -- instance events: their data, as JSON
+    data            TEXT,                         -- instance events: the pause's reason
     body            BLOB,                         -- what is sent, fixed at the first attempt;
                                                   -- a relay's is erased once forwarded
     state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'failed')),
@@ -298,7 +298,8 @@ BEGIN
 END;
 
 -- instance.paused / instance.resumed go to the default endpoint and to each token's endpoint
--- whose token may use the instance.
+-- whose token may use the instance. Only core SQL functions: no JSON1, which some SQLite builds
+-- lack (the sender writes the event's JSON).
 CREATE VIEW callback_lane_targets AS
     SELECT e.name AS endpoint, t.instances AS instances FROM callback_endpoints e
     LEFT JOIN tokens t ON e.name = 'token:' || t.name
@@ -313,8 +314,7 @@ BEGIN
            CASE WHEN NEW.paused THEN 'instance.paused' ELSE 'instance.resumed' END,
            'instance:' || NEW.instance || ':' || endpoint, NEW.instance, endpoint,
            strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now'),
-           json_object('instance', NEW.instance, 'paused', json(CASE WHEN NEW.paused THEN 'true'
-                       ELSE 'false' END), 'reason', NEW.paused_reason)
+           NEW.paused_reason
     FROM callback_lane_targets
     WHERE instances IS NULL OR instr(',' || instances || ',', ',' || NEW.instance || ',') > 0;
 END;
@@ -326,7 +326,7 @@ BEGIN
     SELECT 'msg_' || lower(hex(randomblob(16))), 'event', 'instance.paused',
            'instance:' || NEW.instance || ':' || endpoint, NEW.instance, endpoint,
            strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now'),
-           json_object('instance', NEW.instance, 'paused', json('true'), 'reason', NEW.paused_reason)
+           NEW.paused_reason
     FROM callback_lane_targets
     WHERE instances IS NULL OR instr(',' || instances || ',', ',' || NEW.instance || ',') > 0;
 END;

@@ -69,6 +69,8 @@ def revoke(store: Store, name: str) -> None:
     """Delete the token called `name`; requests with it fail from the next cache refresh on."""
     if not store.revoke_token(name):
         raise TokenError(f"no token named {name!r} - see `evomsgd token list`")
+    # Its callback endpoint goes with it: a new token of that name must not inherit it.
+    callbacks.remove_endpoint(store, callbacks.token_endpoint(name))
 
 
 class TokenCache:

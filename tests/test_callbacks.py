@@ -9,7 +9,8 @@ import json
 import logging
 import random
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,15 @@ def _new(i: int, *, callback_to: str | None = "default", **overrides: Any) -> Ne
     }
     values.update(overrides)
     return NewMessage(**values)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Wait for a condition on the ledger (read in a thread), not for a duration."""
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met")
+        await asyncio.sleep(0.02)
 
 
 def _types(store: Store, message_id: str) -> list[str]:
@@ -186,6 +196,7 @@ class Rig:
             self.session,
             now=self.now,
             rng=random.Random(7),
+            timeout=120,  # a held request must outlast the test's wait for the others
         )
 
     async def step(self) -> int:
@@ -354,10 +365,15 @@ async def test_a_slow_endpoint_holds_neither_another_endpoint_nor_its_own_later_
         tasks = await rig.sender.step()
         assert len(tasks) == 4 + 3  # PER_ENDPOINT for the slow one, all of the other's
         await asyncio.to_thread(other.wait_for, lambda calls: len(calls) == 3)
-        done, pending = await asyncio.wait(tasks, timeout=10)
-        assert len(done) == 3 and len(pending) == 4
+
+        def sent() -> set[str | None]:
+            return {r.endpoint for r in ledger.listing(rig.store, limit=20) if r.state == "sent"}
+
+        await until(lambda: len(ledger.listing(rig.store, state="sent")) == 3)
+        assert sent() == {"token:crm"}  # delivered while the slow endpoint still holds its calls
+        assert sum(not task.done() for task in tasks) == 4
         receiver.hold.set()
-        await asyncio.gather(*pending)
+        await asyncio.gather(*tasks)
         await rig.drain()
         assert len(receiver.received()) == 6
         assert [c.verified(OTHER_SECRET)["type"] for c in other.received()] == [
@@ -494,7 +510,8 @@ async def test_the_callback_secret_is_never_logged_nor_shown(
         client = await _app(make_client, fake, receiver)
         await post(client)
         await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 1)
-        await asyncio.sleep(0)
+        store = client.app[SERVICE].store
+        await until(lambda: ledger.listing(store)[0].attempts == 1)
     bare = SECRET.removeprefix("whsec_")
     assert bare not in caplog.text
     assert "callback 1 (message.sent) to default: HTTP 500; retrying in" in caplog.text
@@ -513,10 +530,8 @@ async def test_the_outbox_is_visible_and_replayable_through_the_api(
         (only,) = body["endpoints"]
         return dict(only)
 
-    for _ in range(500):  # the outcome is written just after the answer arrived
-        if (await endpoint())["disabled_at"] is not None:
-            break
-        await asyncio.sleep(0.02)
+    store = client.app[SERVICE].store
+    await until(lambda: ledger.endpoints(store, clock.now())[0].disabled_at is not None)
     health = await endpoint()
     assert health["disabled_reason"] == "endpoint 'default' answered 410 Gone"
     assert (health["pending"], health["rotating"], health["url"]) == (
@@ -598,11 +613,7 @@ async def test_the_relay_forwards_evolutions_body_byte_for_byte_and_then_erases_
             rows = ledger.listing(store, limit=10)
             return len(rows) == 2 and all(r.state == "sent" and r.body is None for r in rows)
 
-        for _ in range(500):  # the outcome is written just after the receiver answered
-            if await asyncio.to_thread(erased):
-                break
-            await asyncio.sleep(0.02)
-        assert await asyncio.to_thread(erased)
+        await until(erased)  # the outcome is written just after the receiver answered
         with store.transaction() as cur:
             leftover = cur.execute(
                 "SELECT count(*) FROM callbacks WHERE body LIKE ?", (f"%{token}%",)

@@ -92,6 +92,7 @@ class CallbackSender:
         *,
         now: Callable[[], float] = clock.now,
         rng: random.Random | None = None,
+        timeout: float = TIMEOUT,
     ) -> None:
         self.store = store
         self.committer = committer
@@ -100,6 +101,7 @@ class CallbackSender:
         self.session = session
         self.now = now
         self.rng = rng or random.Random()
+        self.timeout = timeout
         self._busy: dict[int, str] = {}  # callback id -> where it goes (for PER_ENDPOINT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
@@ -138,6 +140,8 @@ class CallbackSender:
                 await self.step()
             except StoreUnavailable as exc:
                 log.warning("callbacks: cannot read the outbox: %s", exc)
+            except Exception:  # a bug must not end the callbacks for the daemon's lifetime
+                log.exception("callbacks: the sender's step failed")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL):
                     await self._wake.wait()
@@ -151,7 +155,12 @@ class CallbackSender:
 
     async def _attempt(self, item: Due) -> None:
         try:
-            outcome = await self._call(item)
+            try:
+                outcome = await self._call(item)
+            except Exception:
+                # Retried on the schedule, not every second: a bug here must not spin.
+                log.exception("callback %s: cannot be attempted", item.row.id)
+                outcome = self._retry(item, None, self.now(), None, "internal error (logged)")
             try:
                 await self.committer.write_soon(lambda cur: callbacks.record_in(cur, outcome))
             except StoreUnavailable as exc:
@@ -199,12 +208,12 @@ class CallbackSender:
                 data=body,
                 headers=headers,
                 allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=TIMEOUT),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
                 status, wait = resp.status, resp.headers.get("Retry-After")
                 await resp.content.read(4096)  # a little of the answer, never kept
         except TimeoutError:
-            return self._retry(item, body, started, None, f"no answer within {TIMEOUT:g}s")
+            return self._retry(item, body, started, None, f"no answer within {self.timeout:g}s")
         except aiohttp.ClientError as exc:
             return self._retry(item, body, started, None, f"{type(exc).__name__}: cannot connect")
         if 200 <= status < 300:
@@ -228,7 +237,7 @@ class CallbackSender:
     def _retry(
         self,
         item: Due,
-        body: bytes,
+        body: bytes | None,
         now: float,
         status: int | None,
         error: str,
@@ -252,7 +261,7 @@ class CallbackSender:
         return CallbackOutcome(row.id, now, body, "pending", now + wait, status, error)
 
     def _failed(
-        self, item: Due, body: bytes, now: float, status: int | None, error: str
+        self, item: Due, body: bytes | None, now: float, status: int | None, error: str
     ) -> CallbackOutcome:
         log.warning(
             "callback %s (%s) to %s failed: %s",

@@ -558,10 +558,12 @@ async def test_the_outbox_is_visible_and_replayable_through_the_api(
     assert enabled.status == 200 and (await enabled.json())["disabled_at"] is None
     calls = await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 2)
     assert calls[0].webhook_id == calls[1].webhook_id  # the same event, once more
+    await until(lambda: ledger.listing(store)[0].state == "sent")
     replay = await client.post(f"/callbacks/{row['id']}/retry", headers=JSON)
     assert (replay.status, await replay.json()) == (202, {"retried": [row["id"]]})
     calls = await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) == 3)
     assert calls[2].webhook_id == row["webhook_id"]
+    await until(lambda: ledger.listing(store)[0].state == "sent")
     bulk = await client.post("/callbacks/retry?state=sent", headers=JSON)
     assert (bulk.status, await bulk.json()) == (202, {"retried": [row["id"]]})
     none_failed = await client.post("/callbacks/retry", headers=JSON)
@@ -697,4 +699,20 @@ def test_a_revoked_tokens_endpoint_goes_with_it(tmp_path: Path) -> None:
     ledger_tokens.create(store, "billing")
     assert [row.callback for row in store.tokens()] == [False]  # nothing inherited
     assert ledger.endpoints(store, clock.now()) == []
+    store.close()
+
+
+def test_a_retry_asked_during_an_attempt_is_not_undone_by_its_outcome(tmp_path: Path) -> None:
+    from evomsgd.ledger.records import CallbackOutcome
+
+    store = Store(tmp_path)
+    ledger.sync_default(store, "http://127.0.0.1:9/cb", SECRET, False, 60, clock.now())
+    store.insert_messages([_new(0)])
+    store.cancel("task-000", clock.now())
+    started = clock.now()
+    ledger.retry(store, [1], started + 1)  # the operator's retry lands while the call is out
+    with store.transaction() as cur:
+        ledger.record_in(cur, CallbackOutcome(1, started, b"{}", "sent", None, 200, None))
+    row = ledger.get(store, 1)
+    assert row is not None and (row.state, row.attempts) == ("pending", 1)
     store.close()

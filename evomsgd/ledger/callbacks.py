@@ -180,11 +180,16 @@ def record_in(cur: sqlite3.Cursor, out: CallbackOutcome) -> None:
     """Write one attempt's outcome; a forwarded (or abandoned) relay body is erased with it."""
     at_db = clock.to_db(out.at)
     row = cur.execute(
-        "SELECT kind, endpoint, url FROM callbacks WHERE id = ?", (out.id,)
+        "SELECT kind, endpoint, url, retry_from FROM callbacks WHERE id = ?", (out.id,)
     ).fetchone()
     if row is None:  # purged meanwhile
         return
-    kind, endpoint, own_url = row
+    kind, endpoint, own_url, retry_from = row
+    if retry_from is not None and retry_from > at_db:
+        # An operator asked for it again while this attempt was under way: that request stands.
+        out = CallbackOutcome(
+            out.id, out.at, out.body, "pending", clock.from_db(retry_from), out.status, out.error
+        )
     erase = kind == "relay" and out.state != "pending"
     cur.execute(
         "UPDATE callbacks SET state = ?, attempts = attempts + 1,"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from evomsgd.errors import ApiError
+from evomsgd.errors import ApiError, NotFound
 from evomsgd.ledger.callbacks import STATES, token_endpoint
 from evomsgd.models import CallbackList, CallbackRetry, CallbackView, EndpointList, EndpointView
 from evomsgd.web import routes
@@ -54,9 +54,11 @@ def _state(request: web.Request) -> str | None:
 
 
 def _id(request: web.Request) -> int:
-    value = _int(request.match_info["callback_id"], "callback_id", 1, 2**63 - 1)
-    assert value is not None
-    return value
+    """The path's callback id; an id that cannot be one is unknown (404), as a task id is."""
+    raw = request.match_info["callback_id"]
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) < 2**63):
+        raise NotFound(f"no callback with id {raw!r} - see GET /callbacks")
+    return int(raw)
 
 
 async def list_callbacks(request: web.Request) -> web.Response:

@@ -716,3 +716,17 @@ def test_a_retry_asked_during_an_attempt_is_not_undone_by_its_outcome(tmp_path: 
     row = ledger.get(store, 1)
     assert row is not None and (row.state, row.attempts) == ("pending", 1)
     store.close()
+
+
+async def test_a_hung_receiver_never_slows_sending(
+    make_client: MakeClient, fake: FakeEvolution, receiver: Receiver
+) -> None:
+    receiver.hold = threading.Event()  # every callback call hangs
+    client = await _app(make_client, fake, receiver)
+    ids = [(await post(client, phone=f"+55119888777{i:02d}"))["task_id"] for i in range(8)]
+    await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) >= 1)
+    for task_id in ids:  # every message is sent while its callbacks wait on the receiver
+        assert (await wait_status(client, task_id))["status"] == "SUCCESS"
+    assert len(receiver.received()) <= 4  # at most PER_ENDPOINT calls held by a dead endpoint
+    receiver.hold.set()
+    await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) >= 8)

@@ -238,7 +238,8 @@ ALTER TABLE messages ADD COLUMN callback_url TEXT;
 -- instance's relayed webhooks).
 CREATE TABLE callbacks (
     id              INTEGER PRIMARY KEY,
-    webhook_id      TEXT NOT NULL UNIQUE,         -- the webhook-id header: the same on every retry
+    webhook_id      TEXT NOT NULL,                -- the webhook-id header, the same on every retry;
+                                                  -- 128 random bits: unique without an index
     kind            TEXT NOT NULL,                -- event, or relay (Evolution's body, forwarded)
     type            TEXT NOT NULL,                -- message.sent, ..., instance.paused; relay: its event
     key             TEXT NOT NULL,                -- order: a row waits for the earlier rows of its key

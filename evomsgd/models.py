@@ -365,6 +365,28 @@ class Paused(BaseModel):
     reason: str | None = None
 
 
+class ReplicationView(BaseModel):
+    """The ledger's replication by its supervised Litestream."""
+
+    state: Literal["starting", "replicating", "failing", "restarting"] = Field(
+        description="failing: Litestream reports errors since its last successful upload; "
+        "restarting: Litestream died and is being restarted."
+    )
+    replica: str = Field(description="The replica URL, never its password.")
+    litestream: str = Field(description="The Litestream executable in use.")
+    pid: int | None = Field(description="Litestream's process id while it runs.")
+    restarts: int = Field(description="Times Litestream died and was restarted since the start.")
+    sync_interval_seconds: float
+    last_sync_at: str | None = Field(description="The last successful upload to the replica.")
+    lag_seconds: float | None = Field(
+        description="0 when the replica holds the newest local transaction; else seconds since "
+        "the last successful upload."
+    )
+    local_txid: int | None = Field(description="The ledger's newest transaction Litestream saw.")
+    replica_txid: int | None = Field(description="The newest transaction on the replica.")
+    last_error: str | None
+
+
 class HealthView(BaseModel):
     """GET /health: 200 when the daemon can do its job, 503 otherwise."""
 
@@ -388,6 +410,9 @@ class HealthView(BaseModel):
         description="The newest failed attempt, expiry or recovery: at, task_id, instance, error.",
     )
     problems: list[str]
+    replication: ReplicationView | None = Field(
+        None, description="The ledger's Litestream replica (EVOMSGD_REPLICA_URL); null when off."
+    )
 
 
 class EvolutionWebhook(BaseModel):

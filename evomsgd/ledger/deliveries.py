@@ -370,6 +370,34 @@ class Deliveries(Database):
                 self._event(cur, message_id, instance, now_db, "recovered", detail)
         return [(row[0], row[1]) for row in rows]
 
+    def flag_restored(self, now: float) -> int:
+        """After a restore from a replica: flag every waiting message already due as possibly sent.
+
+        A replica may miss the primary's last seconds, sends included; so each such message is
+        counted ambiguous and recovered, like a send a crash cut: its next attempt looks it up
+        in Evolution first, and a re-send is flagged as a possible duplicate. STARTED rows are
+        left to `recover`, which every start runs.
+        """
+        now_db = clock.to_db(now)
+        detail = (
+            "restored from a replica that may miss the last seconds before the loss; "
+            "it may have been sent"
+        )
+        with self.transaction() as cur:
+            rows = cur.execute(
+                f"SELECT id, instance FROM messages WHERE {IN_WAITING}"
+                " AND coalesce(next_attempt_at, send_at, created_at) <= ?",
+                (now_db,),
+            ).fetchall()
+            for message_id, instance in rows:
+                cur.execute(
+                    "UPDATE messages SET recovered = recovered + 1, ambiguous = ambiguous + 1"
+                    " WHERE id = ?",
+                    (message_id,),
+                )
+                self._event(cur, message_id, instance, now_db, "recovered", detail)
+        return len(rows)
+
     def expire_due(self, now: float) -> list[tuple[str, str]]:
         """Mark waiting messages past their expiry EXPIRED; returns (id, instance) pairs."""
         now_db = clock.to_db(now)

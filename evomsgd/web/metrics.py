@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
 
 import prometheus_client
 from aiohttp import web
@@ -28,7 +29,7 @@ from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger import receipts
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
-from evomsgd.models import WAITING, LaneView, Status
+from evomsgd.models import WAITING, LaneView, ReplicationView, Status
 from evomsgd.web import routes
 from evomsgd.web.routes import Route
 
@@ -304,6 +305,48 @@ ROUTES = (Route("GET", "/metrics", metrics, None),)
 def add_routes(app: web.Application) -> None:
     """Register GET /metrics."""
     routes.register(app, ROUTES)
+
+
+# The states of ReplicationView.state; the current one reports 1, the others 0.
+REPLICATION_STATES = ("starting", "replicating", "failing", "restarting")
+
+
+class ReplicationCollector(Collector):
+    """The ledger's Litestream replication, read from its supervisor at scrape time."""
+
+    def __init__(self, view: Callable[[], ReplicationView]) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator[Metric]:
+        replica = self.view()
+        state = GaugeMetricFamily(
+            "evomsgd_replication_state",
+            "1 for the replication's current state: starting, replicating, failing, restarting.",
+            labels=["state"],
+        )
+        for name in REPLICATION_STATES:
+            state.add_metric([name], 1 if name == replica.state else 0)
+        yield state
+        last = GaugeMetricFamily(
+            "evomsgd_replication_last_sync_timestamp_seconds",
+            "Unix time of the last successful upload to the replica (0 before the first).",
+        )
+        synced = replica.last_sync_at
+        at = 0.0 if synced is None else datetime.fromisoformat(synced.replace("Z", "+00:00"))
+        last.add_metric([], at if isinstance(at, float) else at.timestamp())
+        yield last
+        lag = GaugeMetricFamily(
+            "evomsgd_replication_lag_seconds",
+            "0 when the replica holds the newest local transaction, else seconds since the last "
+            "successful upload.",
+        )
+        lag.add_metric([], replica.lag_seconds or 0.0)
+        yield lag
+        restarts = CounterMetricFamily(
+            "evomsgd_replication_restarts", "Times Litestream died and was restarted."
+        )
+        restarts.add_metric([], replica.restarts)
+        yield restarts
 
 
 class CallbacksCollector(Collector):

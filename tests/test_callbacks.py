@@ -495,6 +495,15 @@ async def test_each_token_hears_only_of_its_own_messages(
         theirs = await asyncio.to_thread(crm.wait_for, lambda calls: len(calls) == 1)
         assert shop[0].verified(SECRET)["data"]["task_id"] == ids["shop"]
         assert theirs[0].verified(OTHER_SECRET)["data"]["task_id"] == ids["crm"]
+        # The outbox's routes show a token its own callbacks only.
+        as_shop = {"Authorization": f"Bearer {shop_token}"}
+        mine = (await (await client.get("/callbacks", headers=as_shop)).json())["callbacks"]
+        assert [(row["task_id"], row["endpoint"]) for row in mine] == [(ids["shop"], "token:shop")]
+        crm_row = ledger.listing(store, message_id=ids["crm"])[0]
+        hidden = await client.get(f"/callbacks/{crm_row.id}", headers=as_shop)
+        assert hidden.status == 404
+        endpoints = await (await client.get("/callbacks/endpoints", headers=as_shop)).json()
+        assert [e["name"] for e in endpoints["endpoints"]] == ["token:shop"]
     finally:
         crm.close()
 

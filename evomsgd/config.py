@@ -12,8 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from evomsgd import egress
 from evomsgd.errors import ConfigError
 
 APP_NAME = "evomsgd"
@@ -73,6 +82,11 @@ class LaneSettings(BaseModel):
     typing: bool | None = Field(
         None,
         description='Show "typing..." before each text, for a time that grows with its length.',
+    )
+    relay_url: str | None = Field(
+        None,
+        description="Where every Evolution webhook of this instance is forwarded, body unchanged "
+        "(over EVOMSGD_RELAY_URL).",
     )
 
     @field_validator("quiet_hours")
@@ -388,6 +402,52 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = _env(
         "EVOMSGD_LOG_FORMAT", default="text", description="text (journald-friendly) or json."
     )
+    callback_url: str | None = _env(
+        "EVOMSGD_CALLBACK_URL",
+        default=None,
+        description="Default endpoint of the signed status callbacks (needs "
+        "EVOMSGD_CALLBACK_SECRET); a token made with --callback-url has its own.",
+    )
+    callback_secret: SecretStr | None = _env(
+        "EVOMSGD_CALLBACK_SECRET",
+        default=None,
+        description="whsec_... secret that signs the default endpoint's callbacks (Standard "
+        "Webhooks); changing it starts a rotation. Never logged.",
+    )
+    callback_allowed: tuple[str, ...] = _env(
+        "EVOMSGD_CALLBACK_ALLOWED",
+        default=(),
+        description="Comma-separated URL prefixes a message's own callback_url may start with "
+        "(empty: no per-message callback_url).",
+    )
+    callback_include_text: bool = _env(
+        "EVOMSGD_CALLBACK_INCLUDE_TEXT",
+        default=False,
+        description="Put the message text in callbacks (off: it may be a one-time code).",
+    )
+    callback_max_age: float = _env(
+        "EVOMSGD_CALLBACK_MAX_AGE",
+        default=259_200.0,
+        gt=0,
+        description="Seconds a callback is retried after its event before it is given up (failed).",
+    )
+    callback_retrying: bool = _env(
+        "EVOMSGD_CALLBACK_RETRYING",
+        default=False,
+        description="Also send message.retrying when a send failed and will be tried again.",
+    )
+    callback_rotation_overlap: float = _env(
+        "EVOMSGD_CALLBACK_ROTATION_OVERLAP",
+        default=86_400.0,
+        ge=0,
+        description="Seconds the old secret keeps signing, next to the new one, after a rotation.",
+    )
+    relay_url: str | None = _env(
+        "EVOMSGD_RELAY_URL",
+        default=None,
+        description="Forward every Evolution webhook evomsgd receives, body unchanged, to this "
+        "URL (the app that listened before); per instance: relay_url in its config section.",
+    )
     instances: dict[str, LaneSettings] = Field(
         default_factory=dict, description="Per-instance pacing, from the config file only."
     )
@@ -471,6 +531,58 @@ class Settings(BaseModel):
         from evomsgd.phone import validate_region
 
         return validate_region(value)
+
+    @field_validator("callback_url", "relay_url")
+    @classmethod
+    def _outbound_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            egress.parse(value)
+        except egress.UrlError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("callback_allowed", mode="before")
+    @classmethod
+    def _prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            for prefix in value:
+                try:
+                    egress.parse(str(prefix))
+                except egress.UrlError as exc:
+                    raise ValueError(str(exc)) from None
+            return tuple(str(prefix) for prefix in value)
+        return value
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not callback_secret_valid(value.get_secret_value()):
+            # The value itself is never echoed: it is a secret.
+            raise ValueError(
+                "must be whsec_ followed by base64 (24+ bytes) - make one with "
+                "`evomsgd callbacks new-secret`"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _callback_secret_given(self) -> Settings:
+        if self.callback_url and self.callback_secret is None:
+            raise ValueError(
+                "EVOMSGD_CALLBACK_URL is set but EVOMSGD_CALLBACK_SECRET is not - make one with "
+                "`evomsgd callbacks new-secret` and give it to the app that receives them"
+            )
+        return self
+
+    def relay_for(self, instance: str | None) -> str | None:
+        """Where an instance's Evolution webhooks are forwarded (its section, else the global)."""
+        own = self.instances.get(instance) if instance else None
+        return own.relay_url if own is not None and own.relay_url else self.relay_url
 
     def lane(self, instance: str) -> LaneSettings:
         """The effective pacing of one instance: its config section over the global defaults."""
@@ -590,6 +702,14 @@ def describe_validation(exc: ValidationError) -> str:
         loc = [str(part) for part in err["loc"]]
         field = loc[0] if loc else "?"
         name = ENV_VARS.get(field, ".".join(loc))
+        if not loc:  # a rule across settings: its message names them; the input is all of them
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
+        if Settings.model_fields.get(field) is not None and "SecretStr" in str(
+            Settings.model_fields[field].annotation
+        ):
+            lines.append(f"{name}: {err['msg']}")  # never echo a secret
+            continue
         lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
     return "invalid configuration - " + "; ".join(lines)
 
@@ -609,3 +729,17 @@ def resolve_data_dir(settings: Settings, env: Mapping[str, str] | None = None) -
         raise ConfigError(
             f"cannot find a data directory ({exc}) - set EVOMSGD_DATA_DIR or pass --data-dir"
         ) from None
+
+
+def callback_secret_valid(secret: str) -> bool:
+    """True for a Standard Webhooks secret: whsec_ and base64 of at least 24 bytes."""
+    import base64
+    import binascii
+
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        raw = base64.b64decode(secret[len("whsec_") :] + "==", validate=False)
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) >= 24

@@ -116,6 +116,12 @@ class SendRequest(BaseModel):
     expires_at: AwareDatetime | None = Field(
         None, description="RFC 3339 time after which an unsent message EXPIRES."
     )
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Where this message's signed status callbacks go, instead of its token's or "
+        "the default endpoint; only a URL under EVOMSGD_CALLBACK_ALLOWED (else 422).",
+    )
 
 
 class Accepted(BaseModel):
@@ -453,3 +459,77 @@ class WebhookAnswer(BaseModel):
         "recorded yet), dropped (not a message evomsgd sent), state, heard or ignored; "
         "comma-separated when a body carried several receipts."
     )
+
+
+CALLBACK_EVENTS = (
+    "message.sent",
+    "message.failed",
+    "message.expired",
+    "message.canceled",
+    "message.retrying",
+    "message.delivered",
+    "message.read",
+    "message.delivery_failed",
+    "message.unconfirmed",
+    "instance.paused",
+    "instance.resumed",
+)
+
+
+class CallbackView(BaseModel):
+    """One callback in the outbox: an event for an app, or a relayed Evolution webhook."""
+
+    id: int
+    webhook_id: str = Field(description="The webhook-id header: the same on every retry.")
+    kind: Literal["event", "relay"]
+    type: str = Field(description="One of CALLBACK_EVENTS; for a relay, Evolution's event.")
+    state: Literal["pending", "sent", "failed"] = Field(
+        description="pending (to be sent, or retried at next_attempt_at), sent (a 2xx), failed "
+        "(given up after EVOMSGD_CALLBACK_MAX_AGE, or 410 from a message's own URL)."
+    )
+    task_id: str | None = None
+    instance: str | None = None
+    endpoint: str | None = Field(None, description="default, or token:NAME; none for a relay.")
+    occurred_at: str
+    attempts: int
+    next_attempt_at: str | None = None
+    last_attempt_at: str | None = None
+    last_status: int | None = Field(None, description="The receiver's last HTTP status.")
+    last_error: str | None = None
+    sent_at: str | None = None
+
+
+class CallbackList(BaseModel):
+    """GET /callbacks: newest first; pass next_before as `before` for the next page."""
+
+    callbacks: list[CallbackView]
+    next_before: int | None = None
+
+
+class EndpointView(BaseModel):
+    """A callback endpoint's health (never its secret)."""
+
+    name: str
+    url: str | None = Field(None, description="NULL: only messages with their own callback_url.")
+    disabled_at: str | None = Field(
+        None,
+        description="It answered 410 Gone; re-enable with POST /callbacks/endpoints/{name}/enable.",
+    )
+    disabled_reason: str | None = None
+    rotating: bool = Field(description="An old secret still signs alongside the new one.")
+    last_ok_at: str | None = None
+    last_error_at: str | None = None
+    last_error: str | None = None
+    pending: int = 0
+
+
+class EndpointList(BaseModel):
+    """GET /callbacks/endpoints."""
+
+    endpoints: list[EndpointView]
+
+
+class CallbackRetry(BaseModel):
+    """POST /callbacks/retry and /callbacks/{id}/retry: the callbacks queued again."""
+
+    retried: list[int]

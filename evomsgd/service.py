@@ -6,13 +6,14 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evomsgd import __version__, clock, ids
+from evomsgd import __version__, clock, egress, ids
 from evomsgd.config import Settings
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.jobs import Finished, Job
@@ -26,12 +27,24 @@ from evomsgd.errors import (
     ShuttingDown,
     StoreUnavailable,
 )
+from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.receipts import silent_instances
-from evomsgd.ledger.records import Event, InsertResult, ListFilter, Message, NewMessage
+from evomsgd.ledger.records import (
+    CallbackRow,
+    Endpoint,
+    Event,
+    InsertResult,
+    ListFilter,
+    Message,
+    NewMessage,
+)
 from evomsgd.ledger.store import Store
 from evomsgd.models import WAITING, HealthView, LaneView, ReplicationView, SendRequest
 from evomsgd.phone import PhoneError, normalize
+
+# An event name Evolution puts in a by-event webhook path (messages-update): one plain segment.
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +84,17 @@ class Service:
     # -- accepting ------------------------------------------------------------------------
 
     def build(
-        self, req: SendRequest, *, idempotency_key: str | None = None, token_name: str | None = None
+        self,
+        req: SendRequest,
+        *,
+        idempotency_key: str | None = None,
+        token_name: str | None = None,
+        token_callback: bool = False,
     ) -> NewMessage:
-        """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row."""
+        """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row;
+        `token_callback`: the token has its own callback endpoint."""
         problems: list[dict[str, Any]] = []
+        callback_to = self._callback_to(req, token_name, token_callback, problems)
         if len(req.message) > self.settings.max_text_length:
             problems.append(
                 {
@@ -148,7 +168,43 @@ class Service:
             else f"{token_name or ''}:{idempotency_key}",
             request_hash=request_hash,
             token_name=token_name,
+            callback_to=callback_to,
+            callback_url=req.callback_url if callback_to else None,
         )
+
+    def _callback_to(
+        self,
+        req: SendRequest,
+        token_name: str | None,
+        token_callback: bool,
+        problems: list[dict[str, Any]],
+    ) -> str | None:
+        """The endpoint a message's callbacks go to (its secret signs them): the token's own,
+        else the default; None when there is none. A `callback_url` must be allowed."""
+        if token_name is not None and token_callback:
+            endpoint: str | None = ledger_callbacks.token_endpoint(token_name)
+        else:
+            endpoint = ledger_callbacks.DEFAULT if self.settings.callback_secret else None
+        if req.callback_url is None:
+            if endpoint == ledger_callbacks.DEFAULT and not self.settings.callback_url:
+                return None
+            return endpoint
+        try:
+            egress.check(
+                req.callback_url, self.settings.callback_allowed, "EVOMSGD_CALLBACK_ALLOWED"
+            )
+        except egress.UrlError as exc:
+            problems.append({"field": "callback_url", "message": str(exc)})
+            return None
+        if endpoint is None:
+            problems.append(
+                {
+                    "field": "callback_url",
+                    "message": "has no secret to sign its callbacks: set EVOMSGD_CALLBACK_SECRET "
+                    "or create the token with --callback-url",
+                }
+            )
+        return endpoint
 
     async def accept(self, new: NewMessage) -> InsertResult:
         """Write one message durably (group commit); the caller answers 202 after this returns."""
@@ -249,6 +305,13 @@ class Service:
             )
         return self._view(msg, self.store.history(message_id), silent_instances(self.store))
 
+    def task_record(self, message_id: str) -> TaskRecord | None:
+        """`task`, called from a thread (the callback sender's); None when the message is gone."""
+        try:
+            return self._task_sync(message_id)
+        except NotFound:
+            return None
+
     def _view(
         self, msg: Message, history: list[Event] | None, silent: frozenset[str]
     ) -> TaskRecord:
@@ -278,14 +341,37 @@ class Service:
         """True when `presented` is the webhook secret `evomsgd webhook setup` gave Evolution."""
         return self.receipts is not None and await self.receipts.authentic(presented)
 
-    async def receive_webhook(self, body: Any) -> str:
-        """Store and apply one Evolution webhook body (durable when this returns)."""
+    async def receive_webhook(
+        self, body: Any, raw: bytes | None = None, path_event: str | None = None
+    ) -> str:
+        """Store and apply one Evolution webhook body (durable when this returns); with `raw`,
+        the body as received is queued for the instance's relay first, when it has one."""
         if self.receipts is None:
             raise ShuttingDown("evomsgd is starting or stopping - retry in a few seconds")
         try:
+            if raw is not None:
+                await self._relay(body, raw, path_event)
             return await self.receipts.receive(body)
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"webhook not stored: {exc}", retry_after=5) from exc
+
+    async def _relay(self, body: Any, raw: bytes, path_event: str | None) -> None:
+        """Queue `raw`, byte for byte, in the outbox for the instance's relay URL (if any);
+        a body that came on a by-event path goes to the same path under the relay URL."""
+        fields = body if isinstance(body, dict) else {}
+        instance = fields.get("instance") if isinstance(fields.get("instance"), str) else None
+        url = self.settings.relay_for(instance)
+        if url is None:
+            return
+        event = fields.get("event") if isinstance(fields.get("event"), str) else None
+        if path_event and _PATH_SEGMENT.fullmatch(path_event) and path_event.strip("."):
+            url = url.rstrip("/") + "/" + path_event
+        now = clock.now()
+        await self.committer.write_soon(
+            lambda cur: ledger_callbacks.relay_in(
+                cur, instance, event or path_event or "webhook", url, raw, now
+            )
+        )
 
     # -- operators ------------------------------------------------------------------------
 
@@ -345,6 +431,60 @@ class Service:
     def drain(self) -> None:
         """Stop accepting and dispatching; in-flight sends finish."""
         self.dispatcher.drain()
+
+    # -- callbacks --------------------------------------------------------------------------
+
+    async def callbacks(
+        self,
+        *,
+        state: str | None = None,
+        since: float | None = None,
+        task_id: str | None = None,
+        endpoints: frozenset[str] | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[CallbackRow]:
+        """Callbacks newest first (`endpoints`: only these endpoints')."""
+        return await asyncio.to_thread(
+            ledger_callbacks.listing,
+            self.store,
+            state=state,
+            since=since,
+            message_id=task_id,
+            endpoints=endpoints,
+            before_id=before,
+            limit=limit,
+        )
+
+    async def callback(
+        self, callback_id: int, endpoints: frozenset[str] | None = None
+    ) -> CallbackRow:
+        """One callback; NotFound when unknown (or not one of `endpoints`')."""
+        row = await asyncio.to_thread(ledger_callbacks.get, self.store, callback_id)
+        if row is None or (endpoints is not None and row.endpoint not in endpoints):
+            raise NotFound(f"no callback with id {callback_id} - see GET /callbacks")
+        return row
+
+    async def retry_callbacks(self, ids: Sequence[int]) -> list[int]:
+        """Send these callbacks again now; the ids queued (a forwarded relay cannot be)."""
+        return await asyncio.to_thread(ledger_callbacks.retry, self.store, ids, clock.now())
+
+    async def callback_endpoints(self) -> list[tuple[Endpoint, int]]:
+        """Each endpoint with its pending callbacks."""
+
+        def run() -> list[tuple[Endpoint, int]]:
+            pending = ledger_callbacks.pending_by_endpoint(self.store)
+            return [
+                (endpoint, pending.get(endpoint.name, 0))
+                for endpoint in ledger_callbacks.endpoints(self.store, clock.now())
+            ]
+
+        return await asyncio.to_thread(run)
+
+    async def enable_endpoint(self, name: str) -> None:
+        """Re-enable an endpoint a 410 disabled; NotFound when there is none by that name."""
+        if not await asyncio.to_thread(ledger_callbacks.enable, self.store, name):
+            raise NotFound(f"no callback endpoint named {name!r} - see GET /callbacks/endpoints")
 
     # -- health ---------------------------------------------------------------------------
 

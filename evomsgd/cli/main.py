@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from evomsgd import __version__
+from evomsgd.cli.callbacks import callbacks
 from evomsgd.cli.common import (
     EXIT_DEGRADED,
     EXIT_DOWN,
@@ -477,6 +478,7 @@ cli.add_command(token)
 cli.add_command(contacts)
 cli.add_command(webhook)
 cli.add_command(restore_command)
+cli.add_command(callbacks)
 
 
 def main() -> None:

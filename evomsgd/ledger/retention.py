@@ -87,6 +87,18 @@ def purge(
         batch,
         stop,
     )
+    if not dry_run and policy.success_days > 0:
+        # Callbacks of no message (instance events, relayed webhooks) once sent or given up.
+        _batched(
+            store,
+            "DELETE FROM callbacks WHERE id IN (SELECT id FROM callbacks WHERE message_id IS NULL"
+            " AND state != 'pending' AND occurred_at < ? LIMIT ?)",
+            "",
+            (clock.to_db(now - policy.success_days * _DAY),),
+            False,
+            batch,
+            stop,
+        )
     if not dry_run and report.success + report.failed + report.idempotency:
         report.vacuum = reclaim(store, stop=stop)
     report.bytes_after = store.file_size()
@@ -109,6 +121,10 @@ def _delete_finished(
             ]
             cur.executemany("DELETE FROM events WHERE message_id = ?", ids)
             events += max(cur.rowcount, 0)
+            # Their delivered (or given-up) callbacks go too; one still owed is kept and sent.
+            cur.executemany(
+                "DELETE FROM callbacks WHERE message_id = ? AND state != 'pending'", ids
+            )
             cur.executemany("DELETE FROM messages WHERE id = ?", ids)
             messages += max(cur.rowcount, 0)
         if len(ids) < batch:

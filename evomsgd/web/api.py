@@ -31,7 +31,7 @@ from evomsgd.models import (
 )
 from evomsgd.service import Service
 from evomsgd.web import routes
-from evomsgd.web.guards import require_instance, scope, scoped, token_name
+from evomsgd.web.guards import require_instance, scope, scoped, token_callback, token_name
 from evomsgd.web.routes import Answer, Operation, Param, Route
 from evomsgd.web.views import task_list, task_view
 
@@ -135,7 +135,12 @@ async def send_message(request: web.Request) -> web.Response:
         raise ApiError(
             400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters"
         )
-    new = service.build(req, idempotency_key=key, token_name=token_name(request))
+    new = service.build(
+        req,
+        idempotency_key=key,
+        token_name=token_name(request),
+        token_callback=token_callback(request),
+    )
     require_instance(request, new.instance)
     result = await service.accept(new)
     if result.outcome == "conflict":

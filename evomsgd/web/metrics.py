@@ -25,6 +25,7 @@ from evomsgd import __version__, clock
 from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
+from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger import receipts
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
@@ -346,3 +347,42 @@ class ReplicationCollector(Collector):
         )
         restarts.add_metric([], replica.restarts)
         yield restarts
+
+
+class CallbacksCollector(Collector):
+    """The callback outbox's gauges, read from the ledger at scrape time (off the event loop)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = ledger_callbacks.counts(self.store)
+            oldest = ledger_callbacks.oldest_pending(self.store)
+            endpoints = ledger_callbacks.endpoints(self.store, clock.now())
+        except StoreUnavailable as exc:
+            log.warning("metrics: %s", exc)
+            return
+        family = GaugeMetricFamily(
+            "evomsgd_callbacks",
+            "Callbacks in the outbox by state: sent, failed (given up, or 410 from a message's "
+            "own URL), pending (to be sent or retried).",
+            labels=["state"],
+        )
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family
+        age = GaugeMetricFamily(
+            "evomsgd_callbacks_oldest_pending_seconds",
+            "Age of the event of the oldest pending callback (0 when none waits).",
+        )
+        age.add_metric([], 0.0 if oldest is None else max(0.0, clock.now() - oldest))
+        yield age
+        disabled = GaugeMetricFamily(
+            "evomsgd_callback_endpoint_disabled",
+            "1 for a callback endpoint disabled by a 410 Gone (until an operator enables it).",
+            labels=["endpoint"],
+        )
+        for endpoint in endpoints:
+            disabled.add_metric([endpoint.name], 1 if endpoint.disabled_at else 0)
+        yield disabled

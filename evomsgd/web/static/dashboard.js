@@ -1,5 +1,5 @@
-// evomsgd dashboard: a client of the JSON API like any other (GET /health, /tasks, /stats/hourly;
-// POST /tasks/{id}/retry; DELETE /tasks/{id}). Everything is rendered with textContent, never
+// evomsgd dashboard: a client of the JSON API like any other (GET /health, /tasks, /stats/hourly,
+// /callbacks; POST /tasks/{id}/retry, /callbacks/endpoints/{name}/enable; DELETE /tasks/{id}). Everything is rendered with textContent, never
 // innerHTML: phone numbers and error texts come from clients and from Evolution.
 "use strict";
 
@@ -44,6 +44,7 @@
     previous: [], // cursors of newer pages, for "Newer"
     expanded: new Set(), // "list task-id": rows whose history is open, per table
     details: new Map(), // task id -> TaskView with history
+    callbacks: new Map(), // task id -> its callbacks (GET /callbacks?task_id=)
   };
 
   const $ = (id) => document.getElementById(id);
@@ -555,6 +556,8 @@
         ),
       );
       if (!task.history.length) cell.append(el("p", { class: "muted" }, "No attempt yet."));
+      const callbacks = state.callbacks.get(taskId) || [];
+      if (callbacks.length) cell.append(callbackList(callbacks));
     }
     return el("tr", { class: "details", "data-details-for": taskId }, cell);
   }
@@ -579,6 +582,8 @@
   async function loadDetails(taskId) {
     try {
       state.details.set(taskId, await api("GET", "/tasks/" + encodeURIComponent(taskId)));
+      const page = await api("GET", "/callbacks?task_id=" + encodeURIComponent(taskId));
+      state.callbacks.set(taskId, page.callbacks.slice().reverse()); // oldest first, as history
     } catch (err) {
       for (const key of state.expanded) if (key.endsWith(" " + taskId)) state.expanded.delete(key);
       toast(err.message, true);
@@ -596,6 +601,61 @@
       row.setAttribute("aria-expanded", String(open));
       if (open) row.after(detailRow(taskId));
     }
+  }
+
+  // -- callbacks ----------------------------------------------------------------------------
+
+  const CALLBACK_KIND = { sent: "success", pending: "pending", failed: "failure" };
+
+  // A message's callbacks under its history: each event, its state, tries and the last answer.
+  function callbackList(callbacks) {
+    return el(
+      "div",
+      { class: "callbacks" },
+      el("h4", {}, "Callbacks"),
+      el(
+        "ol",
+        { class: "history callback-list" },
+        ...callbacks.map((cb) =>
+          el(
+            "li",
+            { "data-callback-id": String(cb.id), "data-state": cb.state },
+            el("span", { class: "strong" }, cb.type),
+            pill(cb.state, CALLBACK_KIND[cb.state]),
+            el("span", { class: "muted" }, cb.attempts + (cb.attempts === 1 ? " try" : " tries") + " to " + (cb.endpoint || "relay")),
+            cb.last_status ? el("span", { class: "muted" }, "HTTP " + cb.last_status) : "",
+            cb.last_error ? el("span", { class: "history-detail" }, cb.last_error) : "",
+            cb.state === "pending" && cb.next_attempt_at ? el("span", { class: "muted" }, "next " + localTime(cb.next_attempt_at)) : "",
+          ),
+        ),
+      ),
+    );
+  }
+
+  // Each endpoint's health; the panel shows only once there is an endpoint.
+  async function loadEndpoints() {
+    const body = await api("GET", "/callbacks/endpoints");
+    $("callbacks-panel").hidden = body.endpoints.length === 0;
+    $("endpoints").replaceChildren(
+      ...body.endpoints.map((ep) => {
+        const enable = el("button", { type: "button", class: "btn btn-ghost", "data-action": "enable" }, "Enable");
+        enable.addEventListener("click", () => enableEndpoint(ep.name));
+        return el(
+          "tr",
+          { "data-endpoint": ep.name, "data-disabled": ep.disabled_at ? "1" : "0" },
+          el("td", { class: "strong" }, ep.name),
+          el("td", {}, ep.disabled_at ? pill("disabled", "failure") : pill(ep.rotating ? "rotating" : "enabled", "ok")),
+          el("td", { class: "num" }, String(ep.pending)),
+          el("td", {}, ep.last_ok_at ? ago(ep.last_ok_at) : "-"),
+          el("td", { class: "history-detail" }, ep.disabled_reason || ep.last_error || ""),
+          el("td", {}, ep.disabled_at ? enable : ""),
+        );
+      }),
+    );
+  }
+
+  async function enableEndpoint(name) {
+    await act(() => api("POST", "/callbacks/endpoints/" + encodeURIComponent(name) + "/enable"), "Endpoint " + name + " enabled");
   }
 
   // -- loading ------------------------------------------------------------------------------
@@ -642,7 +702,7 @@
   }
 
   async function refreshOnce() {
-    const [health, hourly] = await Promise.all([api("GET", "/health", [503]), api("GET", "/stats/hourly?hours=24"), loadAttention()]);
+    const [health, hourly] = await Promise.all([api("GET", "/health", [503]), api("GET", "/stats/hourly?hours=24"), loadAttention(), loadEndpoints()]);
     renderHealth(health);
     renderChart(hourly);
     // An operator reading an older page keeps it; the newest page follows new messages.

@@ -145,8 +145,13 @@ def create_app(
             # Quiet hours: held messages share a transaction with the step's other writes.
             return committer.write(lambda cur: store.hold_in(cur, holds, now)).result()
 
+        def loop_busy() -> bool:
+            return committer.accepting() or committer.loop_late()
+
         queue = TaskQueue(data_dir, settings.workers)
-        dispatcher = Dispatcher(store, settings, queue.submit, probe, claim=claim, hold=hold)
+        dispatcher = Dispatcher(
+            store, settings, queue.submit, probe, claim=claim, hold=hold, busy=loop_busy
+        )
         meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
         replicator = app.get(REPLICATOR)
         if replicator is not None:

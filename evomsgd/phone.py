@@ -21,8 +21,9 @@ from phonenumbers import (
     ValidationResult,
 )
 from phonenumbers import phonenumberutil as _util
+from phonenumbers import timezone as _timezone
 
-__all__ = ["PhoneError", "Recipient", "normalize", "validate_region"]
+__all__ = ["PhoneError", "Recipient", "normalize", "time_zones", "validate_region"]
 
 MAX_INPUT_CHARS = 64
 # E.164 caps a number at 15 digits; Evolution reads 18+ bare digits as a group id.
@@ -42,6 +43,7 @@ _SEPARATORS = re.compile(r"[\s\-.()\[\]]+")
 _ALLOWED = re.compile(r"\+?[0-9]*")
 _NON_DIGIT = re.compile(r"[^0-9+\s\-.()\[\]]")
 
+_UNKNOWN_ZONE = "Etc/Unknown"  # what libphonenumber answers for a number it cannot place
 _MEXICO = 52
 _BRAZIL = 55
 
@@ -321,3 +323,18 @@ def _reason(text: str, number: PhoneNumber, place: str | None = None) -> str:
     return (
         f"{text!r} has the right length but is not a valid number in {place} - check it for typos"
     )
+
+
+def time_zones(number: str) -> tuple[str, ...]:
+    """The IANA time zones where a stored recipient (E.164 digits, or a phone JID) may live,
+    from libphonenumber's prefix data; empty when unknown (a group, a LID, an unknown range)."""
+    digits, _, domain = number.partition("@")
+    if domain and domain.lower() != "s.whatsapp.net":
+        return ()  # a group or a LID says nothing about where anyone lives
+    digits = digits.partition(":")[0]
+    try:
+        parsed = phonenumbers.parse("+" + digits)
+    except NumberParseException:
+        return ()
+    zones = _timezone.time_zones_for_number(parsed)
+    return tuple(zone for zone in zones if zone != _UNKNOWN_ZONE)

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,10 +31,13 @@ from evomsgd.errors import (
     StoreUnavailable,
     TooLarge,
 )
+from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger.commit import GroupCommitter
 from evomsgd.ledger.media import MediaFiles, Stored
 from evomsgd.ledger.receipts import silent_instances
 from evomsgd.ledger.records import (
+    CallbackRow,
+    Endpoint,
     Event,
     InsertResult,
     ListFilter,
@@ -51,8 +55,11 @@ from evomsgd.media import (
     mimetype_of,
 )
 from evomsgd.media import check as check_media
-from evomsgd.models import HealthView, LaneView, MediaIn, SendRequest
+from evomsgd.models import WAITING, HealthView, LaneView, MediaIn, ReplicationView, SendRequest
 from evomsgd.phone import PhoneError, normalize
+
+# An event name Evolution puts in a by-event webhook path (messages-update): one plain segment.
+_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,8 @@ class Service:
     alive_workers: Callable[[], int] = lambda: 0
     started_monotonic: float = field(default_factory=time.monotonic)
     receipts: Receipts | None = None
+    # The ledger's replication (engine/replication.py), when EVOMSGD_REPLICA_URL is set.
+    replication: Callable[[], ReplicationView] | None = None
 
     # -- accepting ------------------------------------------------------------------------
 
@@ -96,12 +105,15 @@ class Service:
         idempotency_key: str | None = None,
         token_name: str | None = None,
         upload: bool = False,
+        token_callback: bool = False,
     ) -> NewMessage:
-        """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row.
+        """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row;
+        `token_callback`: the token has its own callback endpoint.
 
         Media bytes (base64, a multipart `upload`, a fetched URL) are checked and stored by
         `store_media`, which the caller awaits next."""
         problems: list[dict[str, Any]] = []
+        callback_to = self._callback_to(req, token_name, token_callback, problems)
         text = req.message
         media: MediaRef | None = None
         if req.media is not None:
@@ -173,6 +185,8 @@ class Service:
             else f"{token_name or ''}:{idempotency_key}",
             request_hash=request_hash,
             token_name=token_name,
+            callback_to=callback_to,
+            callback_url=req.callback_url if callback_to else None,
             media=media,
         )
 
@@ -298,12 +312,48 @@ class Service:
         """The media files beside the ledger."""
         return MediaFiles(self.data_dir)
 
+    def _callback_to(
+        self,
+        req: SendRequest,
+        token_name: str | None,
+        token_callback: bool,
+        problems: list[dict[str, Any]],
+    ) -> str | None:
+        """The endpoint a message's callbacks go to (its secret signs them): the token's own,
+        else the default; None when there is none. A `callback_url` must be allowed."""
+        if token_name is not None and token_callback:
+            endpoint: str | None = ledger_callbacks.token_endpoint(token_name)
+        else:
+            endpoint = ledger_callbacks.DEFAULT if self.settings.callback_secret else None
+        if req.callback_url is None:
+            if endpoint == ledger_callbacks.DEFAULT and not self.settings.callback_url:
+                return None
+            return endpoint
+        try:
+            egress.check(
+                req.callback_url, self.settings.callback_allowed, "EVOMSGD_CALLBACK_ALLOWED"
+            )
+        except egress.UrlError as exc:
+            problems.append({"field": "callback_url", "message": str(exc)})
+            return None
+        if endpoint is None:
+            problems.append(
+                {
+                    "field": "callback_url",
+                    "message": "has no secret to sign its callbacks: set EVOMSGD_CALLBACK_SECRET "
+                    "or create the token with --callback-url",
+                }
+            )
+        return endpoint
+
     async def accept(self, new: NewMessage) -> InsertResult:
         """Write one message durably (group commit); the caller answers 202 after this returns."""
         if self.dispatcher.draining:
             raise ShuttingDown("evomsgd is shutting down - retry in a few seconds", retry_after=5)
         self._check_backlog(new)
         await self._check_new_contact_budget(new)
+        self._check_warmup(new)
+        self._check_quiet_hours(new)
         try:
             return await self.committer.submit(new)
         except StoreUnavailable as exc:
@@ -353,6 +403,34 @@ class Service:
                 retry_after=max(1, math.ceil(reset - new.created_at)),
             )
 
+    def _check_warmup(self, new: NewMessage) -> None:
+        """429 rather than accept a message that the warm-up's daily caps would hold, behind the
+        instance's waiting messages, until after it expires."""
+        free_at = self.dispatcher.warmup_free_at(new.instance)
+        if free_at is not None and new.expires_at <= free_at:
+            raise Backpressure(
+                f"instance {new.instance!r} is warming up (warmup_days): its daily caps, with the "
+                f"messages waiting on it, leave no room for this message before "
+                f"{clock.to_rfc3339(free_at)}, after it would expire - retry then or give it a "
+                "longer expires_in",
+                code="queue_too_slow",
+                retry_after=max(1, math.ceil(free_at - new.created_at)),
+            )
+
+    def _check_quiet_hours(self, new: NewMessage) -> None:
+        """429 rather than accept a message that quiet hours where its recipient lives would
+        hold until after it expires."""
+        start = max(new.created_at, new.send_at or new.created_at)
+        hold = self.dispatcher.quiet_hold(new.instance, new.phone, new.priority, start)
+        if hold is not None and new.expires_at <= hold.until:
+            raise Backpressure(
+                f"{hold.because()} ({clock.to_rfc3339(hold.until)}, quiet_hours on instance "
+                f"{new.instance!r}): the message would expire first - retry then, give it a "
+                "longer expires_in, or send it with priority high if it cannot wait",
+                code="queue_too_slow",
+                retry_after=max(1, math.ceil(hold.until - new.created_at)),
+            )
+
     # -- reading --------------------------------------------------------------------------
 
     async def task(self, message_id: str) -> TaskRecord:
@@ -367,12 +445,21 @@ class Service:
             )
         return self._view(msg, self.store.history(message_id), silent_instances(self.store))
 
+    def task_record(self, message_id: str) -> TaskRecord | None:
+        """`task`, called from a thread (the callback sender's); None when the message is gone."""
+        try:
+            return self._task_sync(message_id)
+        except NotFound:
+            return None
+
     def _view(
         self, msg: Message, history: list[Event] | None, silent: frozenset[str]
     ) -> TaskRecord:
-        return TaskRecord(
-            msg, history, self.dispatcher.waiting_because(msg.instance), msg.instance in silent
-        )
+        because = self.dispatcher.waiting_because(msg.instance)
+        if because is None and msg.status in WAITING:
+            hold = self.dispatcher.quiet_hold(msg.instance, msg.phone, msg.priority)
+            because = None if hold is None else hold.because()
+        return TaskRecord(msg, history, because, msg.instance in silent)
 
     async def tasks(self, flt: ListFilter) -> TaskPage:
         """A page of messages, newest first."""
@@ -414,14 +501,37 @@ class Service:
         """True when `presented` is the webhook secret `evomsgd webhook setup` gave Evolution."""
         return self.receipts is not None and await self.receipts.authentic(presented)
 
-    async def receive_webhook(self, body: Any) -> str:
-        """Store and apply one Evolution webhook body (durable when this returns)."""
+    async def receive_webhook(
+        self, body: Any, raw: bytes | None = None, path_event: str | None = None
+    ) -> str:
+        """Store and apply one Evolution webhook body (durable when this returns); with `raw`,
+        the body as received is queued for the instance's relay first, when it has one."""
         if self.receipts is None:
             raise ShuttingDown("evomsgd is starting or stopping - retry in a few seconds")
         try:
+            if raw is not None:
+                await self._relay(body, raw, path_event)
             return await self.receipts.receive(body)
         except StoreUnavailable as exc:
             raise StoreUnavailable(f"webhook not stored: {exc}", retry_after=5) from exc
+
+    async def _relay(self, body: Any, raw: bytes, path_event: str | None) -> None:
+        """Queue `raw`, byte for byte, in the outbox for the instance's relay URL (if any);
+        a body that came on a by-event path goes to the same path under the relay URL."""
+        fields = body if isinstance(body, dict) else {}
+        instance = fields.get("instance") if isinstance(fields.get("instance"), str) else None
+        url = self.settings.relay_for(instance)
+        if url is None:
+            return
+        event = fields.get("event") if isinstance(fields.get("event"), str) else None
+        if path_event and _PATH_SEGMENT.fullmatch(path_event) and path_event.strip("."):
+            url = url.rstrip("/") + "/" + path_event
+        now = clock.now()
+        await self.committer.write_soon(
+            lambda cur: ledger_callbacks.relay_in(
+                cur, instance, event or path_event or "webhook", url, raw, now
+            )
+        )
 
     # -- operators ------------------------------------------------------------------------
 
@@ -482,6 +592,60 @@ class Service:
         """Stop accepting and dispatching; in-flight sends finish."""
         self.dispatcher.drain()
 
+    # -- callbacks --------------------------------------------------------------------------
+
+    async def callbacks(
+        self,
+        *,
+        state: str | None = None,
+        since: float | None = None,
+        task_id: str | None = None,
+        endpoints: frozenset[str] | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[CallbackRow]:
+        """Callbacks newest first (`endpoints`: only these endpoints')."""
+        return await asyncio.to_thread(
+            ledger_callbacks.listing,
+            self.store,
+            state=state,
+            since=since,
+            message_id=task_id,
+            endpoints=endpoints,
+            before_id=before,
+            limit=limit,
+        )
+
+    async def callback(
+        self, callback_id: int, endpoints: frozenset[str] | None = None
+    ) -> CallbackRow:
+        """One callback; NotFound when unknown (or not one of `endpoints`')."""
+        row = await asyncio.to_thread(ledger_callbacks.get, self.store, callback_id)
+        if row is None or (endpoints is not None and row.endpoint not in endpoints):
+            raise NotFound(f"no callback with id {callback_id} - see GET /callbacks")
+        return row
+
+    async def retry_callbacks(self, ids: Sequence[int]) -> list[int]:
+        """Send these callbacks again now; the ids queued (a forwarded relay cannot be)."""
+        return await asyncio.to_thread(ledger_callbacks.retry, self.store, ids, clock.now())
+
+    async def callback_endpoints(self) -> list[tuple[Endpoint, int]]:
+        """Each endpoint with its pending callbacks."""
+
+        def run() -> list[tuple[Endpoint, int]]:
+            pending = ledger_callbacks.pending_by_endpoint(self.store)
+            return [
+                (endpoint, pending.get(endpoint.name, 0))
+                for endpoint in ledger_callbacks.endpoints(self.store, clock.now())
+            ]
+
+        return await asyncio.to_thread(run)
+
+    async def enable_endpoint(self, name: str) -> None:
+        """Re-enable an endpoint a 410 disabled; NotFound when there is none by that name."""
+        if not await asyncio.to_thread(ledger_callbacks.enable, self.store, name):
+            raise NotFound(f"no callback endpoint named {name!r} - see GET /callbacks/endpoints")
+
     # -- health ---------------------------------------------------------------------------
 
     async def health(self, only: frozenset[str] | None = None) -> HealthView:
@@ -519,6 +683,9 @@ class Service:
             for lane in lanes
             if lane.state in BLOCKING
         ]
+        replica = None if self.replication is None else self.replication()
+        if replica is not None and replica.state in ("failing", "restarting"):
+            degraded.append(replica_problem(replica))
         status = (
             "down"
             if (not writable or alive == 0)
@@ -542,6 +709,7 @@ class Service:
             instances=lanes,
             last_error=last_error,
             problems=problems + degraded,
+            replication=replica,
         )
 
 
@@ -554,6 +722,13 @@ def created_per_instance(
         if result.outcome == "created":
             counts[new.instance] = counts.get(new.instance, 0) + 1
     return counts
+
+
+def replica_problem(replica: ReplicationView) -> str:
+    """The /health problem line of a replication that is not keeping up."""
+    lag = "" if replica.lag_seconds is None else f", {replica.lag_seconds:g}s behind"
+    why = f": {replica.last_error}" if replica.last_error else ""
+    return f"replication to {replica.replica} is {replica.state}{lag}{why}"
 
 
 def _fingerprint(req: SendRequest, instance: str, phone: str, media_sha256: str | None) -> str:

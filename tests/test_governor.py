@@ -182,3 +182,40 @@ def test_status_shows_todays_sends_the_warm_up_day_and_new_contacts() -> None:
         "new contacts 12/20",
         "  instance old              idle         waiting 0",
     ]
+
+
+def test_the_warm_up_says_which_day_a_message_behind_the_backlog_goes() -> None:
+    lane = Lane("main", LaneSettings(warmup_days=3, warmup_start=2))
+    lane.first_sent_at = T0
+    lane.sends.extend([T0, T0 + 1])  # day 1's 2 sent: its cap is used up
+    assert lane.warmup_free_at(T0 + 2, ahead=0) == MIDNIGHT  # day 2 has 4
+    assert lane.warmup_free_at(T0 + 2, ahead=3) == MIDNIGHT
+    assert lane.warmup_free_at(T0 + 2, ahead=4) == MIDNIGHT + DAY  # day 3 has 8
+    assert lane.warmup_free_at(T0 + 2, ahead=12) == MIDNIGHT + 2 * DAY  # warmed: no day cap
+    lane.sends.clear()
+    assert lane.warmup_free_at(T0 + 2, ahead=1) is None  # today's 2 have room for it
+    assert Lane("main", LaneSettings()).warmup_free_at(T0, ahead=99) is None  # no warm-up
+
+
+async def test_a_message_the_warm_up_cap_would_hold_past_its_expiry_is_refused(
+    make_client: MakeClient, fake: FakeEvolution
+) -> None:
+    client = await make_client(
+        fast_settings(
+            evolution_url=fake.url,
+            instances={"main": {"warmup_days": 3, "warmup_start": 1}},
+        )
+    )
+    first = await post(client, phone="+5511988887777")
+    await wait_status(client, first["task_id"], {"SUCCESS"})  # day 1's one send
+    resp = await client.post(
+        "/messages", json={"phone": "+5511988887777", "message": "hi", "expires_in": 60}
+    )
+    body = await resp.json()
+    assert resp.status == 429, body
+    assert body["error"]["code"] == "queue_too_slow"
+    assert body["error"]["message"].startswith("instance 'main' is warming up (warmup_days)")
+    assert 1 <= int(resp.headers["Retry-After"]) <= DAY
+    # One that can wait for tomorrow's cap is accepted, and waits.
+    later = await post(client, phone="+5511988887777", expires_in=2 * DAY)
+    assert later["status"] == "PENDING"

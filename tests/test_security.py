@@ -553,7 +553,8 @@ def test_check_bind_refuses_public_addresses_without_tokens() -> None:
 
 
 def test_token_rows_never_carry_the_token() -> None:
-    assert set(TokenRow.__slots__) == {"name", "sha256", "instances", "created_at"}
+    # callback: whether it has its own callback endpoint (a flag; the secret is not in the row).
+    assert set(TokenRow.__slots__) == {"name", "sha256", "instances", "created_at", "callback"}
 
 
 async def test_secrets_are_not_in_error_bodies(

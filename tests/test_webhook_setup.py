@@ -87,12 +87,33 @@ def test_setup_refuses_another_apps_url_unless_replace(fake: FakeEvolution, tmp_
     assert refused.stderr == (
         "instance other: Evolution already sends its webhooks to https://crm.example/hook (one "
         "webhook per instance) - not changed; pass --replace to point it at "
-        f"{OURS}\n"
+        f'{OURS}, or keep that app listening: set relay_url = "https://crm.example/hook" in '
+        "[instances.other] (or EVOMSGD_RELAY_URL) and evomsgd forwards every webhook to it\n"
     )
     assert "main" not in fake.webhooks  # nothing changed, not even the instance that was free
     assert stored_digest(data) is None
     replaced = setup(fake, data, *args, "--replace")
     assert replaced.exit_code == 0, replaced.output
+    assert fake.webhooks["other"]["url"] == OURS
+
+
+def test_setup_takes_over_a_webhook_it_relays(fake: FakeEvolution, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    fake.webhooks["other"] = {
+        "url": "https://crm.example/hook",
+        "headers": {},
+        "enabled": True,
+        "events": [],
+        "webhookByEvents": False,
+    }
+    config = tmp_path / "evomsgd.toml"
+    config.write_text('[instances.other]\nrelay_url = "https://crm.example/hook"\n')
+    done = setup(fake, data, "--instance", "other", "--url", PUBLIC, EVOMSGD_CONFIG=str(config))
+    assert done.exit_code == 0, done.output
+    assert done.stdout == (
+        f"instance other: receipts configured ({OURS}); its webhooks are relayed to "
+        "https://crm.example/hook\n"
+    )
     assert fake.webhooks["other"]["url"] == OURS
 
 

@@ -14,6 +14,7 @@ import click
 
 from evomsgd import clock
 from evomsgd.config import Settings, load_settings, resolve_data_dir
+from evomsgd.engine import replication
 from evomsgd.engine.receipts import points_at_us, shown_url
 from evomsgd.engine.senders import build_sender
 from evomsgd.errors import ConfigError, StoreUnavailable
@@ -67,7 +68,23 @@ def diagnose(
         )
     )
     checks += asyncio.run(_evolution(settings, names, hooks))
+    if settings.replica_url is not None:
+        checks.append(_replica(settings, settings.replica_url))
     return checks
+
+
+def _replica(settings: Settings, url: str) -> Check:
+    """Litestream is there and the replica URL takes writes (file://) or answers (others)."""
+    try:
+        binary = replication.find_litestream(settings)
+        version = replication.version_of(binary)
+    except replication.ReplicaError as exc:
+        return Check("FAIL", "replica", str(exc))
+    ok, detail = replication.check_replica(binary, url)
+    where = f"{replication.shown(url)}: {detail}"
+    if not ok:
+        return Check("FAIL", "replica", f"{where} - fix it, or the replica stays behind")
+    return Check("OK", "replica", f"{where} (Litestream {version}, {binary})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from evomsgd import __version__
+from evomsgd.cli.callbacks import callbacks
 from evomsgd.cli.common import (
     EXIT_DEGRADED,
     EXIT_DOWN,
@@ -27,6 +28,7 @@ from evomsgd.cli.common import (
 )
 from evomsgd.cli.contacts import contacts
 from evomsgd.cli.daemon_client import error_text
+from evomsgd.cli.replica import restore_command
 from evomsgd.cli.tokens import token
 from evomsgd.cli.webhook import webhook
 from evomsgd.config import resolve_data_dir
@@ -100,6 +102,10 @@ def serve(**flags: Any) -> None:
         flags["log_level"] = flags["log_level"].upper()
     settings = settings_from(**flags)
     settings.require_evolution()
+    if settings.replica_url is not None:
+        from evomsgd.engine.replication import require
+
+        require(settings)  # before the ledger opens: a replica promised and missing is an error
     log.configure(settings.log_level, settings.log_format)
     sys.exit(run(settings, resolve_data_dir(settings)))
 
@@ -218,7 +224,9 @@ def purge(dry_run: bool, vacuum: bool, as_json: bool, **flags: Any) -> None:
             "(set EVOMSGD_DATA_DIR or --data-dir to the daemon's data directory)"
         )
     rules = policy(settings)
-    store = Store(data_dir, durability=settings.durability)
+    store = Store(
+        data_dir, durability=settings.durability, replicated=settings.replica_url is not None
+    )
     try:
         report = retention.purge(store, clock.now(), rules, dry_run=dry_run)
         if vacuum and not dry_run:
@@ -469,6 +477,8 @@ cli.command(
 cli.add_command(token)
 cli.add_command(contacts)
 cli.add_command(webhook)
+cli.add_command(restore_command)
+cli.add_command(callbacks)
 
 
 def main() -> None:

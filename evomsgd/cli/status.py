@@ -134,6 +134,22 @@ def _budgets(lane: dict[str, Any]) -> list[str]:
         parts.append(
             f"new contacts {lane.get('new_contacts_today') or 0}/{lane['new_contacts_per_day']}"
         )
+    return parts + _quiet(lane)
+
+
+def _quiet(lane: dict[str, Any]) -> list[str]:
+    """The lane's quiet hours and when they end for the messages they hold, first zone first."""
+    if not lane.get("quiet_hours"):
+        return []
+    parts = [f"quiet hours {lane['quiet_hours']}"]
+    ends = lane.get("quiet_ends") or []
+    if ends:
+        others = len(ends) - 1
+        more = f" and {others} other zone{'' if others == 1 else 's'}" if others else ""
+        parts.append(
+            f"holding {lane.get('quiet_held') or 0} until {ends[0]['until']} "
+            f"({ends[0]['zone']}{more})"
+        )
     return parts
 
 
@@ -151,6 +167,19 @@ def _lane_trouble(lane: dict[str, Any], now: float) -> str | None:
     if lane.get("recovered_at"):
         history += f", recovered {ago(lane['recovered_at'], now)}"
     return history
+
+
+def replica_line(replica: dict[str, Any], now: float) -> str:
+    """The replication's state, where to, the last successful upload and the lag."""
+    synced = ago(replica["last_sync_at"], now) if replica.get("last_sync_at") else "never"
+    lag = replica.get("lag_seconds")
+    line = (
+        f"{replica['state']} to {replica['replica']}, last sync {synced}, "
+        f"lag {'-' if lag is None else f'{lag:g}s'}"
+    )
+    if replica.get("restarts"):
+        line += f", Litestream restarted {replica['restarts']} times"
+    return line
 
 
 def render(report: dict[str, Any], *, color: bool, now: float | None = None) -> str:
@@ -182,6 +211,8 @@ def render(report: dict[str, Any], *, color: bool, now: float | None = None) -> 
         facts.append(
             ("workers", f"{report.get('workers_alive')}/{report['workers_configured']} alive")
         )
+    if report.get("replication"):
+        facts.append(("replica", replica_line(report["replication"], now)))
     lines += [f"  {name:<10} {value}" for name, value in facts if value]
     counts = report.get("counts") or {}
     if counts:

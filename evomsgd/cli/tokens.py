@@ -27,27 +27,52 @@ def token() -> None:
     multiple=True,
     help="Only this instance may be used (repeatable); default: every instance.",
 )
+@click.option(
+    "--callback-url",
+    default=None,
+    help="Its own endpoint for the signed status callbacks of its messages (only there); "
+    "prints the callback secret too, once.",
+)
 @handle_errors
-def token_create(name: str, instances: tuple[str, ...], **flags: Any) -> None:
+def token_create(
+    name: str, instances: tuple[str, ...], callback_url: str | None, **flags: Any
+) -> None:
     """Create a token and print it. It is shown this once: only its hash is stored.
+
+    With --callback-url, a second line is the whsec_ secret that signs its callbacks.
 
     Example:
 
         evomsgd token create shop-backend --instance shop
+        evomsgd token create billing --callback-url https://billing.example.com/evomsgd
     """
     from evomsgd.daemon import open_ledger
     from evomsgd.ledger import tokens
 
     store = open_ledger(resolve_data_dir(settings_from(**flags)))
+    callback_secret = None
     try:
-        secret = tokens.create(store, name, instances)
+        if callback_url is None:
+            secret = tokens.create(store, name, instances)
+        else:
+            secret, callback_secret = tokens.create_with_callback(
+                store, name, instances, callback_url
+            )
     finally:
         store.close()
     click.echo(secret)
+    if callback_secret is not None:
+        click.echo(callback_secret)
     scope = ", ".join(sorted(set(instances))) or "every instance"
     click.echo(
         f"token {name!r} created for {scope}. Store it now: it cannot be shown again.", err=True
     )
+    if callback_secret is not None:
+        click.echo(
+            "the second line is its callback secret (verify the webhook-signature header "
+            "with it); it cannot be shown again either",
+            err=True,
+        )
 
 
 @token.command("list")

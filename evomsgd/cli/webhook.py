@@ -108,7 +108,9 @@ def webhook_setup(instances: tuple[str, ...], url: str | None, replace: bool, **
             async with new_session() as session:
                 client = build_sender(settings, session)
                 assert isinstance(client, EvolutionClient)
-                return await setup_webhooks(client, store, names, base, replace=replace)
+                return await setup_webhooks(
+                    client, store, names, base, replace=replace, relay_for=settings.relay_for
+                )
 
         results = asyncio.run(run())
     finally:

@@ -13,6 +13,7 @@ from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job
 from evomsgd.engine.rules import decide
+from evomsgd.engine.typist import typing_delay
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.client import OutgoingMedia, Sender
 from evomsgd.evolution.lookups import found_outcome, match_sent, recipient_jid
@@ -165,11 +166,13 @@ class Delivery:
             if isinstance(prepared, SendOutcome):
                 return prepared
             outgoing = prepared
+        typing = outgoing is None and self.settings.lane(msg.instance).typing
+        delay = typing_delay(msg.text, self._rng) if typing else 0.0
         try:
-            async with asyncio.timeout(self.settings.evolution_timeout + 5.0):
+            async with asyncio.timeout(self.settings.evolution_timeout + delay + 5.0):
                 if outgoing is not None:
                     return await self.sender.send_media(msg.instance, msg.phone, outgoing)
-                return await self.sender.send_text(msg.instance, msg.phone, msg.text)
+                return await self.sender.send_text(msg.instance, msg.phone, msg.text, delay=delay)
         except TimeoutError:
             return SendOutcome(OutcomeKind.AMBIGUOUS, "no answer from Evolution in time")
 

@@ -21,18 +21,21 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from evomsgd import clock
 from evomsgd.config import Settings
 from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job, LaneEffect
 from evomsgd.engine.lanes import DAY, Health, Lane, day_start
+from evomsgd.engine.quiet import Hold, hold_for
 from evomsgd.engine.rules import probe_effect
+from evomsgd.engine.typist import MAX_DELAY
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.outcomes import StateProbe
 from evomsgd.ledger.records import Message
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
-from evomsgd.models import LaneView, Status
+from evomsgd.models import LaneView, QuietEnd, Status
 
 log = logging.getLogger("evomsgd.dispatcher")
 
@@ -41,9 +44,22 @@ Submit = Callable[[list[Job]], None]
 # transaction; a row each, None for one that was canceled, expired or taken meanwhile.
 Claim = Callable[[list[str], float, float], list["Message | None"]]
 Probe = Callable[[str], "concurrent.futures.Future[StateProbe]"]
+# Hold these messages, each (id, instance, until, why), in one transaction at `now`: quiet hours
+# where their recipients live (Deliveries.hold_in).
+HoldWrite = Callable[[list[tuple[str, str, float, str]], float], int]
 
 HOUSEKEEPING_EVERY = 1.0
+# A lane with quiet hours reads this many due messages beyond its room: those whose recipients
+# are in their night are held (one write) and the rest sent, instead of one held per step.
+QUIET_SCAN = 256
 _MAX_WAIT = 5.0
+# Sends an unpaced lane keeps in flight while the loop is busy (the API is accepting, or the
+# loop runs late). The API and the sends share one event loop: with a fast Evolution every send
+# in flight is a callback queued ahead of the next POST, so a lane with 1,024 in flight made a
+# 202 wait 400 ms. 32 fill a fast server (the fake's own ceiling is measured at 32
+# connections); more only queue in the loop. Once the loop is idle again the bound grows back by
+# as much per step, up to EVOMSGD_MAX_IN_FLIGHT (a slow Evolution needs many in flight).
+BUSY_IN_FLIGHT = 32
 
 
 @dataclass(slots=True)
@@ -56,6 +72,7 @@ class _Plan:
     known: bool = False
     short: bool = False  # fewer were due than there was room for
     wake: float | None = None
+    holds: list[tuple[str, str, float, str]] = field(default_factory=list)  # quiet hours
 
 
 class Dispatcher:
@@ -69,11 +86,16 @@ class Dispatcher:
         probe: Probe | None = None,
         *,
         claim: Claim | None = None,
+        hold: HoldWrite | None = None,
         time_source: Callable[[], float] = clock.now,
         rng: random.Random | None = None,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
+        self._busy = busy  # the event loop is accepting messages or runs late (BUSY_IN_FLIGHT)
+        self._unpaced_room = BUSY_IN_FLIGHT  # in flight an unpaced lane may have now
         self._claim = claim or self._claim_directly
+        self._hold = hold or self._hold_directly
         self.settings = settings
         self._submit = submit
         self._probe = probe
@@ -101,6 +123,11 @@ class Dispatcher:
         store = self.store
         with store.transaction() as cur:
             return [store.claim_in(cur, message_id, now, lease) for message_id in ids]
+
+    def _hold_directly(self, holds: list[tuple[str, str, float, str]], now: float) -> int:
+        """Hold in one transaction on the store itself (without a group committer: tests)."""
+        with self.store.transaction() as cur:
+            return self.store.hold_in(cur, holds, now)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -138,7 +165,17 @@ class Dispatcher:
                 if lane.settings.new_contacts_per_day:
                     lane.new_contacts_day = day_start(now)
                     lane.new_contacts = self.store.new_contacts_since(instance, day_start(now))
+                if lane.settings.quiet_hours:
+                    self._reload_quiet(lane, now)
             self._notify()
+
+    def _reload_quiet(self, lane: Lane, now: float) -> None:
+        """The lane's messages held by quiet hours, from the ledger, for the views (caller
+        holds the lock)."""
+        for message_id, phone, priority, until in self.store.held_quiet(lane.instance, now):
+            hold = hold_for(phone, priority, lane.settings, now)
+            if hold is not None:  # still night there: its zone; the ledger's end
+                lane.quiet_held[message_id] = Hold(until, hold.zone)
 
     def drain(self) -> None:
         """Stop handing out work; in-flight sends continue."""
@@ -190,6 +227,7 @@ class Dispatcher:
         with self._cond:
             lane = self._lane(report.job.instance)
             self._release(lane, report.job.message_id)
+            lane.quiet_held.pop(report.job.message_id, None)
             if report.sent and lane.first_sent_at is None:
                 lane.first_sent_at = now  # the warm-up's day 1 (the ledger records it too)
             if report.final:
@@ -313,6 +351,17 @@ class Dispatcher:
             self._lanes[instance] = lane
         return lane
 
+    def _unpaced_bound(self) -> int:
+        """BUSY_IN_FLIGHT while the loop is busy, else one more BUSY_IN_FLIGHT per call up to
+        EVOMSGD_MAX_IN_FLIGHT (caller holds the lock)."""
+        if self._busy():
+            self._unpaced_room = BUSY_IN_FLIGHT
+        else:
+            self._unpaced_room = min(
+                self._unpaced_room + BUSY_IN_FLIGHT, self.settings.max_in_flight
+            )
+        return self._unpaced_room
+
     def _probe_gap(self) -> float:
         """Seconds to the next probe of a healthy lane: EVOMSGD_PROBE_INTERVAL, +-10% so that
         lanes probed together drift apart instead of probing in step forever."""
@@ -367,6 +416,7 @@ class Dispatcher:
         jobs = self._claim_all(plans, now)
         if jobs:
             self._hand(jobs)
+        self._hold_all(plans, now)
         for plan in plans:
             lane_wake = self._next_look(plan, now)
             if lane_wake is not None and lane_wake != float("inf"):
@@ -390,24 +440,35 @@ class Dispatcher:
                 lane.concurrency - len(lane.in_flight),
                 self.settings.max_in_flight - self._in_flight,
             )
+            if lane.concurrency > BUSY_IN_FLIGHT:
+                room = min(room, self._unpaced_bound() - len(lane.in_flight))
             if room <= 0:
                 self._starved.add(lane.instance)
                 return _Plan(lane)
             known = lane.known
             strangers_left = lane.new_contacts_left(now)
+            quiet = lane.settings if lane.settings.quiet_hours else None
         if gone:
             return _Plan(lane, wake=self._fail_gone(lane, now))
         # Claimed messages are STARTED, so neither what is in flight nor its recipient's later
         # messages come back here.
-        if strangers_left is None:
+        held: set[str] = set()
+        if quiet is not None:
+            plan = _Plan(lane, known=known)
+            rows = self._quiet_rows(plan, now, room, strangers_left)
+            held = {hold[0] for hold in plan.holds}
+        elif strangers_left is None:
             rows = [
                 (message_id, False) for message_id in self.store.ready(lane.instance, now, room)
             ]
+            plan = _Plan(lane, known=known, short=len(rows) < room)
         else:
             rows = self.store.ready_contacts(lane.instance, now, room, strangers=strangers_left > 0)
-        plan = _Plan(lane, known=known, short=len(rows) < room)
+            plan = _Plan(lane, known=known, short=len(rows) < room)
         with self._cond:
             for message_id, new_contact in rows:
+                if message_id in held:
+                    continue
                 if (
                     lane.blocked_until(now) is not None
                     or self._in_flight >= self.settings.max_in_flight
@@ -425,13 +486,60 @@ class Dispatcher:
                 lane.record_send(now, self._rng)
         return plan
 
+    def _quiet_rows(
+        self, plan: _Plan, now: float, room: int, strangers_left: int | None
+    ) -> list[tuple[str, bool]]:
+        """The due messages of a lane with quiet hours, as (id, new contact); those whose
+        recipient is in quiet hours go to plan.holds instead (held until the window ends)."""
+        lane = plan.lane
+        limit = room + QUIET_SCAN
+        found = self.store.ready_recipients(
+            lane.instance, now, limit, strangers=strangers_left is None or strangers_left > 0
+        )
+        rows: list[tuple[str, bool]] = []
+        for message_id, new_contact, phone, priority in found:
+            hold = hold_for(phone, priority, lane.settings, now)
+            if hold is None:
+                rows.append((message_id, new_contact and strangers_left is not None))
+            else:
+                plan.holds.append((message_id, lane.instance, hold.until, hold.because()))
+                with self._cond:
+                    lane.quiet_held[message_id] = hold
+        # All that is due was read: nothing more is due until next_due says. Otherwise, when
+        # held messages left room, look again at once for more that may go.
+        plan.short = len(found) < limit and len(rows) < room
+        if len(found) == limit and plan.holds and len(rows) < room:
+            plan.wake = now
+        return rows
+
+    def _hold_all(self, plans: list[_Plan], now: float) -> None:
+        """Write the step's quiet-hours holds in one transaction (before next_due reads them)."""
+        holds = [hold for plan in plans for hold in plan.holds]
+        if not holds:
+            return
+        try:
+            self._hold(holds, now)
+        except StoreUnavailable as exc:
+            log.warning(
+                "dispatcher: cannot hold %s message(s) (%s); trying again in 1s", len(holds), exc
+            )
+            with self._cond:
+                for plan in plans:
+                    for hold in plan.holds:
+                        plan.lane.quiet_held.pop(hold[0], None)
+                    if plan.holds:
+                        plan.wake = now + 1.0
+                        plan.short = False
+
     def _claim_all(self, plans: list[_Plan], now: float) -> list[Job]:
         """Claim what the plans took, in one transaction; the jobs to hand out."""
         taken = [message_id for plan in plans for message_id in plan.taken]
         if not taken:
             return []
         try:
-            claimed = self._claim(taken, now, self.settings.evolution_timeout + LEASE_MARGIN)
+            claimed = self._claim(
+                taken, now, self.settings.evolution_timeout + LEASE_MARGIN + MAX_DELAY
+            )
         except StoreUnavailable as exc:
             log.warning(
                 "dispatcher: cannot claim %s message(s) (%s); trying again in 1s", len(taken), exc
@@ -589,6 +697,7 @@ class Dispatcher:
             with self._cond:
                 lane = self._lane(instance)
                 lane.waiting = max(0, lane.waiting - 1)
+                lane.quiet_held.pop(message_id, None)
 
     # -- views ----------------------------------------------------------------------------
 
@@ -631,6 +740,25 @@ class Dispatcher:
                 )
             return None
 
+    def quiet_hold(
+        self, instance: str, phone: str, priority: int, at: float | None = None
+    ) -> Hold | None:
+        """Whether the instance's quiet hours hold a message to `phone` at `at` (default: now),
+        and until when."""
+        at = self._time() if at is None else at
+        with self._cond:
+            lane = self._lanes.get(instance)
+            settings = lane.settings if lane is not None else self.settings.lane(instance)
+        return hold_for(phone, priority, settings, at)
+
+    def warmup_free_at(self, instance: str) -> float | None:
+        """When the warm-up's daily caps let a message accepted now go, behind those waiting
+        on the instance; None when today's cap has room (or no warm-up). No SQL, a lock."""
+        now = self._time()
+        with self._cond:
+            lane = self._lanes.get(instance)
+            return None if lane is None else lane.warmup_free_at(now, lane.waiting)
+
     def new_contacts_reset(self, instance: str) -> float | None:
         """When the instance's new-contact budget, used up today, allows more (the next UTC
         midnight); None while it has room or no budget. For backpressure: no SQL, a lock."""
@@ -656,6 +784,22 @@ class Dispatcher:
             "warmup_days": lane.settings.warmup_days or None,
             "new_contacts_today": lane.new_contacts_today(now) if budget else None,
             "new_contacts_per_day": budget,
+        }
+
+    @staticmethod
+    def _quiet_view(lane: Lane, now: float) -> dict[str, Any]:
+        """The lane's quiet hours and, per zone, when they end for the messages they hold
+        (caller holds the lock)."""
+        if not lane.settings.quiet_hours:
+            return {"quiet_hours": None, "quiet_held": None, "quiet_ends": []}
+        ends = sorted(lane.quiet_ends(now).items(), key=lambda item: (item[1][0], item[0]))
+        return {
+            "quiet_hours": lane.settings.quiet_hours,
+            "quiet_held": sum(count for _, (_, count) in ends),
+            "quiet_ends": [
+                QuietEnd(zone=zone, until=clock.to_rfc3339(until), held=count)
+                for zone, (until, count) in ends
+            ],
         }
 
     def lanes_view(self) -> list[LaneView]:
@@ -684,6 +828,7 @@ class Dispatcher:
                     send_interval=lane.settings.send_interval or 0.0,
                     send_jitter=lane.settings.send_jitter or 0.0,
                     **self._budgets(lane, now),
+                    **self._quiet_view(lane, now),
                 )
                 for lane in lanes
             ]

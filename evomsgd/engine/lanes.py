@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from evomsgd.config import LaneSettings
+from evomsgd.engine.quiet import Hold
 
 _WINDOWS = (("per_minute", 60.0), ("per_hour", 3600.0), ("per_day", 86_400.0))
 DAY = 86_400.0
@@ -64,6 +65,8 @@ class Lane:
     first_sent_at: float | None = None  # its first successful send (the ledger's lanes row)
     new_contacts: int = 0  # messages to new contacts handed out on the UTC day new_contacts_day
     new_contacts_day: float = 0.0
+    # Messages held by quiet hours where their recipients live (id -> until when), for the views.
+    quiet_held: dict[str, Hold] = field(default_factory=dict)
 
     @property
     def interval(self) -> float:
@@ -130,10 +133,28 @@ class Lane:
         """Today's cap on sends from the warm-up (warmup_start doubled each day, never above
         per_day); None outside the warm-up, where only per_day (a rolling 24 hours) applies."""
         day = self.warmup_day(now)
-        if day is None:
-            return None
+        return None if day is None else self._ramp(day)
+
+    def _ramp(self, day: int) -> int:
+        """The warm-up's cap on its day `day` (1, 2, ...)."""
         cap: int = (self.settings.warmup_start or 1) * 2 ** (day - 1)
         return cap if self.settings.per_day is None else min(cap, self.settings.per_day)
+
+    def warmup_free_at(self, now: float, ahead: int) -> float | None:
+        """When the warm-up's daily caps let a message with `ahead` messages before it go (the
+        UTC midnight of that day); None when today's cap has room for it, or no warm-up."""
+        day = self.warmup_day(now)
+        if day is None:
+            return None
+        left = ahead - (self._ramp(day) - self.sent_today(now))
+        midnight = day_start(now) + DAY
+        while left >= 0 and day < (self.settings.warmup_days or 0):
+            day += 1
+            left -= self._ramp(day)
+            if left < 0:
+                return midnight
+            midnight += DAY
+        return None if left < 0 else midnight
 
     def sent_today(self, now: float) -> int:
         """Attempts started since UTC midnight (complete only while a daily cap loads them)."""
@@ -181,3 +202,15 @@ class Lane:
         jitter = self.settings.send_jitter or 0.0
         gap = self.interval + (rng.uniform(0.0, jitter) if jitter and self.interval else 0.0)
         self.next_send_at = now + gap
+
+    def quiet_ends(self, now: float) -> dict[str, tuple[float, int]]:
+        """Zone -> (when its quiet hours end, messages they hold) for the lane's held messages
+        whose window is not over yet (the rest are forgotten)."""
+        ends: dict[str, tuple[float, int]] = {}
+        for message_id, hold in list(self.quiet_held.items()):
+            if hold.until <= now:
+                del self.quiet_held[message_id]
+                continue
+            until, count = ends.get(hold.zone, (hold.until, 0))
+            ends[hold.zone] = (min(until, hold.until), count + 1)
+        return ends

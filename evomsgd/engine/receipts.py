@@ -175,15 +175,22 @@ def shown_url(url: str) -> str:
 
 
 async def setup_webhooks(
-    client: EvolutionClient, store: Store, instances: list[str], base: str, *, replace: bool
+    client: EvolutionClient,
+    store: Store,
+    instances: list[str],
+    base: str,
+    *,
+    replace: bool,
+    relay_for: Callable[[str], str | None] = lambda _name: None,
 ) -> list[SetupResult]:
     """Point each instance's one Evolution webhook at evomsgd. Reads every instance's current
-    webhook first; if any sends elsewhere (and not `replace`) nothing is changed. The secret is
-    reused when a configured instance already presents it (only its hash is kept, so a new one
-    would cut off instances set up before), else made anew."""
+    webhook first; if any sends elsewhere (and not `replace`, nor relayed: `relay_for` gives that
+    URL) nothing is changed. The secret is reused when a configured instance already presents it
+    (only its hash is kept, so a new one would cut off instances set up before), else made anew."""
     found = await asyncio.gather(*(client.find_webhook(name) for name in instances))
     ours = await asyncio.to_thread(ledger.secret_digest, store)
     refusals: list[SetupResult] = []
+    relayed: dict[str, str] = {}
     secret: str | None = None
     target = base.rstrip("/") + WEBHOOK_PATH
     for name, answer in zip(instances, found, strict=True):
@@ -195,6 +202,8 @@ async def setup_webhooks(
             continue
         if points_at_us(config, ours):
             secret = secret or presented_secret(config)
+        elif relay_for(name) == config.url:
+            relayed[name] = config.url  # that app keeps everything: evomsgd forwards it
         elif not replace and not config.url.startswith(target):
             refusals.append(
                 SetupResult(
@@ -202,7 +211,10 @@ async def setup_webhooks(
                     False,
                     f"instance {name}: Evolution already sends its webhooks to "
                     f"{shown_url(config.url)} (one webhook per instance) - not changed; pass "
-                    f"--replace to point it at {hook_url(base, None, client.api_version)}",
+                    f"--replace to point it at {hook_url(base, None, client.api_version)}"
+                    f', or keep that app listening: set relay_url = "{shown_url(config.url)}" in '
+                    f"[instances.{name}] (or EVOMSGD_RELAY_URL) and evomsgd forwards every "
+                    "webhook to it",
                 )
             )
     if refusals:
@@ -214,7 +226,16 @@ async def setup_webhooks(
     shown = hook_url(base, None, client.api_version)
     done = await asyncio.gather(*(client.set_webhook(name, url, headers) for name in instances))
     return [
-        SetupResult(name, True, f"instance {name}: receipts configured ({shown})")
+        SetupResult(
+            name,
+            True,
+            f"instance {name}: receipts configured ({shown})"
+            + (
+                f"; its webhooks are relayed to {shown_url(relayed[name])}"
+                if name in relayed
+                else ""
+            ),
+        )
         if answer.ok
         else SetupResult(name, False, f"instance {name}: {answer.reason}")
         for name, answer in zip(instances, done, strict=True)

@@ -28,6 +28,10 @@ log = logging.getLogger("evomsgd.commit")
 
 MAX_BATCH = 512
 OUTAGE_LOG_EVERY = 10.0  # seconds between two "still refusing" warnings
+ACCEPT_MEMORY = 0.05
+# The loop is "late" when the hop of a batch's answers to it took longer than this: it has a
+# long queue of callbacks (sends in flight) ahead of every request.
+LATE_AFTER = 0.005
 _STOP = object()
 
 T = TypeVar("T")
@@ -57,6 +61,7 @@ class GroupCommitter:
         *,
         idempotency_ttl: float,
         on_commit: Callable[[Sequence[NewMessage], Sequence[InsertResult]], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.loop = loop
@@ -66,6 +71,10 @@ class GroupCommitter:
         self._refused = 0  # messages refused since the ledger stopped taking writes
         self._warned_at = 0.0
         self._stopped = False
+        self._accepts_waiting = 0  # submit() calls not yet answered (on the loop)
+        self._last_accept = -ACCEPT_MEMORY  # when the latest submit() was answered
+        self._monotonic = monotonic
+        self._hop_took = 0.0  # seconds the latest batch's answers waited for the loop
         self._thread = threading.Thread(target=self._run, name="evomsgd-commit", daemon=True)
 
     def start(self) -> None:
@@ -80,8 +89,32 @@ class GroupCommitter:
     async def submit(self, new: NewMessage) -> InsertResult:
         """Queue one message for the next commit and wait until it is durable."""
         future: asyncio.Future[InsertResult] = self.loop.create_future()
+        self._accepts_waiting += 1
         self._queue.put(_Insert(new, future))
-        return await future
+        try:
+            return await future
+        finally:
+            self._accepts_waiting -= 1
+            self._last_accept = self._monotonic()
+
+    def accepting(self) -> bool:
+        """True while a new message waits for its commit, or one was answered within
+        ACCEPT_MEMORY seconds (a client in a burst sends its next soon after); from any thread."""
+        return self._accepts_waiting > 0 or self._monotonic() - self._last_accept < ACCEPT_MEMORY
+
+    def loop_late(self) -> bool:
+        """True when the latest batch's answers waited over LATE_AFTER seconds for the event
+        loop; from any thread."""
+        return self._hop_took > LATE_AFTER
+
+    def _answer(self, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+        """Hand a batch's answers to the loop in one hop (not one per request or per write),
+        timing the hop."""
+        self.loop.call_soon_threadsafe(self._resolve, self._monotonic(), answers)
+
+    def _resolve(self, posted: float, answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+        self._hop_took = self._monotonic() - posted
+        _resolve(answers)
 
     def write(self, op: Callable[[sqlite3.Cursor], T]) -> concurrent.futures.Future[T]:
         """Run `op` inside the next batch's transaction; the future resolves once it committed
@@ -170,8 +203,7 @@ class GroupCommitter:
             else:
                 item.future.set_result(outcome)
         if on_loop:
-            # One hop to the loop per batch, not one per request or per write.
-            self.loop.call_soon_threadsafe(_resolve, on_loop)
+            self._answer(on_loop)
 
     def _refusing(self, count: int, exc: StoreUnavailable) -> None:
         """Each client gets its 503; the operator gets a warning now and then, not one per request."""

@@ -47,8 +47,11 @@ class Database:
         durability: Durability = "full",
         busy_timeout: float = 5.0,
         readonly: bool = False,
+        replicated: bool = False,
     ):
         self.data_dir = data_dir
+        # Litestream replicates the file: checkpoints are its job (see _connect).
+        self.replicated = replicated
         self.path = data_dir / LEDGER_FILE
         self.durability = durability
         self.busy_timeout = busy_timeout
@@ -92,6 +95,11 @@ class Database:
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
+            if self.replicated:
+                # Litestream copies the WAL before it checkpoints; a checkpoint of ours could
+                # race that copy and force it into a new snapshot. Its documented advice: leave
+                # checkpoints to it (it runs them every minute, or when the WAL passes 1000 pages).
+                conn.execute("PRAGMA wal_autocheckpoint=0")
         # FULL fsyncs the WAL on every commit: a 202 survives power loss. NORMAL survives a
         # crash of the process but may lose the last commits on power loss. Set explicitly:
         # the compiled-in default differs between distributions (and a frozen binary's build host).

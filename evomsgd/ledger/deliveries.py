@@ -100,6 +100,55 @@ class Deliveries(Database):
         rows = self.query(sql, [instance, now_db, now_db, limit])
         return [(row[0], bool(row[1])) for row in rows]
 
+    def ready_recipients(
+        self, instance: str, now: float, limit: int, *, strangers: bool
+    ) -> list[tuple[str, bool, str, int]]:
+        """`ready_contacts` with each message's phone and priority: (id, new contact, phone,
+        priority), for a lane whose quiet hours depend on the recipient."""
+        now_db = clock.to_db(now)
+        sql = (
+            f"SELECT id, {NEW_CONTACT}, phone, priority FROM messages m WHERE instance = ?"
+            f" AND {IN_WAITING} AND next_attempt_at <= ? AND NOT EXISTS ({_EARLIER_UNSENT})"
+        )
+        if not strangers:
+            sql += f" AND NOT {NEW_CONTACT}"
+        sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
+        rows = self.query(sql, [instance, now_db, now_db, limit])
+        return [(row[0], bool(row[1]), row[2], row[3]) for row in rows]
+
+    def hold_in(
+        self, cur: sqlite3.Cursor, holds: Sequence[tuple[str, str, float, str]], now: float
+    ) -> int:
+        """Hold waiting messages until a time, each (id, instance, until, why) - quiet hours
+        where their recipient lives - with a `held` history row; returns how many still waited.
+
+        The status stays (PENDING, RETRY...): a held message keeps holding its recipient's later
+        messages back, so their order is kept."""
+        now_db = clock.to_db(now)
+        held = 0
+        for message_id, instance, until, why in holds:
+            until_db = clock.to_db(until)
+            cur.execute(
+                f"UPDATE messages SET next_attempt_at = ? WHERE id = ? AND {IN_WAITING}"
+                " AND next_attempt_at < ?",
+                (until_db, message_id, until_db),
+            )
+            if cur.rowcount == 1:
+                held += 1
+                self._event(cur, message_id, instance, now_db, "held", why)
+        return held
+
+    def held_quiet(self, instance: str, now: float) -> list[tuple[str, str, int, float]]:
+        """Messages of an instance that quiet hours hold now, as (id, phone, priority, until):
+        waiting, due later, their latest history row a `held` one (reloads the lane's view)."""
+        rows = self.query(
+            f"SELECT id, phone, priority, next_attempt_at FROM messages m WHERE instance = ?"
+            f" AND {IN_WAITING} AND next_attempt_at > ? AND (SELECT e.event FROM events e"
+            " WHERE e.message_id = m.id ORDER BY e.id DESC LIMIT 1) = 'held'",
+            (instance, clock.to_db(now)),
+        )
+        return [(row[0], row[1], row[2], clock.from_db(row[3])) for row in rows]
+
     def next_due(self, instance: str, now: float, *, strangers: bool = True) -> float | None:
         """When the next waiting message of an instance that is not held back becomes due
         (without `strangers`: of those to known contacts)."""
@@ -369,6 +418,34 @@ class Deliveries(Database):
                 )
                 self._event(cur, message_id, instance, now_db, "recovered", detail)
         return [(row[0], row[1]) for row in rows]
+
+    def flag_restored(self, now: float) -> int:
+        """After a restore from a replica: flag every waiting message already due as possibly sent.
+
+        A replica may miss the primary's last seconds, sends included; so each such message is
+        counted ambiguous and recovered, like a send a crash cut: its next attempt looks it up
+        in Evolution first, and a re-send is flagged as a possible duplicate. STARTED rows are
+        left to `recover`, which every start runs.
+        """
+        now_db = clock.to_db(now)
+        detail = (
+            "restored from a replica that may miss the last seconds before the loss; "
+            "it may have been sent"
+        )
+        with self.transaction() as cur:
+            rows = cur.execute(
+                f"SELECT id, instance FROM messages WHERE {IN_WAITING}"
+                " AND coalesce(next_attempt_at, send_at, created_at) <= ?",
+                (now_db,),
+            ).fetchall()
+            for message_id, instance in rows:
+                cur.execute(
+                    "UPDATE messages SET recovered = recovered + 1, ambiguous = ambiguous + 1"
+                    " WHERE id = ?",
+                    (message_id,),
+                )
+                self._event(cur, message_id, instance, now_db, "recovered", detail)
+        return len(rows)
 
     def expire_due(self, now: float) -> list[tuple[str, str]]:
         """Mark waiting messages past their expiry EXPIRED; returns (id, instance) pairs."""

@@ -37,6 +37,9 @@ class NewMessage:
     idempotency_key: str | None = None
     request_hash: str | None = None
     token_name: str | None = None
+    # Migration 7: the callback endpoint resolved at accept time, and the request's own URL.
+    callback_to: str | None = None
+    callback_url: str | None = None
     media: MediaRef | None = None
 
     @property
@@ -94,6 +97,9 @@ class Message:
     delivery_failed_at: str | None = None
     unconfirmed_at: str | None = None
     delivery_error: str | None = None
+    # Migration 7: where its callbacks go (callback_endpoints.name) and its own URL, if any.
+    callback_to: str | None = None
+    callback_url: str | None = None
     # Migration 8: the media (records.MediaRef); NULL for a text.
     media_type: str | None = None
     media_sha256: str | None = None
@@ -169,6 +175,7 @@ class TokenRow:
     sha256: str
     instances: tuple[str, ...]
     created_at: str
+    callback: bool = False  # it has its own callback endpoint (token create --callback-url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,3 +254,68 @@ class ReceiptResult:
     recent_failures: int = 0
     # applied: seconds from the message's acceptance to this receipt (for the latency metrics)
     since_accepted: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRow:
+    """One row of the `callbacks` outbox."""
+
+    id: int
+    webhook_id: str
+    kind: str  # event, relay
+    type: str
+    key: str
+    message_id: str | None
+    instance: str | None
+    endpoint: str | None
+    url: str | None  # the row's own URL (a message's callback_url, a relay target)
+    occurred_at: str
+    data: str | None
+    body: bytes | None
+    state: str  # pending, sent, failed
+    attempts: int
+    failures: int
+    next_attempt_at: str | None
+    retry_from: str | None
+    last_attempt_at: str | None
+    last_status: int | None
+    last_error: str | None
+    sent_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One row of `callback_endpoints`; `secrets` are those that sign now (the new one first)."""
+
+    name: str
+    url: str | None
+    secrets: tuple[str, ...]
+    disabled_at: str | None
+    disabled_reason: str | None
+    last_ok_at: str | None
+    last_error_at: str | None
+    last_error: str | None
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """A callback to attempt now: its row, where it goes and what signs it (no secrets: a relay)."""
+
+    row: CallbackRow
+    url: str | None
+    secrets: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackOutcome:
+    """What one attempt did, for `callbacks.record_in`."""
+
+    id: int
+    at: float
+    body: bytes | None  # the body sent (kept from the first attempt on)
+    state: str  # pending (retry at next_attempt_at), sent, failed
+    next_attempt_at: float | None
+    status: int | None
+    error: str | None
+    disable: str | None = None  # 410 from the endpoint's own URL: why it is disabled

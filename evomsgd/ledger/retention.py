@@ -88,6 +88,18 @@ def purge(
         batch,
         stop,
     )
+    if not dry_run and policy.success_days > 0:
+        # Callbacks of no message (instance events, relayed webhooks) once sent or given up.
+        _batched(
+            store,
+            "DELETE FROM callbacks WHERE id IN (SELECT id FROM callbacks WHERE message_id IS NULL"
+            " AND state != 'pending' AND occurred_at < ? LIMIT ?)",
+            "",
+            (clock.to_db(now - policy.success_days * _DAY),),
+            False,
+            batch,
+            stop,
+        )
     report.media_files, report.media_bytes = _purge_media(store, now, deleting, dry_run)
     if not dry_run and report.success + report.failed + report.idempotency:
         report.vacuum = reclaim(store, stop=stop)
@@ -136,6 +148,10 @@ def _delete_finished(
             ]
             cur.executemany("DELETE FROM events WHERE message_id = ?", ids)
             events += max(cur.rowcount, 0)
+            # Their delivered (or given-up) callbacks go too; one still owed is kept and sent.
+            cur.executemany(
+                "DELETE FROM callbacks WHERE message_id = ? AND state != 'pending'", ids
+            )
             cur.executemany("DELETE FROM messages WHERE id = ?", ids)
             messages += max(cur.rowcount, 0)
         if len(ids) < batch:
@@ -200,6 +216,9 @@ def reclaim(
         return "none"
     # In WAL mode the file shrinks when a checkpoint copies the last commit back; PASSIVE
     # never waits for readers or blocks writers (if it cannot finish, a later one will).
+    # Under Litestream the checkpoint is its own (database.py): the file shrinks at its next one.
+    if store.replicated:
+        return done
     with contextlib.suppress(sqlite3.OperationalError):
         store.run_script("PRAGMA wal_checkpoint(PASSIVE);")
     return done

@@ -206,6 +206,134 @@ INSERT INTO recipients (instance, phone, first_sent_at)
 """,
     ),
     (
+        7,
+        "callbacks: endpoints and the outbox",
+        """
+-- Where a message's status callbacks go (issue 15): 'default' (EVOMSGD_CALLBACK_URL, synced at
+-- start) or 'token:NAME' (evomsgd token create NAME --callback-url). The secrets sign the
+-- callbacks, so they are kept as given (whsec_...), in this 0600 file, never shown again.
+CREATE TABLE callback_endpoints (
+    name             TEXT PRIMARY KEY,
+    url              TEXT,                        -- NULL: only messages with their own callback_url
+    secret           TEXT NOT NULL,               -- whsec_...
+    previous_secret  TEXT,                        -- still signs, alongside, during a rotation
+    previous_until   TEXT,                        -- end of the rotation's overlap
+    retrying         INTEGER NOT NULL DEFAULT 0,  -- 1 = message.retrying events too
+    disabled_at      TEXT,                        -- the endpoint answered 410 Gone; an operator re-enables
+    disabled_reason  TEXT,
+    last_ok_at       TEXT,
+    last_error_at    TEXT,
+    last_error       TEXT,
+    created_at       TEXT NOT NULL
+);
+
+-- The endpoint a message's callbacks go to, resolved when it was accepted, and its own URL when
+-- the request gave one (callback_url, allowed by EVOMSGD_CALLBACK_ALLOWED). NULL: no callbacks.
+ALTER TABLE messages ADD COLUMN callback_to TEXT;
+ALTER TABLE messages ADD COLUMN callback_url TEXT;
+
+-- The transactional outbox: a row is written by the triggers below in the same transaction as
+-- the change that causes it, whichever code path made the change, so a crash loses none.
+-- Sent at least once, in order per `key` (a message, an instance's events to one endpoint, an
+-- instance's relayed webhooks).
+CREATE TABLE callbacks (
+    id              INTEGER PRIMARY KEY,
+    webhook_id      TEXT NOT NULL,                -- the webhook-id header, the same on every retry;
+                                                  -- 128 random bits: unique without an index
+    kind            TEXT NOT NULL,                -- event, or relay (Evolution's body, forwarded)
+    type            TEXT NOT NULL,                -- message.sent, ..., instance.paused; relay: its event
+    key             TEXT NOT NULL,                -- order: a row waits for the earlier rows of its key
+    message_id      TEXT,
+    instance        TEXT,
+    endpoint        TEXT,                         -- callback_endpoints.name (NULL for a relay)
+    url             TEXT,                         -- NULL: the endpoint's URL
+    occurred_at     TEXT NOT NULL,
+    data            TEXT,                         -- instance events: the pause's reason
+    body            BLOB,                         -- what is sent, fixed at the first attempt;
+                                                  -- a relay's is erased once forwarded
+    state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,   -- in a row since the last success or retry: the backoff
+    next_attempt_at TEXT,
+    retry_from      TEXT,                         -- an operator's retry: EVOMSGD_CALLBACK_MAX_AGE from then
+    last_attempt_at TEXT,
+    last_status     INTEGER,
+    last_error      TEXT,
+    sent_at         TEXT
+);
+CREATE INDEX callbacks_due ON callbacks (next_attempt_at) WHERE state = 'pending';
+CREATE INDEX callbacks_key ON callbacks (key, id) WHERE state = 'pending';
+CREATE INDEX callbacks_message ON callbacks (message_id, id) WHERE message_id IS NOT NULL;
+CREATE INDEX callbacks_state ON callbacks (state, id);
+
+-- The relay uses `callbacks`; this reserved table was never written.
+DROP TABLE webhook_outbox;
+
+CREATE TRIGGER callbacks_status AFTER UPDATE OF status ON messages
+WHEN NEW.callback_to IS NOT NULL AND NEW.status IS NOT OLD.status
+    AND (NEW.status IN ('SUCCESS', 'FAILURE', 'EXPIRED', 'CANCELED')
+         OR (NEW.status = 'RETRY' AND (SELECT retrying FROM callback_endpoints
+                                        WHERE name = NEW.callback_to) = 1))
+BEGIN
+    INSERT INTO callbacks (webhook_id, kind, type, key, message_id, instance, endpoint, url,
+                           occurred_at, next_attempt_at)
+    VALUES ('msg_' || lower(hex(randomblob(16))), 'event',
+            CASE NEW.status WHEN 'SUCCESS' THEN 'message.sent' WHEN 'FAILURE' THEN 'message.failed'
+                 WHEN 'EXPIRED' THEN 'message.expired' WHEN 'CANCELED' THEN 'message.canceled'
+                 ELSE 'message.retrying' END,
+            NEW.id, NEW.id, NEW.instance, NEW.callback_to, NEW.callback_url,
+            strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now'));
+END;
+
+CREATE TRIGGER callbacks_delivery AFTER UPDATE OF delivery ON messages
+WHEN NEW.callback_to IS NOT NULL AND NEW.delivery IS NOT OLD.delivery
+    AND NEW.delivery IN ('delivered', 'read', 'failed', 'unconfirmed')
+BEGIN
+    INSERT INTO callbacks (webhook_id, kind, type, key, message_id, instance, endpoint, url,
+                           occurred_at, next_attempt_at)
+    VALUES ('msg_' || lower(hex(randomblob(16))), 'event',
+            CASE NEW.delivery WHEN 'delivered' THEN 'message.delivered' WHEN 'read' THEN 'message.read'
+                 WHEN 'failed' THEN 'message.delivery_failed' ELSE 'message.unconfirmed' END,
+            NEW.id, NEW.id, NEW.instance, NEW.callback_to, NEW.callback_url,
+            strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now'));
+END;
+
+-- instance.paused / instance.resumed go to the default endpoint and to each token's endpoint
+-- whose token may use the instance. Only core SQL functions: no JSON1, which some SQLite builds
+-- lack (the sender writes the event's JSON).
+CREATE VIEW callback_lane_targets AS
+    SELECT e.name AS endpoint, t.instances AS instances FROM callback_endpoints e
+    LEFT JOIN tokens t ON e.name = 'token:' || t.name
+    WHERE e.url IS NOT NULL AND (e.name = 'default' OR t.name IS NOT NULL);
+
+CREATE TRIGGER callbacks_lane_update AFTER UPDATE OF paused ON lanes
+WHEN NEW.paused IS NOT OLD.paused
+BEGIN
+    INSERT INTO callbacks (webhook_id, kind, type, key, instance, endpoint, occurred_at,
+                           next_attempt_at, data)
+    SELECT 'msg_' || lower(hex(randomblob(16))), 'event',
+           CASE WHEN NEW.paused THEN 'instance.paused' ELSE 'instance.resumed' END,
+           'instance:' || NEW.instance || ':' || endpoint, NEW.instance, endpoint,
+           strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now'),
+           NEW.paused_reason
+    FROM callback_lane_targets
+    WHERE instances IS NULL OR instr(',' || instances || ',', ',' || NEW.instance || ',') > 0;
+END;
+
+CREATE TRIGGER callbacks_lane_insert AFTER INSERT ON lanes WHEN NEW.paused = 1
+BEGIN
+    INSERT INTO callbacks (webhook_id, kind, type, key, instance, endpoint, occurred_at,
+                           next_attempt_at, data)
+    SELECT 'msg_' || lower(hex(randomblob(16))), 'event', 'instance.paused',
+           'instance:' || NEW.instance || ':' || endpoint, NEW.instance, endpoint,
+           strftime('%Y-%m-%d %H:%M:%f', 'now'), strftime('%Y-%m-%d %H:%M:%f', 'now'),
+           NEW.paused_reason
+    FROM callback_lane_targets
+    WHERE instances IS NULL OR instr(',' || instances || ',', ',' || NEW.instance || ',') > 0;
+END;
+""",
+    ),
+    (
         8,
         "media",
         """

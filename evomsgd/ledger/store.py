@@ -365,10 +365,15 @@ class Store(Deliveries):
 
     def tokens(self) -> list[TokenRow]:
         """Every token, by name."""
-        rows = self.query("SELECT name, sha256, instances, created_at FROM tokens ORDER BY name")
+        rows = self.query(
+            "SELECT t.name, t.sha256, t.instances, t.created_at, e.name IS NOT NULL FROM tokens t"
+            " LEFT JOIN callback_endpoints e ON e.name = 'token:' || t.name ORDER BY t.name"
+        )
         return [
-            TokenRow(name, digest, tuple(instances.split(",")) if instances else (), created)
-            for name, digest, instances, created in rows
+            TokenRow(
+                name, digest, tuple(instances.split(",")) if instances else (), created, bool(cb)
+            )
+            for name, digest, instances, created, cb in rows
         ]
 
     def revoke_token(self, name: str) -> bool:
@@ -380,8 +385,8 @@ class Store(Deliveries):
 
 _INSERT = (
     "INSERT INTO messages (id, status, instance, phone, phone_input, text, priority, created_at,"
-    " send_at, next_attempt_at, expires_at, sandbox, idempotency_key, token_name)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " send_at, next_attempt_at, expires_at, sandbox, idempotency_key, token_name, callback_to,"
+    " callback_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -415,6 +420,8 @@ def _row(new: NewMessage) -> tuple[Any, ...]:
         int(new.sandbox),
         new.idempotency_key,
         new.token_name,
+        new.callback_to,
+        new.callback_url,
     )
 
 

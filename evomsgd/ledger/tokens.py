@@ -10,8 +10,9 @@ import secrets
 import time
 from collections.abc import Sequence
 
-from evomsgd import clock
+from evomsgd import clock, egress
 from evomsgd.errors import TokenError
+from evomsgd.ledger import callbacks
 from evomsgd.ledger.records import TokenRow
 from evomsgd.ledger.store import Store
 
@@ -68,6 +69,8 @@ def revoke(store: Store, name: str) -> None:
     """Delete the token called `name`; requests with it fail from the next cache refresh on."""
     if not store.revoke_token(name):
         raise TokenError(f"no token named {name!r} - see `evomsgd token list`")
+    # Its callback endpoint goes with it: a new token of that name must not inherit it.
+    callbacks.remove_endpoint(store, callbacks.token_endpoint(name))
 
 
 class TokenCache:
@@ -93,3 +96,24 @@ class TokenCache:
                 self._rows = await asyncio.to_thread(self.store.tokens)
                 self._read_at = time.monotonic()
         return self._rows
+
+
+def create_with_callback(
+    store: Store, name: str, instances: Sequence[str], callback_url: str
+) -> tuple[str, str]:
+    """`create`, with the token's own callback endpoint; returns (token, callback secret), both
+    shown this once. A token's messages are then called back there only."""
+    try:
+        egress.parse(callback_url)
+    except egress.UrlError as exc:
+        raise TokenError(f"--callback-url: {exc}") from None
+    token = create(store, name, instances)
+    secret = callbacks.new_secret()
+    try:
+        callbacks.add_endpoint(
+            store, callbacks.token_endpoint(name), callback_url, secret, clock.now()
+        )
+    except BaseException:
+        store.revoke_token(name)  # all or nothing: no token without the endpoint it was made for
+        raise
+    return token, secret

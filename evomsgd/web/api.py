@@ -34,7 +34,7 @@ from evomsgd.models import (
 from evomsgd.service import Service
 from evomsgd.web import routes
 from evomsgd.web.forms import MAX_TEXT_BODY, media_body_limit, read_form
-from evomsgd.web.guards import require_instance, scope, scoped, token_name
+from evomsgd.web.guards import require_instance, scope, scoped, token_callback, token_name
 from evomsgd.web.routes import Answer, Operation, Param, Route
 from evomsgd.web.views import task_list, task_view
 
@@ -180,7 +180,11 @@ async def send_message(request: web.Request) -> web.Response:
             400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 printable characters"
         )
     new = service.build(
-        req, idempotency_key=key, token_name=token_name(request), upload=upload is not None
+        req,
+        idempotency_key=key,
+        token_name=token_name(request),
+        token_callback=token_callback(request),
+        upload=upload is not None,
     )
     require_instance(request, new.instance)
     if new.media is not None:

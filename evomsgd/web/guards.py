@@ -281,6 +281,12 @@ def token_name(request: web.Request) -> str | None:
     return None if token is None else token.name
 
 
+def token_callback(request: web.Request) -> bool:
+    """True when the request's token has its own callback endpoint (token create --callback-url)."""
+    token = request.get(TOKEN)
+    return token is not None and token.callback
+
+
 def scoped(request: web.Request) -> bool:
     """True when the request's token may use only some instances."""
     return scope(request) is not None

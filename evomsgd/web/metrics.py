@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
 
 import prometheus_client
 from aiohttp import web
@@ -24,10 +25,11 @@ from evomsgd import __version__, clock
 from evomsgd.config import Settings
 from evomsgd.errors import StoreUnavailable
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
+from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger import receipts
 from evomsgd.ledger.records import Message, Transition
 from evomsgd.ledger.store import Store
-from evomsgd.models import WAITING, LaneView, Status
+from evomsgd.models import WAITING, LaneView, ReplicationView, Status
 from evomsgd.web import routes
 from evomsgd.web.routes import Route
 
@@ -303,3 +305,84 @@ ROUTES = (Route("GET", "/metrics", metrics, None),)
 def add_routes(app: web.Application) -> None:
     """Register GET /metrics."""
     routes.register(app, ROUTES)
+
+
+# The states of ReplicationView.state; the current one reports 1, the others 0.
+REPLICATION_STATES = ("starting", "replicating", "failing", "restarting")
+
+
+class ReplicationCollector(Collector):
+    """The ledger's Litestream replication, read from its supervisor at scrape time."""
+
+    def __init__(self, view: Callable[[], ReplicationView]) -> None:
+        self.view = view
+
+    def collect(self) -> Iterator[Metric]:
+        replica = self.view()
+        state = GaugeMetricFamily(
+            "evomsgd_replication_state",
+            "1 for the replication's current state: starting, replicating, failing, restarting.",
+            labels=["state"],
+        )
+        for name in REPLICATION_STATES:
+            state.add_metric([name], 1 if name == replica.state else 0)
+        yield state
+        last = GaugeMetricFamily(
+            "evomsgd_replication_last_sync_timestamp_seconds",
+            "Unix time of the last successful upload to the replica (0 before the first).",
+        )
+        synced = replica.last_sync_at
+        at = 0.0 if synced is None else datetime.fromisoformat(synced.replace("Z", "+00:00"))
+        last.add_metric([], at if isinstance(at, float) else at.timestamp())
+        yield last
+        lag = GaugeMetricFamily(
+            "evomsgd_replication_lag_seconds",
+            "0 when the replica holds the newest local transaction, else seconds since the last "
+            "successful upload.",
+        )
+        lag.add_metric([], replica.lag_seconds or 0.0)
+        yield lag
+        restarts = CounterMetricFamily(
+            "evomsgd_replication_restarts", "Times Litestream died and was restarted."
+        )
+        restarts.add_metric([], replica.restarts)
+        yield restarts
+
+
+class CallbacksCollector(Collector):
+    """The callback outbox's gauges, read from the ledger at scrape time (off the event loop)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = ledger_callbacks.counts(self.store)
+            oldest = ledger_callbacks.oldest_pending(self.store)
+            endpoints = ledger_callbacks.endpoints(self.store, clock.now())
+        except StoreUnavailable as exc:
+            log.warning("metrics: %s", exc)
+            return
+        family = GaugeMetricFamily(
+            "evomsgd_callbacks",
+            "Callbacks in the outbox by state: sent, failed (given up, or 410 from a message's "
+            "own URL), pending (to be sent or retried).",
+            labels=["state"],
+        )
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family
+        age = GaugeMetricFamily(
+            "evomsgd_callbacks_oldest_pending_seconds",
+            "Age of the event of the oldest pending callback (0 when none waits).",
+        )
+        age.add_metric([], 0.0 if oldest is None else max(0.0, clock.now() - oldest))
+        yield age
+        disabled = GaugeMetricFamily(
+            "evomsgd_callback_endpoint_disabled",
+            "1 for a callback endpoint disabled by a 410 Gone (until an operator enables it).",
+            labels=["endpoint"],
+        )
+        for endpoint in endpoints:
+            disabled.add_metric([endpoint.name], 1 if endpoint.disabled_at else 0)
+        yield disabled

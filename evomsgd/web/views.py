@@ -6,14 +6,16 @@ from typing import Any
 
 from evomsgd import clock
 from evomsgd.evolution.outcomes import OutcomeKind
-from evomsgd.ledger.records import Message
+from evomsgd.ledger.records import CallbackRow, Endpoint, Message
 from evomsgd.models import (
     FINAL,
     NO_RECEIPTS,
     WAITING,
     Attempt,
+    CallbackView,
     Delivery,
     DeliveryView,
+    EndpointView,
     MediaView,
     Status,
     TaskList,
@@ -143,4 +145,42 @@ def delivery_view(msg: Message, *, no_receipts: bool = False) -> DeliveryView | 
         unconfirmed_at=at(msg.unconfirmed_at),
         error=msg.delivery_error,
         note=NO_RECEIPTS if no_receipts else None,
+    )
+
+
+def callback_view(row: CallbackRow) -> CallbackView:
+    """GET /callbacks: one outbox row (never its body: a relay's may carry an instance token)."""
+    at = clock.db_to_rfc3339
+    return CallbackView(
+        id=row.id,
+        webhook_id=row.webhook_id,
+        kind="relay" if row.kind == "relay" else "event",
+        type=row.type,
+        state="sent" if row.state == "sent" else ("failed" if row.state == "failed" else "pending"),
+        task_id=row.message_id,
+        instance=row.instance,
+        endpoint=row.endpoint,
+        occurred_at=at(row.occurred_at) or "",
+        attempts=row.attempts,
+        next_attempt_at=at(row.next_attempt_at) if row.state == "pending" else None,
+        last_attempt_at=at(row.last_attempt_at),
+        last_status=row.last_status,
+        last_error=row.last_error,
+        sent_at=at(row.sent_at),
+    )
+
+
+def endpoint_view(endpoint: Endpoint, pending: int) -> EndpointView:
+    """GET /callbacks/endpoints: an endpoint's health, never its secrets."""
+    at = clock.db_to_rfc3339
+    return EndpointView(
+        name=endpoint.name,
+        url=endpoint.url,
+        disabled_at=at(endpoint.disabled_at),
+        disabled_reason=endpoint.disabled_reason,
+        rotating=len(endpoint.secrets) > 1,
+        last_ok_at=at(endpoint.last_ok_at),
+        last_error_at=at(endpoint.last_error_at),
+        last_error=endpoint.last_error,
+        pending=pending,
     )

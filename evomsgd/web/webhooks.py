@@ -35,8 +35,9 @@ async def receive(request: web.Request) -> web.Response:
         # Neither the presented value nor the body is logged: either may be a secret.
         log.warning("refused a webhook from %s: missing or wrong secret", request.remote)
         raise ApiError(401, "unauthorized", BAD_SECRET)
-    payload = _decode(await _read_body(request))
-    outcome = await service.receive_webhook(payload)
+    raw = await _read_body(request)
+    payload = _decode(raw)
+    outcome = await service.receive_webhook(payload, raw, request.match_info.get("event"))
     return _json(WebhookAnswer(outcome=outcome))
 
 

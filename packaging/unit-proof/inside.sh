@@ -110,4 +110,31 @@ systemctl start evomsgd || fail "no start with ExecPaths= back"
 ok "without ExecPaths=/run/evomsgd the start fails; with it, it works"
 systemctl stop evomsgd
 
+# 9. Replication: Litestream, bound where the .deb puts it beside the binary (../lib/evomsgd/),
+#    runs as the daemon's child under the whole sandbox (DynamicUser, seccomp filter,
+#    MemoryDenyWriteExecute, its control socket in the RuntimeDirectory), is restarted when
+#    killed, and its replica restores.
+printf '[Service]\nEnvironment=EVOMSGD_REPLICA_URL=file:///var/lib/evomsgd/replica\n' \
+    > /run/systemd/system/evomsgd.service.d/proof.conf
+systemctl daemon-reload && systemctl start evomsgd || fail "start with a replica"
+health() { curl -s $API/health; }
+replicating() { health | grep -q '"state":"replicating"'; }
+wait_for 30 "replicating under the unit" replicating
+replicated=$(post "replicated")
+wait_for 20 "delivery of $replicated" sent "$replicated"
+in_sync() { health | grep -q '"lag_seconds":0.0'; }
+wait_for 30 "the replica to catch up" in_sync
+litestream=$(health | grep -o '"pid":[0-9]*' | cut -d: -f2)
+[ "$(cut -d' ' -f4 "/proc/$litestream/stat")" = "$(cut -d' ' -f1 "/proc/$(prop MainPID)/task/$(prop MainPID)/children")" ] \
+    || fail "litestream is not the daemon's child"
+kill -9 "$litestream"
+restarted() { health | grep -q '"restarts":1' && replicating; }
+wait_for 30 "litestream restarted" restarted
+journalctl -u evomsgd -o cat | grep -q "litestream exited with -9" || fail "its death was not logged"
+systemctl stop evomsgd
+/opt/evomsgd/evomsgd restore --from file:///var/lib/private/evomsgd/replica --data-dir /tmp/restored \
+    | grep -q "integrity ok" || fail "restore from the replica"
+ok "Litestream replicated under the sandbox as the daemon's child, restarted after kill -9; restored"
+rm /run/systemd/system/evomsgd.service.d/proof.conf && systemctl daemon-reload
+
 echo "ALL OK"

@@ -1,5 +1,5 @@
-// evomsgd dashboard: a client of the JSON API like any other (GET /health, /tasks, /stats/hourly;
-// POST /tasks/{id}/retry; DELETE /tasks/{id}). Everything is rendered with textContent, never
+// evomsgd dashboard: a client of the JSON API like any other (GET /health, /tasks, /stats/hourly,
+// /callbacks; POST /tasks/{id}/retry, /callbacks/endpoints/{name}/enable; DELETE /tasks/{id}). Everything is rendered with textContent, never
 // innerHTML: phone numbers and error texts come from clients and from Evolution.
 "use strict";
 
@@ -44,6 +44,7 @@
     previous: [], // cursors of newer pages, for "Newer"
     expanded: new Set(), // "list task-id": rows whose history is open, per table
     details: new Map(), // task id -> TaskView with history
+    callbacks: new Map(), // task id -> its callbacks (GET /callbacks?task_id=)
   };
 
   const $ = (id) => document.getElementById(id);
@@ -285,7 +286,7 @@
     const lanes = health.instances;
     $("lanes").replaceChildren(
       ...(lanes.length
-        ? lanes.map((lane) =>
+        ? lanes.flatMap((lane) => [
             el(
               "tr",
               { "data-instance": lane.instance },
@@ -295,7 +296,8 @@
               el("td", { class: "num" }, number.format(lane.in_flight)),
               laneTrouble(lane),
             ),
-          )
+            laneBudgets(lane),
+          ].filter(Boolean))
         : [el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No instance has queued a message yet."))]),
     );
 
@@ -318,6 +320,58 @@
       title += "\nrecovered " + localTime(lane.recovered_at);
     }
     return el("td", { class: "lane-history muted", title }, text);
+  }
+
+  // What keeps the number alive, per lane, in a row under it: today's sends against the cap, the
+  // warm-up day, new contacts against their budget, and when quiet hours end for the messages
+  // they hold. None for a lane without any of them.
+  function laneBudgets(lane) {
+    const lines = [];
+    if (lane.daily_cap !== null && lane.daily_cap !== undefined) {
+      let text = "sent " + number.format(lane.sent_today || 0) + " of " + number.format(lane.daily_cap);
+      if (lane.warmup_day) text += " · warm-up day " + lane.warmup_day + " of " + lane.warmup_days;
+      lines.push(budgetLine("budget-sends", text, lane.sent_today || 0, lane.daily_cap));
+    }
+    if (lane.new_contacts_per_day) {
+      const text = "new contacts " + number.format(lane.new_contacts_today || 0) + " of " + number.format(lane.new_contacts_per_day);
+      lines.push(budgetLine("budget-contacts", text, lane.new_contacts_today || 0, lane.new_contacts_per_day));
+    }
+    if (lane.quiet_hours) lines.push(quietLine(lane));
+    if (!lines.length) return null;
+    return el("tr", { class: "lane-budgets-row", "data-budgets": lane.instance }, el("td", { colspan: 5 }, el("div", { class: "lane-budgets" }, ...lines)));
+  }
+
+  function budgetLine(kind, text, used, cap) {
+    const full = used >= cap;
+    return el(
+      "div",
+      { class: "budget " + kind + (full ? " budget-full" : "") },
+      el("meter", { min: 0, max: cap, value: Math.min(used, cap), "aria-label": text }),
+      el("span", {}, text + (full ? " (used up)" : "")),
+    );
+  }
+
+  function quietLine(lane) {
+    const ends = lane.quiet_ends || [];
+    let title = "Normal-priority messages wait while it is " + lane.quiet_hours + " where their recipient lives";
+    let held = null;
+    if (ends.length) {
+      const first = ends[0];
+      let text = "· " + number.format(lane.quiet_held) + " held until " + zoneTime(first.until, first.zone) + " " + first.zone;
+      if (ends.length > 1) text += " (+" + (ends.length - 1) + " zones)";
+      held = el("span", { class: "quiet-held" }, text);
+      title += "\n" + ends.map((end) => end.held + " until " + zoneTime(end.until, end.zone) + " in " + end.zone + " (" + localTime(end.until) + " here)").join("\n");
+    }
+    return el("div", { class: "budget budget-quiet", title }, el("span", {}, "quiet hours " + lane.quiet_hours), held);
+  }
+
+  // A time as the clocks read it in an IANA zone: "08:00" in America/Mexico_City.
+  function zoneTime(iso, zone) {
+    try {
+      return new Intl.DateTimeFormat([], { hour: "2-digit", minute: "2-digit", hourCycle: "h23", timeZone: zone }).format(new Date(iso));
+    } catch (_) {
+      return localTime(iso); // a zone this browser does not know
+    }
   }
 
   function renderChart(stats) {
@@ -503,6 +557,8 @@
         ),
       );
       if (!task.history.length) cell.append(el("p", { class: "muted" }, "No attempt yet."));
+      const callbacks = state.callbacks.get(taskId) || [];
+      if (callbacks.length) cell.append(callbackList(callbacks));
     }
     return el("tr", { class: "details", "data-details-for": taskId }, cell);
   }
@@ -586,6 +642,8 @@
   async function loadDetails(taskId) {
     try {
       state.details.set(taskId, await api("GET", "/tasks/" + encodeURIComponent(taskId)));
+      const page = await api("GET", "/callbacks?task_id=" + encodeURIComponent(taskId));
+      state.callbacks.set(taskId, page.callbacks.slice().reverse()); // oldest first, as history
     } catch (err) {
       for (const key of state.expanded) if (key.endsWith(" " + taskId)) state.expanded.delete(key);
       toast(err.message, true);
@@ -603,6 +661,61 @@
       row.setAttribute("aria-expanded", String(open));
       if (open) row.after(detailRow(taskId));
     }
+  }
+
+  // -- callbacks ----------------------------------------------------------------------------
+
+  const CALLBACK_KIND = { sent: "success", pending: "pending", failed: "failure" };
+
+  // A message's callbacks under its history: each event, its state, tries and the last answer.
+  function callbackList(callbacks) {
+    return el(
+      "div",
+      { class: "callbacks" },
+      el("h4", {}, "Callbacks"),
+      el(
+        "ol",
+        { class: "history callback-list" },
+        ...callbacks.map((cb) =>
+          el(
+            "li",
+            { "data-callback-id": String(cb.id), "data-state": cb.state },
+            el("span", { class: "strong" }, cb.type),
+            pill(cb.state, CALLBACK_KIND[cb.state]),
+            el("span", { class: "muted" }, cb.attempts + (cb.attempts === 1 ? " try" : " tries") + " to " + (cb.endpoint || "relay")),
+            cb.last_status ? el("span", { class: "muted" }, "HTTP " + cb.last_status) : "",
+            cb.last_error ? el("span", { class: "history-detail" }, cb.last_error) : "",
+            cb.state === "pending" && cb.next_attempt_at ? el("span", { class: "muted" }, "next " + localTime(cb.next_attempt_at)) : "",
+          ),
+        ),
+      ),
+    );
+  }
+
+  // Each endpoint's health; the panel shows only once there is an endpoint.
+  async function loadEndpoints() {
+    const body = await api("GET", "/callbacks/endpoints");
+    $("callbacks-panel").hidden = body.endpoints.length === 0;
+    $("endpoints").replaceChildren(
+      ...body.endpoints.map((ep) => {
+        const enable = el("button", { type: "button", class: "btn btn-ghost", "data-action": "enable" }, "Enable");
+        enable.addEventListener("click", () => enableEndpoint(ep.name));
+        return el(
+          "tr",
+          { "data-endpoint": ep.name, "data-disabled": ep.disabled_at ? "1" : "0" },
+          el("td", { class: "strong" }, ep.name),
+          el("td", {}, ep.disabled_at ? pill("disabled", "failure") : pill(ep.rotating ? "rotating" : "enabled", "ok")),
+          el("td", { class: "num" }, String(ep.pending)),
+          el("td", {}, ep.last_ok_at ? ago(ep.last_ok_at) : "-"),
+          el("td", { class: "history-detail" }, ep.disabled_reason || ep.last_error || ""),
+          el("td", {}, ep.disabled_at ? enable : ""),
+        );
+      }),
+    );
+  }
+
+  async function enableEndpoint(name) {
+    await act(() => api("POST", "/callbacks/endpoints/" + encodeURIComponent(name) + "/enable"), "Endpoint " + name + " enabled");
   }
 
   // -- loading ------------------------------------------------------------------------------
@@ -649,7 +762,7 @@
   }
 
   async function refreshOnce() {
-    const [health, hourly] = await Promise.all([api("GET", "/health", [503]), api("GET", "/stats/hourly?hours=24"), loadAttention()]);
+    const [health, hourly] = await Promise.all([api("GET", "/health", [503]), api("GET", "/stats/hourly?hours=24"), loadAttention(), loadEndpoints()]);
     renderHealth(health);
     renderChart(hourly);
     // An operator reading an older page keeps it; the newest page follows new messages.

@@ -32,7 +32,7 @@ from evomsgd.ledger.records import InsertResult, Message, NewMessage
 from evomsgd.ledger.store import Store
 from evomsgd.ledger.tokens import TokenCache
 from evomsgd.service import Service, created_per_instance
-from evomsgd.web import api, dashboard, errors, guards, metrics, openapi, views, webhooks
+from evomsgd.web import api, dashboard, errors, forms, guards, metrics, openapi, views, webhooks
 from evomsgd.web import callbacks as web_callbacks
 
 log = logging.getLogger("evomsgd.app")
@@ -45,7 +45,7 @@ CALLBACKS = web.AppKey("callbacks", CallbackSender)
 HEALTH_CHECK_EVERY = 10.0
 
 # The body limit doubles as a guard: a request larger than this is refused with 413 unread.
-MAX_BODY = 64 * 1024
+MAX_BODY = forms.MAX_TEXT_BODY  # a media request raises its own (web/forms.py)
 
 
 def create_app(

@@ -485,6 +485,35 @@ class Settings(BaseModel):
             )
         return value
 
+    # -- media (issue 16) --
+    max_media_bytes: int = _env(
+        "EVOMSGD_MAX_MEDIA_BYTES",
+        default=16 * 1024 * 1024,
+        ge=1,
+        le=100 * 1024 * 1024,
+        description="Largest media file accepted, in bytes (413 above it); WhatsApp's own limits "
+        "per type are in the README.",
+    )
+    media_fetch: bool = _env(
+        "EVOMSGD_MEDIA_FETCH",
+        default=False,
+        description="Download url media when accepting the message and store it (for links that "
+        "expire), as if every request said fetch: true.",
+    )
+    media_fetch_allowed: tuple[str, ...] = _env(
+        "EVOMSGD_MEDIA_FETCH_ALLOWED",
+        default=(),
+        description="Comma-separated URL prefixes (https://files.example.com/) evomsgd may "
+        "download media from; empty: no fetching.",
+    )
+    media_fetch_timeout: float = _env(
+        "EVOMSGD_MEDIA_FETCH_TIMEOUT",
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Seconds a media download may take, in all.",
+    )
+
     @field_validator("evolution_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
@@ -522,6 +551,17 @@ class Settings(BaseModel):
     @classmethod
     def _zone(cls, value: str) -> str:
         return check_timezone(value) or ""
+
+    @field_validator("media_fetch_allowed", mode="before")
+    @classmethod
+    def _fetch_prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            return value
+        for prefix in value:
+            egress.parse(str(prefix))  # UrlError is a ValueError: pydantic names the setting
+        return tuple(str(prefix).strip() for prefix in value)
 
     @field_validator("default_region")
     @classmethod

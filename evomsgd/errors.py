@@ -68,6 +68,12 @@ class InvalidInput(DomainError):
         self.details = details
 
 
+class TooLarge(DomainError):
+    """A media file over EVOMSGD_MAX_MEDIA_BYTES (HTTP 413)."""
+
+    code = "media_too_large"
+
+
 class Backpressure(DomainError):
     """Accepting now would queue more than an instance can send in time; retry after a while."""
 

@@ -14,6 +14,8 @@ from pydantic import (
     model_serializer,
 )
 
+from evomsgd.media import MediaKind
+
 
 class Status(StrEnum):
     """A message's state in the ledger; the first five are the old Celery stack's names."""
@@ -69,19 +71,61 @@ DELIVERY_AT: dict[Delivery, str] = {
 }
 
 
+class MediaIn(BaseModel):
+    """`media` of POST /messages: a file by `url` or `base64` (multipart: the `file` part)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: MediaKind = Field(
+        description="What WhatsApp shows it as; audio goes as a file, not a voice note."
+    )
+    url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2084,
+        description="An http(s) URL Evolution downloads (or evomsgd, with fetch).",
+    )
+    base64: str | None = Field(
+        None, min_length=1, description="The file's bytes in standard base64, no data: prefix."
+    )
+    filename: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^\x00-\x1f/\\]+$",
+        description="File name shown to the recipient; derived from the mimetype when absent.",
+    )
+    mimetype: str | None = Field(
+        None,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9][\w.+-]*/[\w.+-]+$",
+        description="Detected from the bytes (or the file name) when absent.",
+    )
+    caption: str | None = Field(
+        None, min_length=1, description="Text under the media; `message` when absent."
+    )
+    fetch: bool | None = Field(
+        None,
+        description="url only: evomsgd downloads and stores the file when accepting the message "
+        "(for links that expire); default EVOMSGD_MEDIA_FETCH.",
+    )
+
+
 class SendRequest(BaseModel):
     """Body of POST /messages; unknown fields are ignored so old clients keep working."""
 
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={
+            # `message` may be left out only when `media` is there (its caption).
+            "anyOf": [{"required": ["message"]}, {"required": ["media"]}],
             "examples": [
                 {
                     "phone": "+5215512345678",
                     "message": "Hola Carlos",
                     "instance_name": "mi_instancia",
                 }
-            ]
+            ],
         },
     )
 
@@ -91,8 +135,11 @@ class SendRequest(BaseModel):
         description="International number (+5215512345678), a local number when EVOMSGD_DEFAULT_REGION "
         "is set, or a WhatsApp JID (...@s.whatsapp.net, ...@g.us, ...@lid).",
     )
-    message: str = Field(
-        min_length=1, description="Text to send (at most EVOMSGD_MAX_TEXT_LENGTH characters)."
+    message: str | None = Field(
+        None,
+        min_length=1,
+        description="Text to send (at most EVOMSGD_MAX_TEXT_LENGTH characters); required unless "
+        "`media` is given, then it is the caption.",
     )
     instance_name: str | None = Field(
         None,
@@ -121,6 +168,9 @@ class SendRequest(BaseModel):
         max_length=2048,
         description="Where this message's signed status callbacks go, instead of its token's or "
         "the default endpoint; only a URL under EVOMSGD_CALLBACK_ALLOWED (else 422).",
+    )
+    media: MediaIn | None = Field(
+        None, description="A document, image, video or audio file to send (see MediaIn)."
     )
 
 
@@ -226,6 +276,21 @@ class DeliveryView(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class MediaView(BaseModel):
+    """A task's media: what was (or will be) sent, and where to get the stored file."""
+
+    type: str = Field(description="image, document, video or audio.")
+    filename: str | None = Field(description="The file name sent to Evolution.")
+    mimetype: str | None = Field(description="The mimetype sent to Evolution.")
+    size: int | None = Field(description="Bytes of the stored file; null for a url medium.")
+    sha256: str | None = Field(description="The stored file's SHA-256 (its name on disk).")
+    url: str | None = Field(description="A url medium passed to Evolution (not stored).")
+    download: str | None = Field(
+        description="GET this path, with the same token, for the stored file; null for a url "
+        "medium."
+    )
+
+
 class TaskView(BaseModel):
     """GET /tasks/{task_id}: the Celery-compatible trio plus the ledger's columns."""
 
@@ -254,6 +319,9 @@ class TaskView(BaseModel):
         "sandbox mode, and for messages sent before receipts existed.",
     )
     history: list[Attempt]
+    media: MediaView | None = Field(
+        None, description="The message's document, image, video or audio; null for a text."
+    )
 
 
 class TaskList(BaseModel):

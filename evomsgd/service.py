@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -10,11 +11,13 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from evomsgd import __version__, clock, egress, ids
 from evomsgd.config import Settings
+from evomsgd.engine import fetch
 from evomsgd.engine.dispatcher import Dispatcher
 from evomsgd.engine.jobs import Finished, Job
 from evomsgd.engine.lanes import BLOCKING
@@ -26,9 +29,11 @@ from evomsgd.errors import (
     NotFound,
     ShuttingDown,
     StoreUnavailable,
+    TooLarge,
 )
 from evomsgd.ledger import callbacks as ledger_callbacks
 from evomsgd.ledger.commit import GroupCommitter
+from evomsgd.ledger.media import MediaFiles, Stored
 from evomsgd.ledger.receipts import silent_instances
 from evomsgd.ledger.records import (
     CallbackRow,
@@ -36,11 +41,21 @@ from evomsgd.ledger.records import (
     Event,
     InsertResult,
     ListFilter,
+    MediaRef,
     Message,
     NewMessage,
 )
 from evomsgd.ledger.store import Store
-from evomsgd.models import WAITING, HealthView, LaneView, ReplicationView, SendRequest
+from evomsgd.media import (
+    DEFAULT_STEM,
+    Checked,
+    MediaError,
+    extension_of,
+    from_base64,
+    mimetype_of,
+)
+from evomsgd.media import check as check_media
+from evomsgd.models import WAITING, HealthView, LaneView, MediaIn, ReplicationView, SendRequest
 from evomsgd.phone import PhoneError, normalize
 
 # An event name Evolution puts in a by-event webhook path (messages-update): one plain segment.
@@ -89,21 +104,31 @@ class Service:
         *,
         idempotency_key: str | None = None,
         token_name: str | None = None,
+        upload: bool = False,
         token_callback: bool = False,
     ) -> NewMessage:
         """Validate what pydantic cannot (config-dependent rules) and prepare the ledger row;
-        `token_callback`: the token has its own callback endpoint."""
+        `token_callback`: the token has its own callback endpoint.
+
+        Media bytes (base64, a multipart `upload`, a fetched URL) are checked and stored by
+        `store_media`, which the caller awaits next."""
         problems: list[dict[str, Any]] = []
         callback_to = self._callback_to(req, token_name, token_callback, problems)
-        if len(req.message) > self.settings.max_text_length:
+        text = req.message
+        media: MediaRef | None = None
+        if req.media is not None:
+            text, media = self._media_rules(req, req.media, upload, problems)
+        elif text is None:
+            problems.append({"field": "message", "message": "Field required"})
+        if text is not None and len(text) > self.settings.max_text_length:
             problems.append(
                 {
                     "field": "message",
-                    "message": f"is {len(req.message)} characters; at most {self.settings.max_text_length} "
+                    "message": f"is {len(text)} characters; at most {self.settings.max_text_length} "
                     "are accepted (EVOMSGD_MAX_TEXT_LENGTH)",
                 }
             )
-        if not req.message.strip():
+        if text is not None and not text.strip() and req.media is None:
             problems.append(
                 {"field": "message", "message": "is blank; WhatsApp cannot send an empty text"}
             )
@@ -140,24 +165,16 @@ class Service:
             )
         if problems:
             raise InvalidInput(problems)
-        assert recipient is not None and instance is not None
+        assert recipient is not None and instance is not None and text is not None
         request_hash = None
         if idempotency_key is not None:
-            canonical = req.model_dump(mode="json", exclude_none=True)
-            canonical["instance_name"] = instance
-            canonical["phone"] = recipient.number
-            canonical.pop(
-                "expires_in", None
-            )  # relative: the same retry a second later is the same request
-            request_hash = hashlib.sha256(
-                json.dumps(canonical, sort_keys=True).encode()
-            ).hexdigest()
+            request_hash = _fingerprint(req, instance, recipient.number, None)
         return NewMessage(
             id=ids.task_id(now),
             instance=instance,
             phone=recipient.number,
             phone_input=req.phone,
-            text=req.message,
+            text=text,
             priority=1 if req.priority == "high" else 0,
             created_at=now,
             send_at=send_at,
@@ -170,7 +187,130 @@ class Service:
             token_name=token_name,
             callback_to=callback_to,
             callback_url=req.callback_url if callback_to else None,
+            media=media,
         )
+
+    def _media_rules(
+        self,
+        req: SendRequest,
+        media: MediaIn,
+        upload: bool,
+        problems: list[dict[str, Any]],
+    ) -> tuple[str, MediaRef | None]:
+        """The caption and the media as far as they can be checked without the bytes."""
+        if req.message is not None and media.caption is not None and req.message != media.caption:
+            problems.append(
+                {
+                    "field": "media.caption",
+                    "message": "differs from message - give the caption in one of them",
+                }
+            )
+        caption = media.caption or req.message or ""
+        sources = [name for name, given in (("url", media.url), ("base64", media.base64)) if given]
+        if upload:
+            sources.append("file")
+        if len(sources) != 1:
+            problems.append(
+                {
+                    "field": "media",
+                    "message": "needs exactly one of url or base64 (or a multipart file part), "
+                    f"got {' and '.join(sources) or 'none'}",
+                }
+            )
+            return caption, None
+        fetching = self.settings.media_fetch if media.fetch is None else media.fetch
+        if media.fetch and media.url is None:
+            problems.append({"field": "media.fetch", "message": "applies only to url media"})
+        if media.url is None:
+            return caption, MediaRef(media.type, media.mimetype, media.filename)
+        try:
+            parts = egress.parse(media.url)
+            if fetching:
+                egress.check(media.url, self.settings.media_fetch_allowed, fetch.SETTING)
+        except egress.UrlError as exc:
+            problems.append({"field": "media.url", "message": str(exc)})
+            return caption, None
+        if fetching:
+            return caption, MediaRef(media.type, media.mimetype, media.filename)
+        host = parts.hostname or ""
+        if "." not in host and ":" not in host:
+            # Evolution's isURL wants a dotted host name or an IP: anything else is its 400.
+            problems.append(
+                {
+                    "field": "media.url",
+                    "message": f"has the host {host!r}: Evolution downloads only from a dotted "
+                    "host name or an IP address - use one, or fetch: true to have evomsgd "
+                    "download it",
+                }
+            )
+            return caption, None
+        filename = media.filename or PurePosixPath(unquote(parts.path)).name or None
+        mimetype = media.mimetype or (mimetype_of(filename) if filename else None)
+        if filename is None:
+            filename = DEFAULT_STEM[media.type] + (extension_of(mimetype or "") or "")
+        return caption, MediaRef(media.type, mimetype, filename, url=media.url)
+
+    async def store_media(
+        self, new: NewMessage, req: SendRequest, upload: bytes | None = None
+    ) -> NewMessage:
+        """Check the media's bytes (base64, the multipart `upload`, or downloaded) and store
+        them durably; the message to accept. 413 over EVOMSGD_MAX_MEDIA_BYTES, 422 when the
+        bytes are not what the request says."""
+        ref, media = new.media, req.media
+        if ref is None or media is None or ref.url is not None:
+            return new  # a text, or a URL Evolution downloads itself: no bytes here
+        limit = self.settings.max_media_bytes
+        if upload is not None:
+            data = upload
+        elif media.base64 is not None:
+            # base64 is 4 characters per 3 bytes: refuse before decoding what cannot fit.
+            padding = min(2, len(media.base64) - len(media.base64.rstrip("=")))
+            if (size := len(media.base64) // 4 * 3 - padding) > limit:
+                raise _too_large(size, limit)
+            data = await asyncio.to_thread(_decode_base64, media.base64)
+        else:
+            assert media.url is not None
+            try:
+                data = await fetch.fetch(
+                    media.url,
+                    self.settings.media_fetch_allowed,
+                    limit=limit,
+                    timeout=self.settings.media_fetch_timeout,
+                )
+            except fetch.FetchTooLarge as exc:
+                raise TooLarge(
+                    f"media: {exc}; at most {limit} bytes are accepted (EVOMSGD_MAX_MEDIA_BYTES)"
+                ) from None
+            except fetch.FetchError as exc:
+                raise InvalidInput([{"field": "media.url", "message": str(exc)}]) from None
+        if len(data) > limit:
+            raise _too_large(len(data), limit)
+        filename = ref.filename
+        if filename is None and media.url is not None:
+            filename = PurePosixPath(unquote(urlsplit(media.url).path)).name or None
+        files = self.media_files
+
+        def check_and_store() -> tuple[Checked, Stored]:
+            checked = check_media(ref.kind, data, mimetype=ref.mimetype, filename=filename)
+            return checked, files.put(data)
+
+        try:
+            checked, stored = await asyncio.to_thread(check_and_store)
+        except MediaError as exc:
+            raise InvalidInput([{"field": exc.field, "message": str(exc)}]) from None
+        except OSError as exc:
+            raise StoreUnavailable(f"media not stored: {exc}", retry_after=5) from exc
+        new.media = MediaRef(
+            ref.kind, checked.mimetype, checked.filename, stored.sha256, stored.size
+        )
+        if new.request_hash is not None:
+            new.request_hash = _fingerprint(req, new.instance, new.phone, stored.sha256)
+        return new
+
+    @functools.cached_property
+    def media_files(self) -> MediaFiles:
+        """The media files beside the ledger."""
+        return MediaFiles(self.data_dir)
 
     def _callback_to(
         self,
@@ -332,6 +472,26 @@ class Service:
                 [self._view(msg, None, silent) for msg in rows],
                 str(rows[-1].seq) if more and rows else None,
             )
+
+        return await asyncio.to_thread(run)
+
+    async def media_file(self, message_id: str) -> tuple[Path, MediaRef]:
+        """Where a task's stored media file is, with what it is; NotFound when the task has
+        none (a text, a url medium) or the file is gone."""
+
+        def run() -> tuple[Path, MediaRef]:
+            msg = self.store.get(message_id)
+            if msg is None:
+                raise NotFound(f"no task with id {message_id!r}")
+            media = msg.media
+            if media is None or media.sha256 is None:
+                raise NotFound(f"task {message_id} has no stored media file")
+            path = self.media_files.path(media.sha256)
+            if not path.is_file():
+                raise NotFound(
+                    f"the media file of task {message_id} is no longer in the data directory"
+                )
+            return path, media
 
         return await asyncio.to_thread(run)
 
@@ -569,3 +729,40 @@ def replica_problem(replica: ReplicationView) -> str:
     lag = "" if replica.lag_seconds is None else f", {replica.lag_seconds:g}s behind"
     why = f": {replica.last_error}" if replica.last_error else ""
     return f"replication to {replica.replica} is {replica.state}{lag}{why}"
+
+
+def _fingerprint(req: SendRequest, instance: str, phone: str, media_sha256: str | None) -> str:
+    """The idempotency fingerprint of a request: the same key with a different body (the media's
+    bytes included, by their hash) is a conflict."""
+    canonical = req.model_dump(mode="json", exclude_none=True, exclude={"media"})
+    canonical["instance_name"] = instance
+    canonical["phone"] = phone
+    canonical.pop("expires_in", None)  # relative: the same retry a second later is the same request
+    if req.media is not None:
+        described = req.media.model_dump(mode="json", exclude_none=True, exclude={"base64"})
+        if media_sha256 is not None:
+            described["sha256"] = media_sha256
+        canonical["media"] = described
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def _decode_base64(value: str) -> bytes:
+    """Standard base64 (Evolution's rule: no data: prefix, no line breaks); 422 otherwise."""
+    try:
+        return from_base64(value)
+    except ValueError:
+        raise InvalidInput(
+            [
+                {
+                    "field": "media.base64",
+                    "message": "is not standard base64 (A-Z a-z 0-9 + /, = padding, no data: "
+                    "prefix, no line breaks)",
+                }
+            ]
+        ) from None
+
+
+def _too_large(size: int, limit: int) -> TooLarge:
+    return TooLarge(
+        f"media is {size} bytes; at most {limit} are accepted (EVOMSGD_MAX_MEDIA_BYTES)"
+    )

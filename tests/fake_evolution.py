@@ -87,6 +87,15 @@ class Fault(enum.StrEnum):
     GATEWAY_TIMEOUT = "gateway_timeout"  # 504 from a proxy (HTML)
     HANG = "hang"  # delivered, then no answer until release() or hang_seconds; then 201
     DROP = "drop"  # delivered, then the connection is closed without an answer
+    # sendMedia (shared/evolution-api.md, Send media)
+    MEDIA_SCHEMA = "media_schema"  # 400 [['instance requires property "mediatype"']] (v2)
+    V1_MEDIA_SCHEMA = "v1_media_schema"  # 400 [['... "mediaMessage"']] (a v1 server)
+    MEDIA_NULL_CAPTION = "media_null_caption"  # 400 [["caption is not of a type(s) string"]]
+    V1_EMPTY_CAPTION = "v1_empty_caption"  # 400 [['The "caption" cannot be empty']] (v1)
+    MEDIA_NOT_URL_OR_BASE64 = "media_not_url_or_base64"  # 400 ["Owned media must be ..."]
+    MEDIA_NO_FILENAME = "media_no_filename"  # 400 ["For base64 the file name must be informed."]
+    MEDIA_UPLOAD_FAILED = "media_upload_failed"  # 500 ["Error: Media upload failed on all hosts"]
+    MEDIA_NOT_PAIRED = "media_not_paired"  # 500 [... (reading 'waUploadToServer')]
 
 
 # Faults after which WhatsApp has the message, whatever the client was told.
@@ -141,6 +150,8 @@ class ReceivedSend:
     delivered: bool = False
     key_id: str | None = None
     delay: int | None = None  # the `delay` asked for (ms): "typing..." shown that long first
+    # sendMedia: mediatype, mimetype, media, fileName, caption as sent (v1: mediaMessage's)
+    media: dict[str, Any] | None = None
 
 
 @dataclass
@@ -246,10 +257,11 @@ class FakeEvolution:
 
     async def start(self) -> None:
         """Listen on host:port (port 0 picks a free one, kept across go_down/go_up)."""
-        app = web.Application()
+        app = web.Application(client_max_size=_MAX_JSON)
         for method, path, handler in (
             ("GET", "/", self._root),
             ("POST", "/message/sendText/{instance}", self._send_text),
+            ("POST", "/message/sendMedia/{instance}", self._send_media),
             ("GET", "/instance/connectionState/{instance}", self._connection_state),
             ("POST", "/webhook/set/{instance}", self._webhook_set),
             ("GET", "/webhook/find/{instance}", self._webhook_find),
@@ -561,6 +573,78 @@ class FakeEvolution:
             self.sends_in_progress -= 1
             await self._notify()
 
+    async def _send_media(self, request: web.Request) -> web.StreamResponse:
+        """POST /message/sendMedia: recorded like a text, `text` the caption."""
+        arrived = time.monotonic()
+        raw = await request.read()
+        body: Any = None
+        malformed: str | None = None
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError as exc:
+            malformed = str(exc)
+        media: dict[str, Any] = {}
+        number = None
+        if isinstance(body, dict):
+            number = body.get("number") if isinstance(body.get("number"), str) else None
+            inner = body.get("mediaMessage") if self.api_version == 1 else body
+            if isinstance(inner, dict):
+                media = {
+                    k: inner[k]
+                    for k in ("mediatype", "mimetype", "media", "fileName", "caption")
+                    if k in inner
+                }
+        caption = media.get("caption")
+        record = ReceivedSend(
+            at=arrived,
+            instance=request.match_info["instance"],
+            number=number,
+            text=caption if isinstance(caption, str) else None,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+            fault=Fault.OK,
+            media=media,
+        )
+        self.received.append(record)
+        self.sends_in_progress += 1
+        try:
+            return await self._answer(request, record, malformed)
+        finally:
+            self.sends_in_progress -= 1
+            await self._notify()
+
+    def _choose_media(self, inst: Instance, record: ReceivedSend) -> Fault:
+        """sendMedia's own checks, in the real server's order: schema, then the controller's
+        url-or-base64 and file-name rules, then the upload (which needs a paired instance)."""
+        body, media = record.body, record.media or {}
+        if self.api_version == 1:
+            if not isinstance(body, dict) or not isinstance(body.get("mediaMessage"), dict):
+                return Fault.V1_MEDIA_SCHEMA
+            if "caption" in media and media["caption"] in ("", None):
+                return Fault.V1_EMPTY_CAPTION
+        else:
+            if not isinstance(body, dict) or media.get("mediatype") not in _MEDIA_TYPES:
+                return Fault.MEDIA_SCHEMA
+            if "caption" in media and not isinstance(media["caption"], str):
+                return Fault.MEDIA_NULL_CAPTION
+        if record.number is None:
+            return Fault.MEDIA_SCHEMA if self.api_version == 2 else Fault.V1_MEDIA_SCHEMA
+        source = media.get("media")
+        is_url = isinstance(source, str) and _is_url(source)
+        if not isinstance(source, str) or not (is_url or _is_base64(source)):
+            return Fault.MEDIA_NOT_URL_OR_BASE64
+        if media.get("mediatype") == "document" and not is_url and not media.get("fileName"):
+            return Fault.MEDIA_NO_FILENAME
+        if inst.state == "close":
+            return Fault.MEDIA_NOT_PAIRED
+        if inst.state == "connecting":
+            return Fault.MEDIA_UPLOAD_FAILED
+        if _norm(record.number) in self.not_on_whatsapp:
+            return Fault.NOT_ON_WHATSAPP
+        if self.default_fault is Fault.OK and inst.integration == "EVOLUTION":
+            return Fault.OK_MINIMAL
+        return self.default_fault
+
     def _fields(self, body: Any) -> tuple[str | None, str | None]:
         if not isinstance(body, dict):
             return None, None
@@ -803,6 +887,16 @@ class FakeEvolution:
         minimal = fault is Fault.OK_MINIMAL  # the EVOLUTION channel's row, as its 201
         record.key_id = record.key_id or _new_key(fault)
         number = record.number or ""
+        kind, body = "conversation", {"conversation": record.text or ""}
+        if record.media is not None:  # sendMedia: the caption inside the media's own message
+            kind = f"{record.media.get('mediatype')}Message"
+            shown = {
+                "mimetype": record.media.get("mimetype"),
+                "fileName": record.media.get("fileName"),
+            }
+            if record.text:
+                shown["caption"] = record.text
+            body = {kind: shown}
         self.stored.append(
             {
                 "id": "cm" + secrets.token_hex(12),
@@ -812,8 +906,8 @@ class FakeEvolution:
                     "remoteJid": number if minimal else _jid(number),
                 },
                 "pushName": None if minimal else "Você",
-                "messageType": "conversation",
-                "message": {"conversation": record.text or ""},
+                "messageType": kind,
+                "message": body,
                 "messageTimestamp": int(time.time()),
                 "instanceId": inst.instance_id,
                 "source": "unknown" if minimal else "web",
@@ -863,6 +957,8 @@ class FakeEvolution:
             queue = self._scripts.get(queue_key)
             if queue:
                 return queue.popleft()
+        if record.media is not None:
+            return self._choose_media(inst, record)
         body, number, text = record.body, record.number, record.text
         if not isinstance(body, dict):
             return Fault.V1_SCHEMA if self.api_version == 1 else Fault.SCHEMA
@@ -926,6 +1022,21 @@ class FakeEvolution:
             }
         record.key_id = record.key_id or _new_key(fault)
         key = {"remoteJid": _jid(number), "fromMe": True, "id": record.key_id}
+        if record.media is not None:
+            kind = f"{record.media.get('mediatype')}Message"
+            shown = {"caption": text, "mimetype": record.media.get("mimetype")}
+            if "fileName" in record.media:
+                shown["fileName"] = record.media["fileName"]
+            return {
+                "key": key,
+                "pushName": "Você",
+                "status": "PENDING",
+                "message": {kind: shown},
+                "messageType": kind,
+                "messageTimestamp": str(now) if self.api_version == 1 else now,
+                "instanceId": inst.instance_id,
+                "source": "web",
+            }
         if self.api_version == 1:
             return {
                 "key": key,
@@ -1033,7 +1144,38 @@ _FAULT_BODIES: dict[Fault, tuple[int, Any, str | None]] = {
     Fault.CONNECTION_CLOSED_500: (500, "Connection Closed", None),
     Fault.TIMED_OUT_500: (500, "Timed Out", None),
     Fault.SERVER_ERROR: (500, "Something went wrong", None),
+    Fault.MEDIA_SCHEMA: (400, [['instance requires property "mediatype"']], None),
+    Fault.V1_MEDIA_SCHEMA: (400, [['instance requires property "mediaMessage"']], None),
+    Fault.MEDIA_NULL_CAPTION: (400, [["caption is not of a type(s) string"]], None),
+    Fault.V1_EMPTY_CAPTION: (400, [['The "caption" cannot be empty']], None),
+    Fault.MEDIA_NOT_URL_OR_BASE64: (400, ["Owned media must be a url or base64"], None),
+    Fault.MEDIA_NO_FILENAME: (400, ["For base64 the file name must be informed."], None),
+    Fault.MEDIA_UPLOAD_FAILED: (500, ["Error: Media upload failed on all hosts"], None),
+    Fault.MEDIA_NOT_PAIRED: (
+        500,
+        ["TypeError: Cannot read properties of undefined (reading 'waUploadToServer')"],
+        None,
+    ),
 }
+
+# sendMedia's `mediatype` values, and the real server's JSON body limit (main.ts:62-63).
+_MEDIA_TYPES = ("image", "document", "video", "audio")
+_MAX_JSON = 136 * 1024 * 1024
+_BASE64 = re.compile(r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
+
+
+def _is_url(value: str) -> bool:
+    """class-validator's isURL with its defaults, as far as evomsgd can meet it: http, https or
+    ftp, a dotted host name or an IP, at most 2084 characters."""
+    if len(value) > 2084:
+        return False
+    match = re.match(r"^(?:https?|ftp)://([^/:?#]+|\[[0-9a-fA-F:]+\])(?::\d+)?(?:[/?#]|$)", value)
+    return match is not None and ("." in match.group(1) or ":" in match.group(1))
+
+
+def _is_base64(value: str) -> bool:
+    """validator's isBase64: the standard alphabet, length a multiple of 4, no line breaks."""
+    return bool(value) and len(value) % 4 == 0 and _BASE64.match(value) is not None
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ unit that starts it (systemd-analyze verify).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import json
@@ -715,3 +716,26 @@ def test_quiet_hours_know_the_zones_without_the_systems_zoneinfo(
         )
     finally:
         assert daemon.terminate() == 0
+
+
+def test_the_binary_checks_and_sends_media(binary: Path, fake: FakeProcess, tmp_path: Path) -> None:
+    """Issue 16: the frozen binary carries the type sniffing (filetype) and sends sendMedia."""
+    pdf = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
+    daemon = Daemon(binary, tmp_path, "media", **evolution_env(fake.url))
+    media = {"type": "document", "base64": base64.b64encode(pdf).decode()}
+    status, body, _ = http(daemon.url + "/messages", "POST", {"phone": PHONE, "media": media})
+    assert status == 202, body
+    task_id = json.loads(body)["task_id"]
+    elf = {
+        "type": "document",
+        "base64": base64.b64encode(b"\x7fELF\x02\x01\x01" + bytes(60)).decode(),
+    }
+    status, body, _ = http(daemon.url + "/messages", "POST", {"phone": PHONE, "media": elf})
+    assert status == 422 and b"is a program (application/x-executable)" in body
+    daemon.wait_all([task_id])
+    [sent] = [r for r in fake.received() if r["delivered"]]
+    assert (sent["media"]["fileName"], sent["media"]["mimetype"]) == (
+        "document.pdf",
+        "application/pdf",
+    )
+    assert daemon.terminate() == 0

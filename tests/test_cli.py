@@ -4,6 +4,7 @@ thread (exact output), and end-to-end as real processes against a real sandbox d
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -844,8 +845,39 @@ def test_purge_dry_run_counts_and_changes_nothing(app: ServedApp) -> None:
         "would remove 1 history events of those messages\n"
         "kept every message text (EVOMSGD_ERASE_TEXT_DAYS is not set)\n"
         "would remove 0 expired idempotency keys\n"
+        "would remove 0 media files no message uses (0.0 MB to free)\n"
         "dry run: nothing was changed (ledger N MB)\n"
     )
     with sqlite3.connect(app.data_dir / LEDGER_FILE) as conn:
         assert conn.execute("SELECT count(*) FROM messages").fetchone() == (1,)
     conn.close()
+
+
+def test_tasks_show_names_a_tasks_media(app: ServedApp) -> None:
+    """Issue 16: the type, file name, mimetype and size of a media message."""
+    pdf = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
+    body = {
+        "phone": "+5215512345678",
+        "message": "Your invoice",
+        "media": {
+            "type": "document",
+            "base64": base64.b64encode(pdf).decode(),
+            "filename": "invoice-1042.pdf",
+        },
+    }
+    reply = DaemonClient(app.url, None).request(
+        "POST", "/messages", body, {"Content-Type": "application/json"}
+    )
+    assert reply.status == 202, reply
+    task_id = reply.body["task_id"]
+    task = app.wait_status(task_id, "SUCCESS")
+    result = invoke("tasks", "show", task_id, **app.env)
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    [attempt] = task["history"]
+    assert result.stdout == (
+        f"{task_id}  SUCCESS  instance shop  phone 525512345678\n"
+        f"  created {task['created_at']}  attempts 1  expires {task['expires_at']}\n"
+        f"  media document invoice-1042.pdf (application/pdf, {len(pdf)} bytes)\n"
+        f"  evolution key {task['result']['evolution_key']}  jid 525512345678@s.whatsapp.net\n"
+        f"  {attempt['at']}  attempt sent\n"
+    )

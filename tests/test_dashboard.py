@@ -22,7 +22,9 @@ from evomsgd.ledger.store import LEDGER_FILE, Store
 from evomsgd.models import ErrorBody
 from tests.conftest import MakeClient, fast_settings, post, wait_status
 from tests.fake_evolution import FakeEvolution, Fault
+from tests.test_media import PDF, PNG, b64
 from tests.test_receipts import _hooked, _sent
+from tests.test_security import add_token, wait_for_status
 
 CHROMIUM = Path("/usr/bin/chromium")
 BROWSER_ARGS = [
@@ -478,3 +480,72 @@ async def test_the_instances_panel_shows_budgets_and_when_quiet_hours_end(
     assert await used_up.evaluate("span => getComputedStyle(span).fontWeight") == "600"
     await page.screenshot(path=str(tmp_path / "budgets.png"))
     assert problems == []
+
+
+async def test_the_dashboard_shows_media_with_a_thumbnail_and_a_download(
+    make_client: MakeClient, fake: FakeEvolution, browser: Any, tmp_path: Path
+) -> None:
+    """Issue 16: type, file name and size; an image's thumbnail and every file's download come
+    from the daemon itself, fetched with the page's token (tokens on: no token, no file)."""
+    client = await make_client(fast_settings(evolution_url=fake.url))
+    token = add_token(tmp_path, "ops")
+    await wait_for_status(client, "/tasks", 401, {})
+    auth = {"Authorization": f"Bearer {token}"}
+
+    async def send(media: dict[str, Any]) -> str:
+        resp = await client.post(
+            "/messages", json={"phone": "+5511900000001", "media": media}, headers=auth
+        )
+        assert resp.status == 202, await resp.json()
+        task_id: str = (await resp.json())["task_id"]
+        return task_id
+
+    image = await send({"type": "image", "base64": b64(PNG), "filename": "parcel.png"})
+    document = await send({"type": "document", "base64": b64(PDF), "filename": "invoice-1042.pdf"})
+    context = await browser.new_context(accept_downloads=True)
+    await context.add_init_script(f"window.localStorage.setItem('evomsgd_token', '{token}')")
+    page = await context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)
+    fetched: list[tuple[str, str | None]] = []
+    page.on(
+        "request",
+        lambda req: (
+            fetched.append((req.url, req.headers.get("authorization")))
+            if "/media" in req.url
+            else None
+        ),
+    )
+    await page.goto(str(client.make_url("/dashboard")))
+
+    await page.locator(f'#recent tr[data-task-id="{image}"]').click()
+    details = page.locator(f'#recent tr[data-details-for="{image}"] .media')
+    await details.wait_for()
+    assert await details.locator(".media-facts").inner_text() == (
+        f"image · parcel.png · {len(PNG)} bytes"
+    )
+    thumb = details.locator("img.media-thumb")
+    await thumb.wait_for()
+    await page.wait_for_function(
+        "img => img.complete && img.naturalWidth === 2 && img.src.startsWith('blob:')",
+        arg=await thumb.element_handle(),
+    )
+
+    await page.locator(f'#recent tr[data-task-id="{document}"]').click()
+    button = page.locator(
+        f'#recent tr[data-details-for="{document}"] button[data-action="download"]'
+    )
+    async with page.expect_download() as info:
+        await button.click()
+    download = await info.value
+    assert download.suggested_filename == "invoice-1042.pdf"
+    assert Path(await download.path()).read_bytes() == PDF
+    assert await page.locator(f'#recent tr[data-details-for="{document}"] img').count() == 0
+
+    base = str(client.make_url("/"))
+    assert sorted(fetched) == sorted(
+        [(f"{base}tasks/{image}/media", f"Bearer {token}"),
+         (f"{base}tasks/{document}/media", f"Bearer {token}")]
+    )  # fmt: skip
+    assert problems == []
+    await context.close()

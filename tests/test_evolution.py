@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import sys
@@ -15,7 +16,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evomsgd.evolution.client import EvolutionClient, SandboxClient, Sender, new_session
+from evomsgd.evolution.client import (
+    EvolutionClient,
+    OutgoingMedia,
+    SandboxClient,
+    Sender,
+    new_session,
+)
 from evomsgd.evolution.lookups import (
     LOOKUP_CLOCK_SKEW,
     StoredMessage,
@@ -109,8 +116,147 @@ ROWS = [
 ROWS_FAULTS = [row[0] for row in ROWS]
 
 
+# sendMedia's rows (shared/evolution-api.md, Send media): forced through send_media.
+MEDIA_ROWS = [
+    (Fault.MEDIA_SCHEMA, K.PERMANENT, "schema validation"),
+    (Fault.V1_MEDIA_SCHEMA, K.CONFIG_ERROR, "set the API version to 1"),
+    (Fault.MEDIA_NULL_CAPTION, K.PERMANENT, "schema validation"),
+    (Fault.V1_EMPTY_CAPTION, K.PERMANENT, "schema validation"),
+    (Fault.MEDIA_NOT_URL_OR_BASE64, K.PERMANENT, "neither a URL it accepts nor base64"),
+    (Fault.MEDIA_NO_FILENAME, K.PERMANENT, "without a file name"),
+    (Fault.MEDIA_UPLOAD_FAILED, K.TRANSIENT, "uploading the media to WhatsApp failed"),
+    (Fault.MEDIA_NOT_PAIRED, K.UPSTREAM_DOWN, "not connected to WhatsApp"),
+]
+PDF = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
+
+
+def _document(**overrides: Any) -> OutgoingMedia:
+    fields: dict[str, Any] = {
+        "kind": "document",
+        "media": base64.b64encode(PDF).decode(),
+        "filename": "invoice-1042.pdf",
+        "mimetype": "application/pdf",
+        "caption": "Your invoice",
+    }
+    return OutgoingMedia(**{**fields, **overrides})
+
+
 def test_every_fault_has_a_row() -> None:
-    assert {row[0] for row in ROWS} | {Fault.HANG} == set(Fault)
+    assert {row[0] for row in ROWS + MEDIA_ROWS} | {Fault.HANG} == set(Fault)
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind", "words"), MEDIA_ROWS, ids=[r[0].value for r in MEDIA_ROWS]
+)
+async def test_media_error_row(
+    fake: FakeEvolution, client: EvolutionClient, fault: Fault, kind: OutcomeKind, words: str
+) -> None:
+    fake.script(number=NUMBER, responses=[fault])
+    outcome = await client.send_media("main", NUMBER, _document())
+    assert outcome.kind is kind, outcome
+    assert words in outcome.reason
+    [record] = fake.received
+    assert record.fault is fault and not record.delivered
+    # An unpaired instance's upload failure says what its sendText would: the lane pauses.
+    paused = InstanceState.CLOSE if fault is Fault.MEDIA_NOT_PAIRED else None
+    assert outcome.instance_state is paused
+    assert_no_key(outcome)
+
+
+async def test_send_media_is_the_documented_v2_call(
+    fake: FakeEvolution, client: EvolutionClient
+) -> None:
+    outcome = await client.send_media("main", NUMBER, _document())
+    assert outcome.kind is K.SENT and outcome.key_id == fake.received[0].key_id
+    [record] = fake.received
+    assert record.body == {
+        "number": NUMBER,
+        "mediatype": "document",
+        "mimetype": "application/pdf",
+        "caption": "Your invoice",
+        "media": base64.b64encode(PDF).decode(),
+        "fileName": "invoice-1042.pdf",
+    }
+    assert record.fault is Fault.OK and record.headers["content-type"] == "application/json"
+
+
+async def test_send_media_without_caption_leaves_it_out(
+    fake: FakeEvolution, client: EvolutionClient
+) -> None:
+    """A null caption is Evolution's 400 (#2517): absent is what means none."""
+    url = "https://files.example.com/p/photo.jpg"
+    media = OutgoingMedia("image", url, "photo.jpg", "image/jpeg", "")
+    assert (await client.send_media("main", NUMBER, media)).kind is K.SENT
+    assert fake.received[0].body == {
+        "number": NUMBER,
+        "mediatype": "image",
+        "mimetype": "image/jpeg",
+        "media": url,
+        "fileName": "photo.jpg",
+    }
+
+
+async def test_send_media_v1_is_the_documented_mediamessage_call(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with FakeEvolution(api_key=KEY, instances=["main"], api_version=1) as fake:
+        client = EvolutionClient(session, fake.url, KEY, timeout=5.0, api_version=1)
+        outcome = await client.send_media("main", NUMBER, _document())
+        assert outcome.kind is K.SENT, outcome
+        assert fake.received[0].body == {
+            "number": NUMBER,
+            "options": {"delay": 0},
+            "mediaMessage": {
+                "mediatype": "document",
+                "mimetype": "application/pdf",
+                "caption": "Your invoice",
+                "media": base64.b64encode(PDF).decode(),
+                "fileName": "invoice-1042.pdf",
+            },
+        }
+    # Against a v2 server the v1 body is a configuration error, not the message's fault.
+    async with FakeEvolution(api_key=KEY, instances=["main"]) as fake2:
+        v1_client = EvolutionClient(session, fake2.url, KEY, timeout=5.0, api_version=1)
+        wrong = await v1_client.send_media("main", NUMBER, _document())
+        assert wrong.kind is K.CONFIG_ERROR and "set the API version to 2" in wrong.reason
+        assert fake2.received[0].fault is Fault.MEDIA_SCHEMA
+
+
+async def test_v2_media_body_to_a_v1_server_is_a_config_error(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with FakeEvolution(api_key=KEY, instances=["main"], api_version=1) as fake:
+        client = EvolutionClient(session, fake.url, KEY, timeout=5.0)
+        outcome = await client.send_media("main", NUMBER, _document())
+        assert outcome.kind is K.CONFIG_ERROR and "set the API version to 1" in outcome.reason
+        assert fake.received[0].fault is Fault.V1_MEDIA_SCHEMA
+
+
+async def test_the_fake_holds_sendmedia_to_the_contract(
+    fake: FakeEvolution, client: EvolutionClient
+) -> None:
+    """What the real server refuses unscripted: a localhost URL (not isURL), base64 with a
+    data: prefix, a base64 document without a file name, and any upload while unpaired."""
+    cases = [
+        (_document(media="http://localhost/invoice.pdf"), Fault.MEDIA_NOT_URL_OR_BASE64),
+        (_document(media="data:application/pdf;base64,JVBERi0="), Fault.MEDIA_NOT_URL_OR_BASE64),
+        (_document(filename=""), Fault.MEDIA_NO_FILENAME),
+    ]
+    for media, fault in cases:
+        await client.send_media("main", NUMBER, media)
+        assert fake.received[-1].fault is fault, media
+    fake.set_state("main", "close")
+    outcome = await client.send_media("main", NUMBER, _document())
+    assert fake.received[-1].fault is Fault.MEDIA_NOT_PAIRED
+    assert outcome.instance_state is InstanceState.CLOSE
+
+
+async def test_sandbox_records_media_without_sending() -> None:
+    outcome = await SandboxClient().send_media("sandbox", NUMBER, _document())
+    assert outcome.kind is K.SENT and (outcome.key_id or "").startswith("SANDBOX-")
+    assert "characters" in repr(_document()) and base64.b64encode(PDF).decode() not in repr(
+        _document()
+    )
 
 
 @pytest.mark.parametrize(("fault", "kind", "words"), ROWS, ids=[r[0].value for r in ROWS])

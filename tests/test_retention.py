@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sqlite3
 import uuid
@@ -15,6 +16,7 @@ import pytest
 
 from evomsgd import clock
 from evomsgd.ledger import retention
+from evomsgd.ledger.media import MediaFiles
 from evomsgd.ledger.records import Retention
 from evomsgd.ledger.store import LEDGER_FILE, Store
 from tests.conftest import daemon_env, free_port, wait_until
@@ -218,6 +220,7 @@ def test_purge_command_reports_what_it_removed(tmp_path: Path) -> None:
         "would remove 30 history events of those messages",
         "would erase the text of 2 messages finished over 7 days ago",
         "would remove 1 expired idempotency keys",
+        "would remove 0 media files no message uses (0.0 MB to free)",
     ]
     assert re.fullmatch(r"dry run: nothing was changed \(ledger \d+\.\d MB\)", lines[-1])
 
@@ -230,6 +233,7 @@ def test_purge_command_reports_what_it_removed(tmp_path: Path) -> None:
         "removed 24 history events of those messages",
         "erased the text of 5 messages finished over 7 days ago",
         "removed 1 expired idempotency keys",
+        "removed 0 media files no message uses (0.0 MB freed)",
     ]
     assert re.fullmatch(r"ledger \d+\.\d MB -> \d+\.\d MB \(VACUUM\) in \d+\.\d\ds", lines[-1])
 
@@ -286,3 +290,45 @@ def test_the_daemon_purges_periodically(tmp_path: Path) -> None:
         wait_until(lambda: "retention: removed 40 SUCCESS" in daemon.logs(), 10, "the log line")
     finally:
         assert daemon.stop() == 0
+
+
+# -- media files (issue 16) -------------------------------------------------------------------
+
+
+def test_purge_deletes_media_files_no_remaining_message_uses(tmp_path: Path) -> None:
+    """A file goes with the last message that names it; orphans (a request that failed after
+    storing its file) go too once old; a file just stored, not yet named, stays."""
+    store = Store(tmp_path)
+    files = MediaFiles(tmp_path)
+    old_only, shared, orphan, fresh = (files.put(bytes([n]) * 1000) for n in range(4))
+    long_ago = clock.now() - 40 * DAY
+    for stored in (old_only, shared, orphan):
+        os.utime(files.path(stored.sha256), (long_ago, long_ago))
+    [old_a] = seed(store.path, 1, "SUCCESS", 31)
+    [old_b] = seed(store.path, 1, "SUCCESS", 31)
+    [young] = seed(store.path, 1, "SUCCESS", 2)
+    with closing(sqlite3.connect(store.path)) as conn, conn:
+        for task_id, stored in ((old_a, old_only), (old_b, shared), (young, shared)):
+            conn.execute(
+                "UPDATE messages SET media_type = 'document', media_sha256 = ?, media_size = ?"
+                " WHERE id = ?",
+                (stored.sha256, stored.size, task_id),
+            )
+    policy = Retention(success_days=30, failed_days=90, erase_text_days=None)
+
+    dry = retention.purge(store, clock.now(), policy, dry_run=True)
+    assert (dry.media_files, dry.media_bytes) == (2, 2000)
+    assert all(files.path(s.sha256).exists() for s in (old_only, shared, orphan, fresh))
+
+    report = retention.purge(store, clock.now(), policy)
+    assert (report.success, report.media_files, report.media_bytes) == (2, 2, 2000)
+    assert not files.path(old_only.sha256).exists() and not files.path(orphan.sha256).exists()
+    assert files.path(shared.sha256).exists() and files.path(fresh.sha256).exists()
+
+    # The last message naming the shared file goes: so does the file.
+    later = clock.now() + 40 * DAY
+    final = retention.purge(store, later, policy)
+    assert (final.success, final.media_files, final.media_bytes) == (1, 2, 2000)
+    # ... and the file stored without a row, old by now, is an orphan.
+    assert not files.path(shared.sha256).exists() and not files.path(fresh.sha256).exists()
+    store.close()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -283,6 +284,67 @@ async def test_a_cross_site_form_post_queues_nothing(
         "to evomsgd",
     )
     assert count_messages(tmp_path) == 0
+
+
+PDF = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
+
+
+def pdf_form() -> aiohttp.FormData:
+    """What <form enctype="multipart/form-data"> with a file input posts (issue 16)."""
+    form = aiohttp.FormData()
+    form.add_field("phone", "+5511988887777")
+    form.add_field("message", "hi")
+    form.add_field("file", PDF, filename="invoice.pdf", content_type="application/pdf")
+    return form
+
+
+async def test_a_cross_site_multipart_form_queues_nothing(
+    client: TestClient[Any, Any], tmp_path: Path
+) -> None:
+    """A multipart POST needs a token (an Authorization header no form can set) or a page of
+    an allowed origin: a form from any other site, or from a browser that hides its Origin,
+    stores no file and queues nothing."""
+    for headers, status, code in (
+        (FOREIGN, 403, "forbidden_origin"),
+        ({"Origin": "null"}, 403, "forbidden_origin"),  # a sandboxed iframe, no-referrer
+        ({}, 403, "forbidden_form"),  # an old browser that sends no Origin
+        ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, 403, "forbidden_form"),
+    ):
+        resp = await client.post("/messages", data=pdf_form(), headers=headers)
+        await assert_error(resp, status, code)
+    resp = await client.post("/messages", data=pdf_form())
+    await assert_error(
+        resp,
+        403,
+        "forbidden_form",
+        "a multipart POST needs Authorization: Bearer <token> (any token when evomsgd has "
+        "none), or to come from a page on an origin in EVOMSGD_CORS_ORIGINS - it is what keeps "
+        "web pages from posting forms to evomsgd",
+    )
+    assert count_messages(tmp_path) == 0
+    assert not (tmp_path / "media").exists() or not list((tmp_path / "media").glob("??/*"))
+    # The daemon's own pages (same origin) and API clients with a header may.
+    same = await client.post(
+        "/messages", data=pdf_form(), headers={"Origin": f"http://{client.host}:{client.port}"}
+    )
+    assert same.status == 202, await same.json()
+    bearer = await client.post("/messages", data=pdf_form(), headers={"Authorization": "Bearer x"})
+    assert bearer.status == 202
+    assert count_messages(tmp_path) == 2
+
+
+async def test_a_multipart_post_with_tokens_needs_a_valid_one(
+    secured: tuple[TestClient[Any, Any], str], tmp_path: Path
+) -> None:
+    client, token = secured
+    for headers, status in (({}, 403), ({"Authorization": "Bearer evm_wrong"}, 401)):
+        resp = await client.post("/messages", data=pdf_form(), headers=headers)
+        assert resp.status == status, await resp.json()
+    assert count_messages(tmp_path) == 0
+    ok = await client.post(
+        "/messages", data=pdf_form(), headers={"Authorization": f"Bearer {token}"}
+    )
+    assert ok.status == 202, await ok.json()
 
 
 async def test_a_plain_delete_cancels_and_a_bodiless_post_still_needs_json(

@@ -33,6 +33,10 @@ def render(report: PurgeReport, rules: Retention) -> str:
             f"{rules.erase_text_days:g} days ago"
         )
     lines.append(f"{verb} {report.idempotency} expired idempotency keys")
+    lines.append(
+        f"{verb} {report.media_files} media files no message uses "
+        f"({megabytes(report.media_bytes)} {'to free' if report.dry_run else 'freed'})"
+    )
     if report.dry_run:
         lines.append(f"dry run: nothing was changed (ledger {megabytes(report.bytes_before)})")
     else:

@@ -258,6 +258,13 @@ def render_task(task: dict[str, Any]) -> str:
         f"{task['task_id']}  {task['status']}  instance {task['instance']}  phone {task['phone']}",
         f"  created {task['created_at']}  attempts {task['attempts']}  expires {task['expires_at']}",
     ]
+    media = task.get("media")
+    if media:
+        what = f"{media['size']} bytes" if media.get("size") is not None else media.get("url")
+        lines.append(
+            f"  media {media['type']} {media.get('filename') or '-'} "
+            f"({media.get('mimetype') or 'type unknown'}, {what})"
+        )
     result = task.get("result") or {}
     if result.get("evolution_key"):
         lines.append(f"  evolution key {result['evolution_key']}  jid {result.get('remote_jid')}")

@@ -15,13 +15,15 @@ from evomsgd.engine.jobs import LEASE_MARGIN, Finished, Job
 from evomsgd.engine.rules import decide
 from evomsgd.engine.typist import typing_delay
 from evomsgd.errors import StoreUnavailable
-from evomsgd.evolution.client import Sender
+from evomsgd.evolution.client import OutgoingMedia, Sender
 from evomsgd.evolution.lookups import found_outcome, match_sent, recipient_jid
 from evomsgd.evolution.outcomes import OutcomeKind, SendOutcome
 from evomsgd.ledger.commit import GroupCommitter
-from evomsgd.ledger.records import Message, Transition
+from evomsgd.ledger.media import MediaFiles
+from evomsgd.ledger.records import MediaRef, Message, Transition
 from evomsgd.ledger.store import Store
 from evomsgd.log import log_fields
+from evomsgd.media import DEFAULT_STEM, to_base64
 from evomsgd.models import FINAL, Status
 
 log = logging.getLogger("evomsgd.delivery")
@@ -58,6 +60,7 @@ class Delivery:
         self._rng = random.Random()
         self._on_outcome = on_outcome
         self._tasks: set[asyncio.Task[None]] = set()
+        self.media_files = MediaFiles(store.data_dir)
 
     # -- in a Huey worker thread ----------------------------------------------------------
 
@@ -157,14 +160,44 @@ class Delivery:
 
     async def _send(self, msg: Message) -> SendOutcome:
         assert msg.text is not None
-        delay = (
-            typing_delay(msg.text, self._rng) if self.settings.lane(msg.instance).typing else 0.0
-        )
+        outgoing: OutgoingMedia | None = None
+        if msg.media is not None:
+            prepared = await self._outgoing(msg.media, msg.text)
+            if isinstance(prepared, SendOutcome):
+                return prepared
+            outgoing = prepared
+        typing = outgoing is None and self.settings.lane(msg.instance).typing
+        delay = typing_delay(msg.text, self._rng) if typing else 0.0
         try:
             async with asyncio.timeout(self.settings.evolution_timeout + delay + 5.0):
+                if outgoing is not None:
+                    return await self.sender.send_media(msg.instance, msg.phone, outgoing)
                 return await self.sender.send_text(msg.instance, msg.phone, msg.text, delay=delay)
         except TimeoutError:
             return SendOutcome(OutcomeKind.AMBIGUOUS, "no answer from Evolution in time")
+
+    async def _outgoing(self, media: MediaRef, caption: str) -> OutgoingMedia | SendOutcome:
+        """What sendMedia gets: the URL, or the stored file in base64 (read and encoded in a
+        thread: a 16 MiB file would hold the loop); a PERMANENT outcome when the file is gone."""
+        if media.url is not None:
+            source = media.url
+        else:
+            assert media.sha256 is not None
+            try:
+                source = await asyncio.to_thread(_base64_of, self.media_files, media.sha256)
+            except OSError as exc:
+                return SendOutcome(
+                    OutcomeKind.PERMANENT,
+                    f"the media file {media.sha256[:12]}... is missing from the data "
+                    f"directory ({type(exc).__name__}) - send the message again with its file",
+                )
+        return OutgoingMedia(
+            media.kind,
+            source,
+            media.filename or DEFAULT_STEM.get(media.kind, "file"),
+            media.mimetype,
+            caption,
+        )
 
     async def _record(
         self, msg: Message, started: float, now: float, tr: Transition, outcome: SendOutcome
@@ -212,6 +245,10 @@ class Delivery:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+def _base64_of(files: MediaFiles, sha256: str) -> str:
+    return to_base64(files.read(sha256))
 
 
 def _crashed(job: Job) -> None:

@@ -67,6 +67,7 @@ def summary(report: PurgeReport) -> str:
     return (
         f"removed {report.success} SUCCESS and {report.failed} failed messages with "
         f"{report.events} events, erased {report.texts_erased} texts, removed "
-        f"{report.idempotency} expired idempotency keys in {report.seconds:g}s; ledger "
+        f"{report.idempotency} expired idempotency keys and {report.media_files} unused media "
+        f"files ({megabytes(report.media_bytes)}) in {report.seconds:g}s; ledger "
         f"{megabytes(report.bytes_before)} -> {megabytes(report.bytes_after)}"
     )

@@ -126,7 +126,16 @@ def _text_of(message: Any) -> str | None:
     extended = message.get("extendedTextMessage")
     if isinstance(extended, dict) and isinstance(extended.get("text"), str):
         return str(extended["text"])
+    # A media message (issue 16) is told by its caption; one without a caption cannot be told
+    # from another, so it is never found (and is sent again, flagged).
+    for kind in _MEDIA_MESSAGES:
+        media = message.get(kind)
+        if isinstance(media, dict) and isinstance(media.get("caption"), str) and media["caption"]:
+            return str(media["caption"])
     return None
+
+
+_MEDIA_MESSAGES = ("imageMessage", "documentMessage", "videoMessage", "audioMessage")
 
 
 def _timestamp(value: Any) -> float | None:

@@ -186,7 +186,9 @@ def _has(env: _Envelope, needles: tuple[str, ...]) -> bool:
 _K = OutcomeKind
 _MAYBE_SENT = "may have been sent; check before resending"
 
-_NOT_PAIRED = ("reading 'onwhatsapp'",)
+# An unpaired instance fails its sendText at the number check (onWhatsApp) and its sendMedia at
+# the upload to WhatsApp, which comes first (waUploadToServer).
+_NOT_PAIRED = ("reading 'onwhatsapp'", "reading 'wauploadtoserver'")
 
 # Known messages, first match wins; mirrors the error table in shared/evolution-api.md.
 # (HTTP status, lower-case substrings of response.message, kind, reason)
@@ -200,6 +202,13 @@ _MESSAGE_RULES: tuple[tuple[int, tuple[str, ...], OutcomeKind, str], ...] = (
            "connection terminated", "connection failure", "stream errored"), _K.TRANSIENT,
      "WhatsApp connection trouble while sending (400) - retry later"),
     (400, ("text is required",), _K.PERMANENT, "Evolution rejected a blank text (400)"),
+    # sendMedia's own checks (sendMessage.controller.ts): nothing was uploaded or sent.
+    (400, ("owned media must be a url or base64",), _K.PERMANENT,
+     "Evolution refused the media: neither a URL it accepts nor base64 (400)"),
+    (400, ("for base64 the file name must be informed",), _K.PERMANENT,
+     "Evolution refused a base64 document without a file name (400)"),
+    (400, ('requires property "mediamessage"',), _K.CONFIG_ERROR,
+     "Evolution expects the v1 media body (400) - the server is 1.x; set the API version to 1"),
     (404, ("instance does not exist",), _K.UNKNOWN_INSTANCE,
      "Evolution has no such instance (404) - check the instance name"),
     (500, ("not allowed by cors",), _K.CONFIG_ERROR,
@@ -210,6 +219,8 @@ _MESSAGE_RULES: tuple[tuple[int, tuple[str, ...], OutcomeKind, str], ...] = (
      "the instance is still loading (500) - retry shortly"),
     (500, ("connection closed", "timed out"), _K.TRANSIENT,
      "WhatsApp connection trouble during the number check (500) - retry later"),
+    (500, ("media upload failed",), _K.TRANSIENT,
+     "uploading the media to WhatsApp failed (500) - retry later"),
 )  # fmt: skip
 
 # Fallbacks when the message says nothing more specific.

@@ -8,6 +8,18 @@ from typing import Literal
 from evomsgd.models import Status
 
 
+@dataclass(frozen=True, slots=True)
+class MediaRef:
+    """A message's media as the ledger holds it: a stored file (`sha256`) or a `url`."""
+
+    kind: str  # image, document, video, audio
+    mimetype: str | None
+    filename: str | None
+    sha256: str | None = None
+    size: int | None = None
+    url: str | None = None
+
+
 @dataclass(slots=True)
 class NewMessage:
     """A validated request, ready to be written."""
@@ -28,6 +40,7 @@ class NewMessage:
     # Migration 7: the callback endpoint resolved at accept time, and the request's own URL.
     callback_to: str | None = None
     callback_url: str | None = None
+    media: MediaRef | None = None
 
     @property
     def status(self) -> Status:
@@ -87,6 +100,27 @@ class Message:
     # Migration 7: where its callbacks go (callback_endpoints.name) and its own URL, if any.
     callback_to: str | None = None
     callback_url: str | None = None
+    # Migration 8: the media (records.MediaRef); NULL for a text.
+    media_type: str | None = None
+    media_sha256: str | None = None
+    media_size: int | None = None
+    media_mimetype: str | None = None
+    media_filename: str | None = None
+    media_url: str | None = None
+
+    @property
+    def media(self) -> MediaRef | None:
+        """The message's media, None for a text."""
+        if self.media_type is None:
+            return None
+        return MediaRef(
+            self.media_type,
+            self.media_mimetype,
+            self.media_filename,
+            self.media_sha256,
+            self.media_size,
+            self.media_url,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +197,8 @@ class PurgeReport:
     events: int = 0  # their history rows
     texts_erased: int = 0
     idempotency: int = 0  # expired Idempotency-Key rows
+    media_files: int = 0  # media files no message uses any more (ledger/media.py)
+    media_bytes: int = 0  # their size: what deleting them freed
     vacuum: str = "none"  # how the freed pages were handed back: none, incremental, full
     bytes_before: int = 0
     bytes_after: int = 0
@@ -171,7 +207,14 @@ class PurgeReport:
     @property
     def removed(self) -> int:
         """Rows changed, all kinds together."""
-        return self.success + self.failed + self.events + self.texts_erased + self.idempotency
+        return (
+            self.success
+            + self.failed
+            + self.events
+            + self.texts_erased
+            + self.idempotency
+            + self.media_files
+        )
 
 
 @dataclass(frozen=True, slots=True)

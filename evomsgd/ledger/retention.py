@@ -15,6 +15,7 @@ from typing import Any
 from evomsgd import clock
 from evomsgd.errors import StoreUnavailable
 from evomsgd.ledger.deliveries import FAILED, status_in
+from evomsgd.ledger.media import MediaFiles
 from evomsgd.ledger.records import PurgeReport, Retention
 from evomsgd.ledger.store import Store
 from evomsgd.models import FINAL
@@ -31,8 +32,8 @@ def purge(
     batch: int = 1000,
     stop: Callable[[], bool] = lambda: False,
 ) -> PurgeReport:
-    """Delete finished messages past retention (with their events), erase old texts, drop
-    expired idempotency keys; `batch` rows per short transaction so other writers never wait
+    """Delete finished messages past retention (with their events and the media files no other
+    message uses), erase old texts, drop expired idempotency keys; `batch` rows per short transaction so other writers never wait
     long. `stop` is asked between batches (the daemon is shutting down)."""
     started = time.monotonic()
     report = PurgeReport(dry_run=dry_run, bytes_before=store.file_size())
@@ -99,11 +100,37 @@ def purge(
             batch,
             stop,
         )
+    report.media_files, report.media_bytes = _purge_media(store, now, deleting, dry_run)
     if not dry_run and report.success + report.failed + report.idempotency:
         report.vacuum = reclaim(store, stop=stop)
     report.bytes_after = store.file_size()
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def _purge_media(
+    store: Store, now: float, deleting: list[tuple[str, str]], dry_run: bool
+) -> tuple[int, int]:
+    """Delete the media files no message names any more (those of the messages just deleted,
+    and orphans); a dry run counts what the deletions above would leave unnamed. Files younger
+    than ORPHAN_GRACE are kept: one may belong to a message being accepted right now."""
+    files = MediaFiles(store.data_dir)
+    if not files.root.is_dir():
+        return 0, 0
+    spared = "".join(f" AND NOT ({cond})" for cond, _ in deleting) if dry_run else ""
+    params = tuple(cutoff for _, cutoff in deleting) if dry_run else ()
+    referenced = {
+        row[0]
+        for row in store.query(
+            f"SELECT DISTINCT media_sha256 FROM messages WHERE media_sha256 IS NOT NULL{spared}",
+            params,
+        )
+    }
+    orphans = files.orphans(referenced, now)
+    if dry_run:
+        return len(orphans), sum(size for _, size in orphans)
+    freed = [files.delete(sha256) for sha256, _ in orphans]
+    return len(freed), sum(freed)
 
 
 def _delete_finished(

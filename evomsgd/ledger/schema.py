@@ -333,4 +333,22 @@ BEGIN
 END;
 """,
     ),
+    (
+        8,
+        "media",
+        """
+-- A message's media (issue 16), NULL for a text: its kind, and either a stored file (under the
+-- data directory as media/ab/cdef..., named by the SHA-256 of its bytes; its size, and the
+-- mimetype and file name sent) or a URL that Evolution downloads itself. `text` holds the
+-- caption ('' for none).
+ALTER TABLE messages ADD COLUMN media_type TEXT;      -- image, document, video, audio
+ALTER TABLE messages ADD COLUMN media_sha256 TEXT;    -- the file media/<2>/<62>
+ALTER TABLE messages ADD COLUMN media_size INTEGER;   -- bytes
+ALTER TABLE messages ADD COLUMN media_mimetype TEXT;
+ALTER TABLE messages ADD COLUMN media_filename TEXT;
+ALTER TABLE messages ADD COLUMN media_url TEXT;       -- passed to Evolution as a URL
+-- Retention asks whether any other message still names a file before deleting it.
+CREATE INDEX messages_media ON messages (media_sha256) WHERE media_sha256 IS NOT NULL;
+""",
+    ),
 ]

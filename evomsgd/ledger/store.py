@@ -25,6 +25,7 @@ from evomsgd.ledger.records import (
     Event,
     InsertResult,
     ListFilter,
+    MediaRef,
     Message,
     NewMessage,
     TokenRow,
@@ -74,7 +75,11 @@ class Store(Deliveries):
                 if replay is not None:
                     results.append(replay)
                     continue
-            rows.append(_row(new))
+            if new.media is not None:  # its own statement: the media columns (migration 8)
+                _insert_rows(cur, rows)
+                cur.execute(_INSERT_MEDIA, (*_row(new), *_media_row(new.media)))
+            else:
+                rows.append(_row(new))
             results.append(InsertResult("created", new.id, new.status))
         _insert_rows(cur, rows)
         return results
@@ -383,6 +388,20 @@ _INSERT = (
     " send_at, next_attempt_at, expires_at, sandbox, idempotency_key, token_name, callback_to,"
     " callback_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+# A message with media: the plain insert's columns, then migration 8's.
+_COLUMNS_END = _INSERT.index(") VALUES")
+_INSERT_MEDIA = (
+    _INSERT[:_COLUMNS_END]
+    + ", media_type, media_sha256, media_size, media_mimetype, media_filename, media_url"
+    + _INSERT[_COLUMNS_END:].removesuffix(")")
+    + ", ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _media_row(media: MediaRef) -> tuple[Any, ...]:
+    return (media.kind, media.sha256, media.size, media.mimetype, media.filename, media.url)
 
 
 def _row(new: NewMessage) -> tuple[Any, ...]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -31,6 +33,7 @@ from evomsgd.models import (
 )
 from evomsgd.service import Service
 from evomsgd.web import routes
+from evomsgd.web.forms import MAX_TEXT_BODY, media_body_limit, read_form
 from evomsgd.web.guards import require_instance, scope, scoped, token_callback, token_name
 from evomsgd.web.routes import Answer, Operation, Param, Route
 from evomsgd.web.views import task_list, task_view
@@ -85,6 +88,35 @@ def _decode_json(raw: bytes) -> Any:
         ) from None
 
 
+def _parse_send_request(raw: bytes) -> SendRequest:
+    try:
+        return SendRequest.model_validate_json(raw)  # a valid body in one pass (pydantic-core)
+    except ValidationError:
+        return _send_request(_decode_json(raw))  # words what is wrong (and reads UTF-16/32)
+
+
+def _media_request(raw: bytes) -> SendRequest:
+    """A body over the text limit: a media request with its file in base64 (the one kind of
+    JSON body allowed to be that large), or 413."""
+    try:
+        req = SendRequest.model_validate_json(raw)  # one parse: the file is megabytes
+    except ValidationError:
+        payload = None
+        with contextlib.suppress(ValueError, RecursionError):
+            payload = json.loads(raw)  # only to word what is wrong, when there is a file
+        media = payload.get("media") if isinstance(payload, dict) else None
+        if not (isinstance(media, dict) and isinstance(media.get("base64"), str)):
+            raise _too_large(raw) from None
+        return _send_request(payload)
+    if req.media is None or req.media.base64 is None:
+        raise _too_large(raw)
+    return req
+
+
+def _too_large(raw: bytes) -> web.HTTPRequestEntityTooLarge:
+    return web.HTTPRequestEntityTooLarge(max_size=MAX_TEXT_BODY, actual_size=len(raw))
+
+
 def _send_request(payload: Any) -> SendRequest:
     if not isinstance(payload, dict):
         raise ApiError(
@@ -96,7 +128,12 @@ def _send_request(payload: Any) -> SendRequest:
     try:
         return SendRequest.model_validate(payload)
     except ValidationError as exc:
-        raise _validation(exc) from None
+        invalid = _validation(exc)
+        if payload.get("message") is None and payload.get("media") is None:
+            # Optional only beside media (service.build's rule), so named with the others.
+            invalid.details.append({"field": "message", "message": "Field required"})
+            invalid = InvalidInput(invalid.details)
+        raise invalid from None
 
 
 def _validation(exc: ValidationError) -> InvalidInput:
@@ -123,13 +160,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def send_message(request: web.Request) -> web.Response:
-    """Queue one message; 202 once it is on disk."""
+    """Queue one message; 202 once it is on disk (its media file too)."""
     service = request.app[SERVICE]
-    raw = await _read_body(request)
-    try:
-        req = SendRequest.model_validate_json(raw)  # a valid body in one pass through pydantic-core
-    except ValidationError:
-        req = _send_request(_decode_json(raw))  # words what is wrong (and reads UTF-16/32 JSON)
+    upload: bytes | None = None
+    if request.content_type == "multipart/form-data":
+        payload, upload = await read_form(request, service.settings)
+        req = _send_request(payload)
+    else:
+        # A media request may carry its file in base64: read up to that size, then hold
+        # every other body to the text limit.
+        raw = await _read_body(request.clone(client_max_size=media_body_limit(service.settings)))
+        if len(raw) > MAX_TEXT_BODY:  # megabytes of JSON: parsed in a thread, not on the loop
+            req = await asyncio.to_thread(_media_request, raw)
+        else:
+            req = _parse_send_request(raw)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not (1 <= len(key) <= 200 and key.isprintable()):
         raise ApiError(
@@ -140,8 +184,11 @@ async def send_message(request: web.Request) -> web.Response:
         idempotency_key=key,
         token_name=token_name(request),
         token_callback=token_callback(request),
+        upload=upload is not None,
     )
     require_instance(request, new.instance)
+    if new.media is not None:
+        new = await service.store_media(new, req, upload)
     result = await service.accept(new)
     if result.outcome == "conflict":
         raise ApiError(
@@ -184,6 +231,23 @@ async def _task_in_scope(request: web.Request) -> str:
 async def get_task(request: web.Request) -> web.Response:
     """One task with its status, result and history."""
     return _json(task_view(await request.app[SERVICE].task(await _task_in_scope(request))))
+
+
+async def task_media(request: web.Request) -> web.StreamResponse:
+    """A task's stored media file, as a download; served by the daemon (never hot-linked)."""
+    path, media = await request.app[SERVICE].media_file(await _task_in_scope(request))
+    name = media.filename or path.name
+    return web.FileResponse(
+        path,
+        headers={
+            "Content-Type": media.mimetype or "application/octet-stream",
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name, safe='')}",
+            # The bytes are a customer's file: never run as a page of this origin.
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, no-store",
+        },
+    )
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -407,6 +471,19 @@ API = (
             "getTask",
             "Status, result and history of a task",
             (Answer(200, "The task", TaskView), routes.UNKNOWN_TASK),
+        ),
+    ),
+    Route(
+        "GET",
+        "/tasks/{task_id}/media",
+        task_media,
+        Operation(
+            "getTaskMedia",
+            "The stored media file of a task (document, image, video, audio)",
+            (
+                Answer(200, "The file, with its mimetype and name", binary=True),
+                Answer(404, "Unknown task, or it has no stored file"),
+            ),
         ),
     ),
     Route(

@@ -27,8 +27,11 @@ DELIVERED = ("sent", "sent_unconfirmed")
 FUNNEL = ("sent", "delivered", "read", "failed")
 
 # Everything the page loads comes from the daemon itself: no inline script or style, no framing.
+# blob: images are media thumbnails the page fetched from the daemon with its token (an <img>
+# cannot send the Authorization header).
 CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 _HEADERS = {

@@ -22,6 +22,7 @@ from evomsgd.errors import (
     NotFound,
     ShuttingDown,
     StoreUnavailable,
+    TooLarge,
 )
 from evomsgd.models import ErrorBody, ErrorDetail, ErrorInfo
 
@@ -37,6 +38,7 @@ STATUS: dict[type[DomainError], int] = {
     Backpressure: 429,
     ShuttingDown: 503,
     StoreUnavailable: 503,
+    TooLarge: 413,
 }
 
 _HTTP_CODES = {

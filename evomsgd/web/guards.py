@@ -141,7 +141,17 @@ def browser_middleware(settings: Settings) -> Middleware:
                     f"requests from web pages at {origin} are refused - add that origin to "
                     "EVOMSGD_CORS_ORIGINS if it should call evomsgd",
                 )
-            if request.method in FORM_METHODS and request.content_type != "application/json":
+            if request.content_type == "multipart/form-data" and request.path in MULTIPART_PATHS:
+                if not _not_a_form(request, configured):
+                    raise ApiError(
+                        403,
+                        "forbidden_form",
+                        "a multipart POST needs Authorization: Bearer <token> (any token when "
+                        "evomsgd has none), or to come from a page on an origin in "
+                        "EVOMSGD_CORS_ORIGINS - it is what keeps web pages from posting forms "
+                        "to evomsgd",
+                    )
+            elif request.method in FORM_METHODS and request.content_type != "application/json":
                 given = request.headers.get("Content-Type") or "none"
                 raise ApiError(
                     415,
@@ -153,6 +163,22 @@ def browser_middleware(settings: Settings) -> Middleware:
         return await handler(request)
 
     return middleware
+
+
+# POST /messages also takes multipart/form-data (`curl -F file=@invoice.pdf`), which an HTML form
+# can send cross-site without a preflight: only when no form could have sent it (`_not_a_form`).
+MULTIPART_PATHS = frozenset({"/messages"})
+
+
+def _not_a_form(request: web.Request, configured: bool) -> bool:
+    """True for a multipart POST that no other site's form can have sent: it carries an
+    Authorization header (a form cannot set one; auth_middleware checks the token when tokens
+    exist), or an Origin that is allowed or this daemon's own. A request without either may be
+    a form from an old browser that sends no Origin: refused."""
+    if "Authorization" in request.headers:
+        return True
+    origin = request.headers.get("Origin")
+    return origin is not None and (configured or _same_origin(origin, request.host))
 
 
 def cors_headers(

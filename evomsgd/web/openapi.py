@@ -49,6 +49,9 @@ def _content(model: type) -> dict[str, Any]:
 
 
 def _answer(answer: Answer) -> dict[str, Any]:
+    if answer.binary:
+        binary = {"schema": {"type": "string", "format": "binary"}}
+        return {"description": answer.description, "content": {"*/*": binary}}
     return {"description": answer.description, "content": _content(answer.model)}
 
 

@@ -27,6 +27,7 @@ class Answer:
     status: int
     description: str
     model: type[BaseModel] = ErrorBody
+    binary: bool = False  # the body is a file's bytes (its own Content-Type), not JSON
 
 
 @dataclass(frozen=True)

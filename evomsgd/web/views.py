@@ -16,6 +16,7 @@ from evomsgd.models import (
     Delivery,
     DeliveryView,
     EndpointView,
+    MediaView,
     Status,
     TaskList,
     TaskResult,
@@ -64,6 +65,23 @@ def task_view(record: TaskRecord) -> TaskView:
             )
             for ev in history or []
         ],
+        media=media_view(msg),
+    )
+
+
+def media_view(msg: Message) -> MediaView | None:
+    """A task's media, with the download route of a stored file."""
+    media = msg.media
+    if media is None:
+        return None
+    return MediaView(
+        type=media.kind,
+        filename=media.filename,
+        mimetype=media.mimetype,
+        size=media.size,
+        sha256=media.sha256,
+        url=media.url,
+        download=f"/tasks/{msg.id}/media" if media.sha256 is not None else None,
     )
 
 

@@ -538,6 +538,7 @@
         ["Evolution key", task.result && task.result.evolution_key],
       ].filter(([, value]) => value);
       cell.append(el("dl", { class: "facts" }, ...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)])));
+      if (task.media) cell.append(mediaBlock(task));
       cell.append(
         el(
           "ol",
@@ -560,6 +561,65 @@
       if (callbacks.length) cell.append(callbackList(callbacks));
     }
     return el("tr", { class: "details", "data-details-for": taskId }, cell);
+  }
+
+  // -- media (issue 16) ----------------------------------------------------------------------
+
+  // A stored file is fetched with the token like every call and shown from memory: an <img src>
+  // to the route could not send the Authorization header, and nothing is hot-linked.
+  const mediaUrls = new Map(); // task id -> Promise of a blob: URL of its stored file
+
+  function mediaUrl(task) {
+    if (!mediaUrls.has(task.task_id)) {
+      const loading = fetchMedia(task.media.download).then((blob) => URL.createObjectURL(blob));
+      loading.catch(() => mediaUrls.delete(task.task_id)); // tried again next time
+      mediaUrls.set(task.task_id, loading);
+    }
+    return mediaUrls.get(task.task_id);
+  }
+
+  async function fetchMedia(path) {
+    const headers = {};
+    const token = storedToken();
+    if (token) headers.Authorization = "Bearer " + token;
+    const response = await fetch(path, { headers, cache: "no-store" });
+    if (!response.ok) throw new ApiError(response.status, "http_" + response.status, "the media file could not be loaded (HTTP " + response.status + ")");
+    return response.blob();
+  }
+
+  function fileSize(bytes) {
+    if (bytes < 1024) return number.format(bytes) + " bytes";
+    if (bytes < 1024 * 1024) return (bytes / 1024).toFixed(1) + " KB";
+    return (bytes / (1024 * 1024)).toFixed(1) + " MB";
+  }
+
+  function mediaBlock(task) {
+    const media = task.media;
+    const facts = [media.type, media.filename, media.size !== null ? fileSize(media.size) : media.url].filter(Boolean);
+    const block = el("div", { class: "media", "data-media-type": media.type }, el("span", { class: "media-facts" }, facts.join(" · ")));
+    if (media.download) {
+      if (media.type === "image") {
+        const thumb = el("img", { class: "media-thumb", alt: "Image sent with task " + shortId(task.task_id) });
+        mediaUrl(task).then(
+          (url) => thumb.setAttribute("src", url),
+          () => thumb.replaceWith(el("span", { class: "muted" }, "thumbnail unavailable")),
+        );
+        block.prepend(thumb);
+      }
+      block.append(el("button", { type: "button", class: "btn btn-small", "data-action": "download", onclick: () => download(task) }, "Download"));
+    }
+    return block;
+  }
+
+  async function download(task) {
+    try {
+      const link = el("a", { href: await mediaUrl(task), download: task.media.filename || "file", hidden: true });
+      document.body.append(link);
+      link.click();
+      link.remove();
+    } catch (err) {
+      toast(err.message, true);
+    }
   }
 
   function outcomeKind(outcome) {

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(chromium systemd binutils python3-venv)
+debs=(chromium systemd binutils python3-venv curl)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for pkg in "${debs[@]}"; do

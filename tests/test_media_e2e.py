@@ -8,6 +8,7 @@ import hashlib
 import json
 import signal
 import sqlite3
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -82,5 +83,43 @@ def test_kill_9_right_after_the_202_keeps_the_file_and_delivers_it_after_restart
             "media": base64.b64encode(PDF).decode(),
             "fileName": "invoice-1042.pdf",
         }
+    finally:
+        fake.stop()
+
+
+def test_curl_uploads_a_file_with_F_and_a_browser_form_is_refused(tmp_path: Path) -> None:
+    """README's upload line, with the real curl against a real daemon (no tokens): it is queued
+    and sent as a document; the same form posted the way a browser would is refused."""
+    fake = FakeProcess("--instances", "main")
+    try:
+        invoice = tmp_path / "invoice-1042.pdf"
+        invoice.write_bytes(PDF)
+        daemon = Daemon(tmp_path / "data", free_port(), **evolution_env(fake))
+        form = [
+            "-F",
+            f"file=@{invoice}",
+            "-F",
+            "phone=+5511988887777",
+            "-F",
+            "message=Your invoice",
+        ]
+        curl = ["curl", "-s", "-w", "\n%{http_code}", *form, daemon.url + "/messages"]
+        refused = subprocess.run(
+            [*curl, "-H", "User-Agent: Mozilla/5.0 (X11; Linux x86_64) Firefox/60.0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.rsplit("\n", 1)
+        assert refused[1] == "403" and json.loads(refused[0])["error"]["code"] == "forbidden_form"
+        out = subprocess.run(curl, capture_output=True, text=True, check=True).stdout
+        body, code = out.rsplit("\n", 1)
+        assert code == "202", body
+        task_id = json.loads(body)["task_id"]
+        wait_until(lambda: status(daemon, task_id) == "SUCCESS", 20, "delivery")
+        daemon.stop()
+        sent = [r for r in fake.received() if r["status"] == 201]
+        assert len(sent) == 1
+        assert sent[0]["media"]["fileName"] == "invoice-1042.pdf"
+        assert sent[0]["media"]["media"] == base64.b64encode(PDF).decode()
     finally:
         fake.stop()

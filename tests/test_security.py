@@ -266,7 +266,7 @@ async def test_a_cross_site_form_post_queues_nothing(
         {"Content-Type": "application/x-www-form-urlencoded", **FOREIGN},
         {"Content-Type": "application/x-www-form-urlencoded"},  # Referrer-Policy hid the Origin
         {"Content-Type": "text/plain", "Origin": "null"},  # a sandboxed iframe
-        {"Content-Type": "multipart/form-data; boundary=x"},
+        {"Content-Type": "multipart/form-data; boundary=x", "User-Agent": OLD_BROWSER},
     ]
     for headers in attempts:
         resp = await client.post("/messages", data=form, headers=headers)
@@ -286,6 +286,10 @@ async def test_a_cross_site_form_post_queues_nothing(
     assert count_messages(tmp_path) == 0
 
 
+# What browsers say they are, which no page can change: old ones send no Origin on a form POST.
+OLD_BROWSER = "Mozilla/5.0 (Windows NT 6.1; rv:60.0) Gecko/20100101 Firefox/60.0"
+MODERN_BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36"
+
 PDF = b"%PDF-1.4\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n"
 
 
@@ -301,43 +305,53 @@ def pdf_form() -> aiohttp.FormData:
 async def test_a_cross_site_multipart_form_queues_nothing(
     client: TestClient[Any, Any], tmp_path: Path
 ) -> None:
-    """A multipart POST needs a token (an Authorization header no form can set) or a page of
-    an allowed origin: a form from any other site, or from a browser that hides its Origin,
-    stores no file and queues nothing."""
+    """A multipart POST from a browser needs a token (an Authorization header no form can set)
+    or a page of an allowed origin: a form from any other site, or from a browser that hides
+    its Origin, stores no file and queues nothing. A client that is no browser (curl -F) may."""
     for headers, status, code in (
         (FOREIGN, 403, "forbidden_origin"),
         ({"Origin": "null"}, 403, "forbidden_origin"),  # a sandboxed iframe, no-referrer
-        ({}, 403, "forbidden_form"),  # an old browser that sends no Origin
+        ({"User-Agent": OLD_BROWSER}, 403, "forbidden_form"),  # sends no Origin
         ({"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}, 403, "forbidden_form"),
+        ({"Sec-Fetch-Mode": "navigate", "User-Agent": "curl/8.5.0"}, 403, "forbidden_form"),
     ):
         resp = await client.post("/messages", data=pdf_form(), headers=headers)
         await assert_error(resp, status, code)
-    resp = await client.post("/messages", data=pdf_form())
+    resp = await client.post("/messages", data=pdf_form(), headers={"User-Agent": MODERN_BROWSER})
     await assert_error(
         resp,
         403,
         "forbidden_form",
-        "a multipart POST needs Authorization: Bearer <token> (any token when evomsgd has "
-        "none), or to come from a page on an origin in EVOMSGD_CORS_ORIGINS - it is what keeps "
-        "web pages from posting forms to evomsgd",
+        "a multipart POST from a browser needs Authorization: Bearer <token> (any token when "
+        "evomsgd has none), or to come from a page on an origin in EVOMSGD_CORS_ORIGINS - it is "
+        "what keeps web pages from posting forms to evomsgd",
     )
     assert count_messages(tmp_path) == 0
     assert not (tmp_path / "media").exists() or not list((tmp_path / "media").glob("??/*"))
-    # The daemon's own pages (same origin) and API clients with a header may.
+    # The daemon's own pages (same origin), API clients with a header, and clients that are no
+    # browser may: what `curl -F file=@invoice.pdf -F phone=... localhost:8001/messages` sends.
     same = await client.post(
-        "/messages", data=pdf_form(), headers={"Origin": f"http://{client.host}:{client.port}"}
+        "/messages",
+        data=pdf_form(),
+        headers={"Origin": f"http://{client.host}:{client.port}", "User-Agent": MODERN_BROWSER},
     )
     assert same.status == 202, await same.json()
     bearer = await client.post("/messages", data=pdf_form(), headers={"Authorization": "Bearer x"})
     assert bearer.status == 202
-    assert count_messages(tmp_path) == 2
+    curl = await client.post("/messages", data=pdf_form(), headers={"User-Agent": "curl/8.5.0"})
+    assert curl.status == 202, await curl.json()
+    assert count_messages(tmp_path) == 3
 
 
 async def test_a_multipart_post_with_tokens_needs_a_valid_one(
     secured: tuple[TestClient[Any, Any], str], tmp_path: Path
 ) -> None:
     client, token = secured
-    for headers, status in (({}, 403), ({"Authorization": "Bearer evm_wrong"}, 401)):
+    for headers, status in (
+        ({"User-Agent": OLD_BROWSER}, 403),  # a form
+        ({}, 401),  # curl without its token
+        ({"Authorization": "Bearer evm_wrong"}, 401),
+    ):
         resp = await client.post("/messages", data=pdf_form(), headers=headers)
         assert resp.status == status, await resp.json()
     assert count_messages(tmp_path) == 0

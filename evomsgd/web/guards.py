@@ -146,8 +146,8 @@ def browser_middleware(settings: Settings) -> Middleware:
                     raise ApiError(
                         403,
                         "forbidden_form",
-                        "a multipart POST needs Authorization: Bearer <token> (any token when "
-                        "evomsgd has none), or to come from a page on an origin in "
+                        "a multipart POST from a browser needs Authorization: Bearer <token> "
+                        "(any token when evomsgd has none), or to come from a page on an origin in "
                         "EVOMSGD_CORS_ORIGINS - it is what keeps web pages from posting forms "
                         "to evomsgd",
                     )
@@ -173,12 +173,21 @@ MULTIPART_PATHS = frozenset({"/messages"})
 def _not_a_form(request: web.Request, configured: bool) -> bool:
     """True for a multipart POST that no other site's form can have sent: it carries an
     Authorization header (a form cannot set one; auth_middleware checks the token when tokens
-    exist), or an Origin that is allowed or this daemon's own. A request without either may be
-    a form from an old browser that sends no Origin: refused."""
-    if "Authorization" in request.headers:
+    exist), or an Origin that is allowed or this daemon's own, or no sign of a browser at all.
+
+    A form is always posted by a browser, and every browser, old ones that send no Origin
+    included, names itself `Mozilla/...` in User-Agent, which a page cannot change; modern ones
+    add Sec-Fetch-* too. `curl -F`, HTTP libraries and the CLI send neither, so they need no
+    header on a daemon without tokens."""
+    headers = request.headers
+    if "Authorization" in headers:
         return True
-    origin = request.headers.get("Origin")
-    return origin is not None and (configured or _same_origin(origin, request.host))
+    origin = headers.get("Origin")
+    if origin is not None:
+        return configured or _same_origin(origin, request.host)
+    if "Sec-Fetch-Site" in headers or "Sec-Fetch-Mode" in headers:
+        return False
+    return not headers.get("User-Agent", "").startswith("Mozilla/")
 
 
 def cors_headers(

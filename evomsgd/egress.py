@@ -75,6 +75,8 @@ def check(url: str, prefixes: Iterable[str], setting: str) -> str:
     prefixes = list(prefixes)
     if not any(matches(url, prefix) for prefix in prefixes):
         if not prefixes:
-            raise UrlError(f"{url!r} is not allowed: {setting} is empty - add a prefix of this URL to it")
+            raise UrlError(
+                f"{url!r} is not allowed: {setting} is empty - add a prefix of this URL to it"
+            )
         raise UrlError(f"{url!r} is not allowed: it matches no prefix in {setting}")
     return url

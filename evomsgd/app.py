@@ -148,9 +148,23 @@ def create_app(
         def loop_busy() -> bool:
             return committer.accepting() or committer.loop_late()
 
+        def announce(instance: str, paused: bool, reason: str, now: float) -> None:
+            # instance.paused / instance.resumed callbacks for the health pauses the dispatcher
+            # decides in memory (a lost one is decided again by the next start's probe).
+            committer.write(
+                lambda cur: ledger_callbacks.instance_event_in(cur, instance, paused, reason, now)
+            )
+
         queue = TaskQueue(data_dir, settings.workers)
         dispatcher = Dispatcher(
-            store, settings, queue.submit, probe, claim=claim, hold=hold, busy=loop_busy
+            store,
+            settings,
+            queue.submit,
+            probe,
+            claim=claim,
+            hold=hold,
+            busy=loop_busy,
+            announce=announce,
         )
         meter = await asyncio.to_thread(metrics.Metrics, store, dispatcher.lanes_view, settings)
         replicator = app.get(REPLICATOR)

@@ -739,3 +739,33 @@ async def test_a_hung_receiver_never_slows_sending(
     assert len(receiver.received()) <= 4  # at most PER_ENDPOINT calls held by a dead endpoint
     receiver.hold.set()
     await asyncio.to_thread(receiver.wait_for, lambda calls: len(calls) >= 8)
+
+
+async def test_an_instance_that_disconnects_and_comes_back_is_called_back_once_each(
+    make_client: MakeClient, fake: FakeEvolution, receiver: Receiver
+) -> None:
+    """Health pauses (WhatsApp disconnected, Evolution down) are decided by the dispatcher in
+    memory, not by an operator: they reach the apps too, one paused and one resumed."""
+    fake.set_state("main", "close")
+    client = await _app(make_client, fake, receiver)
+    task = await post(client)
+
+    def types(calls: list[Call]) -> list[str]:
+        return [call.verified(SECRET)["type"] for call in calls]
+
+    calls = await asyncio.to_thread(
+        receiver.wait_for, lambda calls: "instance.paused" in types(calls)
+    )
+    paused = calls[0].verified(SECRET)
+    assert paused["data"]["instance"] == "main" and paused["data"]["paused"] is True
+    assert paused["data"]["reason"].startswith("close: ")
+    fake.set_state("main", "open")
+    assert (await wait_status(client, task["task_id"]))["status"] == "SUCCESS"
+    calls = await asyncio.to_thread(
+        receiver.wait_for,
+        lambda calls: "message.sent" in types(calls) and "instance.resumed" in types(calls),
+    )
+    events = [t for t in types(calls) if t.startswith("instance.")]
+    assert events == ["instance.paused", "instance.resumed"]
+    resumed = next(c.verified(SECRET) for c in calls if "resumed" in c.verified(SECRET)["type"])
+    assert resumed["data"] == {"instance": "main", "paused": False, "reason": "open"}

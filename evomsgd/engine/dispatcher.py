@@ -47,6 +47,9 @@ Probe = Callable[[str], "concurrent.futures.Future[StateProbe]"]
 # Hold these messages, each (id, instance, until, why), in one transaction at `now`: quiet hours
 # where their recipients live (Deliveries.hold_in).
 HoldWrite = Callable[[list[tuple[str, str, float, str]], float], int]
+# (instance, paused, reason, now): health paused or resumed a lane. Called under the lock: it
+# must only queue a write, never wait for one.
+Announce = Callable[[str, bool, str, float], None]
 
 HOUSEKEEPING_EVERY = 1.0
 # A lane with quiet hours reads this many due messages beyond its room: those whose recipients
@@ -90,8 +93,11 @@ class Dispatcher:
         time_source: Callable[[], float] = clock.now,
         rng: random.Random | None = None,
         busy: Callable[[], bool] = lambda: False,
+        announce: Announce | None = None,
     ) -> None:
         self.store = store
+        # Tells the apps (instance.* callbacks) when health pauses or resumes a lane.
+        self._announce = announce or (lambda instance, paused, reason, now: None)
         self._busy = busy  # the event loop is accepting messages or runs late (BUSY_IN_FLIGHT)
         self._unpaced_room = BUSY_IN_FLIGHT  # in flight an unpaced lane may have now
         self._claim = claim or self._claim_directly
@@ -300,6 +306,8 @@ class Dispatcher:
                 effect.reason,
                 extra=log_fields(instance=lane.instance),
             )
+            if not was_blocking:
+                self._announce(lane.instance, True, f"{health}: {effect.reason or health}", now)
         elif was_blocking:
             log.info(
                 "instance %s resumed (%s)",
@@ -307,6 +315,7 @@ class Dispatcher:
                 health,
                 extra=log_fields(instance=lane.instance),
             )
+            self._announce(lane.instance, False, f"{health}", now)
 
     def _release(self, lane: Lane, message_id: str) -> None:
         """A send is no longer in flight: free its room, and wake lanes that waited for room."""

@@ -244,6 +244,31 @@ def relay_in(
     )
 
 
+def instance_event_in(
+    cur: sqlite3.Cursor, instance: str, paused: bool, reason: str | None, now: float
+) -> None:
+    """Queue instance.paused / instance.resumed for a pause the engine decided (the instance
+    disconnected, Evolution down, a rejected key) to the endpoints that may hear of `instance`,
+    as the lanes triggers do for an operator's pause."""
+    now_db = clock.to_db(now)
+    cur.execute(
+        "INSERT INTO callbacks (webhook_id, kind, type, key, instance, endpoint, occurred_at,"
+        " next_attempt_at, data)"
+        " SELECT 'msg_' || lower(hex(randomblob(16))), 'event', ?,"
+        " 'instance:' || ? || ':' || endpoint, ?, endpoint, ?, ?, ? FROM callback_lane_targets"
+        " WHERE instances IS NULL OR instr(',' || instances || ',', ',' || ? || ',') > 0",
+        (
+            "instance.paused" if paused else "instance.resumed",
+            instance,
+            instance,
+            now_db,
+            now_db,
+            reason,
+            instance,
+        ),
+    )
+
+
 # -- operators -----------------------------------------------------------------------------------
 
 

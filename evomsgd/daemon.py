@@ -60,12 +60,15 @@ def prepare_data_dir(path: Path) -> Path:
     return path
 
 
-def open_ledger(data_dir: Path) -> Store:
-    """The ledger for a command run beside the daemon (SQLite shares the file; up or down)."""
+def open_ledger(data_dir: Path, *, replicated: bool = False) -> Store:
+    """The ledger for a command run beside the daemon (SQLite shares the file; up or down).
+
+    `replicated`: Litestream replicates it (EVOMSGD_REPLICA_URL), so this connection leaves
+    checkpoints to Litestream as the daemon's do."""
     os.umask(0o077)
     prepare_data_dir(data_dir)
     try:
-        return Store(data_dir)
+        return Store(data_dir, replicated=replicated)
     except sqlite3.Error as exc:
         raise DataDirError(
             f"cannot open the ledger in {data_dir}: {exc} - run this as the daemon's user "

@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 
 from evomsgd import clock
 from evomsgd.app import REPLICATOR
+from evomsgd.cli.common import ledger_of
 from evomsgd.config import Settings, load_settings
 from evomsgd.daemon import exclusive
 from evomsgd.engine import replication
@@ -179,6 +180,20 @@ def test_a_replicated_ledger_leaves_checkpoints_to_litestream(tmp_path: Path) ->
     finally:
         replicated.close()
         plain.close()
+
+
+def test_commands_beside_the_daemon_open_the_ledger_as_it_does(tmp_path: Path) -> None:
+    """`evomsgd token create`, `contacts forget`, ... write beside a replicating daemon: their
+    connection must not checkpoint behind Litestream's back either."""
+    for url, expected in ((f"file://{tmp_path}/replica", 0), (None, 1000)):
+        data_dir = tmp_path / ("replicated" if url else "plain")
+        settings = load_settings({"replica_url": url, "data_dir": str(data_dir)}, env={})
+        store = ledger_of(settings)
+        try:
+            with store.transaction() as cur:
+                assert cur.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == expected
+        finally:
+            store.close()
 
 
 # -- supervised inside the real app ---------------------------------------------------------

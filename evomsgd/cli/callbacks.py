@@ -7,15 +7,13 @@ from typing import Any
 
 import click
 
-from evomsgd.cli.common import common_options, handle_errors, print_json, settings_from
-from evomsgd.config import resolve_data_dir
+from evomsgd.cli.common import common_options, handle_errors, ledger_of, print_json, settings_from
 from evomsgd.errors import ConfigError, NotFound
 
 
 def _store(flags: dict[str, Any]) -> Any:
-    from evomsgd.daemon import open_ledger
 
-    return open_ledger(resolve_data_dir(settings_from(**flags)))
+    return ledger_of(settings_from(**flags))
 
 
 def _row_json(row: Any) -> dict[str, Any]:

@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 import click
 
 from evomsgd.cli.daemon_client import DaemonClient, Reply, error_text
-from evomsgd.config import Settings, load_settings
+from evomsgd.config import Settings, load_settings, resolve_data_dir
 from evomsgd.errors import EvomsgdError
+from evomsgd.ledger.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -114,3 +115,10 @@ def expect(reply: Reply, *ok: int) -> Any:
     if reply.status not in ok:
         fail(error_text(reply))
     return reply.body
+
+
+def ledger_of(settings: Settings) -> Store:
+    """The ledger a command writes beside the daemon, opened as the daemon opens it."""
+    from evomsgd.daemon import open_ledger
+
+    return open_ledger(resolve_data_dir(settings), replicated=settings.replica_url is not None)

@@ -6,8 +6,7 @@ from typing import Any
 
 import click
 
-from evomsgd.cli.common import common_options, fail, handle_errors, settings_from
-from evomsgd.config import resolve_data_dir
+from evomsgd.cli.common import common_options, fail, handle_errors, ledger_of, settings_from
 from evomsgd.phone import PhoneError, normalize
 
 
@@ -32,7 +31,6 @@ def contacts_forget(phone: str, instance: str | None, **flags: Any) -> None:
 
         evomsgd contacts forget +5511988887777
     """
-    from evomsgd.daemon import open_ledger
 
     settings = settings_from(**flags)
     try:
@@ -40,7 +38,7 @@ def contacts_forget(phone: str, instance: str | None, **flags: Any) -> None:
     except PhoneError as exc:
         fail(f"phone {phone!r}: {exc}")
         return
-    store = open_ledger(resolve_data_dir(settings))
+    store = ledger_of(settings)
     try:
         forgotten = store.forget_contact(number, instance)
     finally:

@@ -6,8 +6,7 @@ from typing import Any
 
 import click
 
-from evomsgd.cli.common import common_options, handle_errors, print_json, settings_from
-from evomsgd.config import resolve_data_dir
+from evomsgd.cli.common import common_options, handle_errors, ledger_of, print_json, settings_from
 
 
 @click.group()
@@ -46,10 +45,9 @@ def token_create(
         evomsgd token create shop-backend --instance shop
         evomsgd token create billing --callback-url https://billing.example.com/evomsgd
     """
-    from evomsgd.daemon import open_ledger
     from evomsgd.ledger import tokens
 
-    store = open_ledger(resolve_data_dir(settings_from(**flags)))
+    store = ledger_of(settings_from(**flags))
     callback_secret = None
     try:
         if callback_url is None:
@@ -86,9 +84,8 @@ def token_list(as_json: bool, **flags: Any) -> None:
 
         evomsgd token list
     """
-    from evomsgd.daemon import open_ledger
 
-    store = open_ledger(resolve_data_dir(settings_from(**flags)))
+    store = ledger_of(settings_from(**flags))
     try:
         rows = store.tokens()
     finally:
@@ -119,10 +116,9 @@ def token_revoke(name: str, **flags: Any) -> None:
 
         evomsgd token revoke shop-backend
     """
-    from evomsgd.daemon import open_ledger
     from evomsgd.ledger import tokens
 
-    store = open_ledger(resolve_data_dir(settings_from(**flags)))
+    store = ledger_of(settings_from(**flags))
     try:
         tokens.revoke(store, name)
     finally:

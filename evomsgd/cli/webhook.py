@@ -7,8 +7,7 @@ from typing import Any
 
 import click
 
-from evomsgd.cli.common import common_options, handle_errors, settings_from
-from evomsgd.config import resolve_data_dir
+from evomsgd.cli.common import common_options, handle_errors, ledger_of, settings_from
 
 
 @click.group()
@@ -27,10 +26,9 @@ def webhook_secret(**flags: Any) -> None:
 
         evomsgd webhook secret
     """
-    from evomsgd.daemon import open_ledger
     from evomsgd.engine.receipts import make_secret
 
-    store = open_ledger(resolve_data_dir(settings_from(**flags)))
+    store = ledger_of(settings_from(**flags))
     try:
         secret = make_secret(store)
     finally:
@@ -74,7 +72,6 @@ def webhook_setup(instances: tuple[str, ...], url: str | None, replace: bool, **
     """
     import asyncio
 
-    from evomsgd.daemon import open_ledger
     from evomsgd.engine.receipts import setup_webhooks
     from evomsgd.engine.senders import build_sender
     from evomsgd.errors import ConfigError
@@ -91,7 +88,7 @@ def webhook_setup(instances: tuple[str, ...], url: str | None, replace: bool, **
         raise ConfigError(
             "sandbox mode: there is no Evolution to configure - unset EVOMSGD_SANDBOX"
         )
-    store = open_ledger(resolve_data_dir(settings))
+    store = ledger_of(settings)
     try:
         names = list(instances) or list(
             dict.fromkeys(

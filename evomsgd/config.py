@@ -1,4 +1,10 @@
-"""Settings: one pydantic model; precedence flag > environment > config file > default."""
+"""Settings: one pydantic model; precedence flag > environment > config file > default.
+
+Why one module of about 800 lines: most of it is the one `Settings` model, one field per setting
+with its env var and description (README's Configuration table and tests/test_docs.py are checked
+against it), and `LaneSettings`, the per-instance part of the same model. Splitting the fields
+across files would split the one model; the loading (env, file, precedence) is the short rest.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,11 @@
-"""What the daemon can be asked to do, independent of HTTP: accept, look up, cancel, retry."""
+"""What the daemon can be asked to do, independent of HTTP: accept, look up, cancel, retry.
+
+Why one module of about 770 lines: it is the one facade both edges (web/ and, through the
+daemon, the CLI) call, and each method is a short domain rule over the ledger and the engine
+that raises domain errors. The largest part is accepting (build, the media's bytes, the
+backpressure and budget checks), whose steps must run in order on one request; the rest is one
+method per question an operator can ask.
+"""
 
 from __future__ import annotations
 

@@ -4,11 +4,12 @@ It is the only thread that decides *when* a message is sent. It wakes when the A
 message, when a worker finishes, when a probe answers, or when the next timer is due (a paced
 send, a scheduled message, a retry, an expiry); it never polls on a fixed beat for work.
 
-Why it is one module of about 700 lines: it is one state machine under one lock - the lanes,
+Why it is one module of about 850 lines: it is one state machine under one lock - the lanes,
 the timer heap, the in-flight count, the probes and the views read and change the same state, and
 each entry point takes the lock for a few lines. Split across files, every part would reach into
 the others' fields; what could stand alone already does (the lane's arithmetic in lanes.py, the
-rules in rules.py, the interface in jobs.py, the queries in ledger/deliveries.py).
+rules in rules.py, quiet hours in quiet.py, typing in typist.py, the interface in jobs.py, the
+queries in ledger/deliveries.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ child's state comes from its control socket (`/txid`, `/list`: the local transac
 of the last successful upload) and from its JSON log lines (errors).
 While it replicates, checkpoints are Litestream's: the ledger opens with `wal_autocheckpoint=0`
 (Litestream's documented advice: an application checkpoint can race its WAL copy).
+
+Why one module of about 600 lines: finding the binary, building its config, supervising the
+child, reading its state and restoring all speak to the same Litestream (its flags, config file,
+control socket and log shape); apart, each would repeat that knowledge.
 """
 
 from __future__ import annotations

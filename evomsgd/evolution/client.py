@@ -1,6 +1,10 @@
 """The only code that speaks HTTP to Evolution API: one call in, one typed outcome out.
 
 What an answer means is decided by the pure rules in `outcomes`; this module does the I/O.
+Why one module of about 600 lines: every call (send text and media, the look-ups, the webhook,
+the state probe) shares the pooled session, its idle rule and the retry of a request that was
+never written; the sandbox client beside it implements the same `Sender` protocol. The rules
+already stand apart in `outcomes.py` and `lookups.py`.
 """
 
 from __future__ import annotations

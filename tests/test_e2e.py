@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -130,11 +131,14 @@ def ledger_rows(data_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 class Stream:
-    """Posts messages from a thread until told to stop; remembers what was accepted (202)."""
+    """Posts messages from a thread until told to stop; remembers what was accepted (202), when
+    each 202 came back (monotonic seconds), and the status of each refusal."""
 
     def __init__(self, url: str, start: int) -> None:
         self.url, self.next = url, start
         self.accepted: dict[str, int] = {}
+        self.answered_at: dict[str, float] = {}
+        self.refused: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -150,6 +154,9 @@ class Stream:
                 return  # the daemon died under us: what was not answered 202 was not accepted
             if status == 202:
                 self.accepted[body["task_id"]] = self.next
+                self.answered_at[body["task_id"]] = time.monotonic()
+            else:
+                self.refused.append(status)
             self.next += 1
 
     def stop(self) -> None:

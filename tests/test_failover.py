@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,16 @@ import pytest
 
 from evomsgd.engine.replication import MONITOR_INTERVAL
 from tests.conftest import ROOT, FakeProcess, daemon_env, free_port, wait_until
-from tests.test_e2e import FINAL, Daemon, evolution_env, fake_proc, ledger_rows, phone, request
+from tests.test_e2e import (
+    FINAL,
+    Daemon,
+    Stream,
+    evolution_env,
+    fake_proc,
+    ledger_rows,
+    phone,
+    request,
+)
 
 pytestmark = pytest.mark.slow
 __all__ = ["fake_proc"]  # a fixture, used by name
@@ -29,37 +37,6 @@ SYNC_INTERVAL = 1.0  # Litestream's default, and evomsgd's
 # A commit is on the replica after Litestream's next look at the WAL and the upload after it;
 # the upload itself (one small file here) is given half a second on this shared machine.
 LOSS_BOUND = SYNC_INTERVAL + MONITOR_INTERVAL + 0.5
-
-
-class TimedStream:
-    """Posts messages from a thread; remembers when each 202 came back (monotonic seconds)."""
-
-    def __init__(self, url: str, start: int) -> None:
-        self.url, self.next = url, start
-        self.accepted: dict[str, tuple[int, float]] = {}
-        self.refused: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                status, body = request(
-                    self.url + "/messages",
-                    {"phone": phone(self.next), "message": f"failover-{self.next}"},
-                )
-            except OSError:
-                return  # the daemon died: what was not answered 202 was not accepted
-            if status == 202:
-                self.accepted[body["task_id"]] = (self.next, time.monotonic())
-            else:
-                self.refused.append(status)
-            self.next += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
 
 
 def restore(url: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -92,7 +69,7 @@ def test_kill_9_with_litestream_then_restore_elsewhere_and_carry_on(
     env = evolution_env(fake_proc) | {"EVOMSGD_REPLICA_URL": url}
     primary = Daemon(tmp_path / "primary", free_port(), **env)
     wait_until(lambda: replication(primary)["state"] == "replicating", 30, "replicating")
-    stream = TimedStream(primary.url, 0)
+    stream = Stream(primary.url, 0)
     wait_until(lambda: len(stream.accepted) >= 400, 60, "400 accepted messages")
     litestream = replication(primary)["pid"]
     primary.proc.kill()  # SIGKILL: no drain, no final upload
@@ -109,7 +86,7 @@ def test_kill_9_with_litestream_then_restore_elsewhere_and_carry_on(
     assert "integrity ok" in done.stdout
     assert integrity(secondary) == "ok"
     rows = ledger_rows(secondary)
-    lost = {t: at for t, (_, at) in stream.accepted.items() if t not in rows}
+    lost = {t: stream.answered_at[t] for t in stream.accepted if t not in rows}
     ages = sorted(round(killed - at, 3) for at in lost.values())
     print(
         f"accepted {len(stream.accepted)}, on the replica {len(stream.accepted) - len(lost)}, "
@@ -133,7 +110,7 @@ def test_kill_9_with_litestream_then_restore_elsewhere_and_carry_on(
         assert {now[t]["status"] for t in restored} == {"SUCCESS"}
         sent = Counter(r["number"] for r in fake_proc.received() if r["delivered"])
         for task_id in restored:
-            index, _ = stream.accepted[task_id]
+            index = stream.accepted[task_id]
             assert sent[phone(index).lstrip("+")] >= 1, task_id
         # Sent twice only where the ledger says it may have been: in flight, or due when the
         # replica may have missed its send; each such message was looked up first.

@@ -546,6 +546,18 @@ class FakeEvolution:
         return _envelope(404, [f"Cannot {request.method} {request.path}"])
 
     async def _send_text(self, request: web.Request) -> web.StreamResponse:
+        return await self._send(request, self._fields)
+
+    async def _send_media(self, request: web.Request) -> web.StreamResponse:
+        """POST /message/sendMedia: recorded like a text, `text` the caption."""
+        return await self._send(request, self._media_fields)
+
+    async def _send(
+        self,
+        request: web.Request,
+        fields: Callable[[Any], tuple[str | None, str | None, dict[str, Any] | None]],
+    ) -> web.StreamResponse:
+        """One send, text or media: recorded, counted while in progress, then answered."""
         arrived = time.monotonic()
         raw = await request.read()
         body: Any = None
@@ -554,7 +566,7 @@ class FakeEvolution:
             body = json.loads(raw) if raw else {}
         except ValueError as exc:
             malformed = str(exc)
-        number, text = self._fields(body)
+        number, text, media = fields(body)
         record = ReceivedSend(
             at=arrived,
             instance=request.match_info["instance"],
@@ -563,6 +575,7 @@ class FakeEvolution:
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
             fault=Fault.OK,
+            media=media,
         )
         self.received.append(record)
         self.sends_in_progress += 1
@@ -573,16 +586,7 @@ class FakeEvolution:
             self.sends_in_progress -= 1
             await self._notify()
 
-    async def _send_media(self, request: web.Request) -> web.StreamResponse:
-        """POST /message/sendMedia: recorded like a text, `text` the caption."""
-        arrived = time.monotonic()
-        raw = await request.read()
-        body: Any = None
-        malformed: str | None = None
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError as exc:
-            malformed = str(exc)
+    def _media_fields(self, body: Any) -> tuple[str | None, str | None, dict[str, Any]]:
         media: dict[str, Any] = {}
         number = None
         if isinstance(body, dict):
@@ -595,23 +599,7 @@ class FakeEvolution:
                     if k in inner
                 }
         caption = media.get("caption")
-        record = ReceivedSend(
-            at=arrived,
-            instance=request.match_info["instance"],
-            number=number,
-            text=caption if isinstance(caption, str) else None,
-            headers={k.lower(): v for k, v in request.headers.items()},
-            body=body,
-            fault=Fault.OK,
-            media=media,
-        )
-        self.received.append(record)
-        self.sends_in_progress += 1
-        try:
-            return await self._answer(request, record, malformed)
-        finally:
-            self.sends_in_progress -= 1
-            await self._notify()
+        return number, caption if isinstance(caption, str) else None, media
 
     def _choose_media(self, inst: Instance, record: ReceivedSend) -> Fault:
         """sendMedia's own checks, in the real server's order: schema, then the controller's
@@ -645,15 +633,16 @@ class FakeEvolution:
             return Fault.OK_MINIMAL
         return self.default_fault
 
-    def _fields(self, body: Any) -> tuple[str | None, str | None]:
+    def _fields(self, body: Any) -> tuple[str | None, str | None, None]:
         if not isinstance(body, dict):
-            return None, None
+            return None, None, None
         number, text = body.get("number"), body.get("text")
         if isinstance(body.get("textMessage"), dict):  # the v1 body
             text = body["textMessage"].get("text")
         return (
             number if isinstance(number, str) else None,
             text if isinstance(text, str) else None,
+            None,
         )
 
     async def _answer(

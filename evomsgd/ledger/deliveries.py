@@ -89,16 +89,8 @@ class Deliveries(Database):
     ) -> list[tuple[str, bool]]:
         """`ready`, each id with whether it goes to a new contact (NEW_CONTACT); without
         `strangers`, those are left out (the instance's new-contact budget is used up)."""
-        now_db = clock.to_db(now)
-        sql = (
-            f"SELECT id, {NEW_CONTACT} FROM messages m WHERE instance = ? AND {IN_WAITING}"
-            f" AND next_attempt_at <= ? AND NOT EXISTS ({_EARLIER_UNSENT})"
-        )
-        if not strangers:
-            sql += f" AND NOT {NEW_CONTACT}"
-        sql += " ORDER BY priority DESC, next_attempt_at, seq LIMIT ?"
-        rows = self.query(sql, [instance, now_db, now_db, limit])
-        return [(row[0], bool(row[1])) for row in rows]
+        rows = self.ready_recipients(instance, now, limit, strangers=strangers)
+        return [(message_id, new) for message_id, new, _, _ in rows]
 
     def ready_recipients(
         self, instance: str, now: float, limit: int, *, strangers: bool

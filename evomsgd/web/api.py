@@ -33,6 +33,7 @@ from evomsgd.models import (
 )
 from evomsgd.service import Service
 from evomsgd.web import routes
+from evomsgd.web.errors import body_too_slow
 from evomsgd.web.forms import MAX_TEXT_BODY, media_body_limit, read_form
 from evomsgd.web.guards import require_instance, scope, scoped, token_callback, token_name
 from evomsgd.web.routes import Answer, Operation, Param, Route
@@ -71,11 +72,7 @@ async def _read_body(request: web.Request) -> bytes:
             async with asyncio.timeout(timeout):
                 raw = await request.read()
     except TimeoutError:
-        raise ApiError(
-            408,
-            "request_timeout",
-            f"the request body did not arrive within {timeout:g}s (EVOMSGD_IDLE_TIMEOUT)",
-        ) from None
+        raise body_too_slow(timeout) from None
     return raw
 
 

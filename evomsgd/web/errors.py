@@ -53,6 +53,15 @@ _HTTP_CODES = {
 }
 
 
+def body_too_slow(timeout: float) -> ApiError:
+    """The 408 for a request body that trickles in past EVOMSGD_IDLE_TIMEOUT (JSON or multipart)."""
+    return ApiError(
+        408,
+        "request_timeout",
+        f"the request body did not arrive within {timeout:g}s (EVOMSGD_IDLE_TIMEOUT)",
+    )
+
+
 def error_body(
     status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
 ) -> web.Response:

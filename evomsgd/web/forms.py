@@ -12,6 +12,7 @@ from aiohttp import BodyPartReader, web
 
 from evomsgd.config import Settings
 from evomsgd.errors import ApiError, TooLarge
+from evomsgd.web.errors import body_too_slow
 
 # Every body without a file (and a form's fields all together) stays under this.
 MAX_TEXT_BODY = 64 * 1024
@@ -38,11 +39,7 @@ async def read_form(
         async with asyncio.timeout(timeout):
             fields, upload, name, label = await _parts(request, settings.max_media_bytes)
     except TimeoutError:
-        raise ApiError(
-            408,
-            "request_timeout",
-            f"the request body did not arrive within {timeout:g}s (EVOMSGD_IDLE_TIMEOUT)",
-        ) from None
+        raise body_too_slow(timeout) from None
     except ValueError as exc:  # aiohttp's multipart parser: a malformed body
         raise ApiError(400, "invalid_form", f"the multipart body is malformed ({exc})") from None
     payload: dict[str, Any] = {k: v for k, v in fields.items() if k not in _MEDIA_FIELDS}
